@@ -1,0 +1,40 @@
+# The two set-up commands of README.md: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+APT_PEERS := skopeo docker-registry umoci curl apache2-utils
+
+.PHONY: run test stress bench install install-test peers clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+
+# Real peers the end-to-end tests run against (Debian packages; needs root).
+peers:
+	@missing=""; for p in $(APT_PEERS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+run: install
+	$(BIN)/kura serve
+
+test: install-test peers
+	$(BIN)/python -m pytest -q -ra
+
+stress: install-test peers
+	$(BIN)/python -m pytest -q -ra -m stress
+
+bench: install-test peers
+	$(BIN)/python -m tests.bench
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

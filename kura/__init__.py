@@ -1,0 +1,1 @@
+"""The `kura` command: a dispatcher that loads only the half a subcommand needs."""

@@ -1,0 +1,33 @@
+"""`kura SUBCOMMAND ...`: server commands go to registry.cli, client commands to puller.cli.
+
+Each side is imported lazily, so a client command never loads the server (and vice versa).
+"""
+
+from __future__ import annotations
+
+import sys
+
+SERVER_COMMANDS = ("serve", "fsck")
+
+USAGE = """usage: kura COMMAND [ARGS]
+
+server commands:
+  serve     run the registry (kura serve --help)
+  fsck      verify a store: re-hash blobs, check every link
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    if argv[0] in SERVER_COMMANDS:
+        from registry.cli import main as server_main
+        return server_main(argv)
+    print(f"kura: unknown command {argv[0]!r}\n{USAGE}", end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Kura's registry server: an aiohttp application speaking the OCI distribution API."""

@@ -1,0 +1,55 @@
+"""`make_app(config)`: the one entry that `kura serve` and the tests share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiohttp import web
+
+from storage import FilesystemDriver, StorageDriver
+
+from .config import Config
+from .context import CONFIG, STORAGE
+from .middlewares import add_api_version, error_middleware
+from .routes import setup_routes
+
+log = logging.getLogger("kura.registry")
+
+# Request bodies are streamed by the handlers; this only bounds aiohttp's own read().
+CLIENT_MAX_SIZE = 1 << 20
+
+
+def make_app(config: Config, driver: StorageDriver | None = None) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
+    app[CONFIG] = config
+    app[STORAGE] = driver or FilesystemDriver(config.root)
+    app.on_response_prepare.append(add_api_version)
+    app.cleanup_ctx.append(_upload_purger)
+    setup_routes(app)
+    return app
+
+
+async def _upload_purger(app: web.Application):
+    """Expire abandoned upload sessions at start-up and then periodically."""
+    config = app[CONFIG]
+    driver = app[STORAGE]
+
+    async def loop() -> None:
+        while True:
+            try:
+                purged = await driver.purge_uploads(time.time() - config.upload_expiry_seconds)
+                if purged:
+                    log.info("purged %d expired upload session(s)", purged)
+            except Exception:
+                log.exception("purging expired uploads failed")
+            await asyncio.sleep(config.upload_purge_interval_seconds)
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await driver.close()

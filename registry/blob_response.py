@@ -1,0 +1,89 @@
+"""Serving blob bytes: single `Range` requests, ETag = digest, and sendfile() for local files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+
+from aiohttp import web
+
+from storage import BlobContent, StorageDriver
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
+    """(start, end inclusive) for one satisfiable range; None to serve everything
+    (no header, or one we may ignore per RFC 9110); "unsatisfiable" for a 416."""
+    if not header:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if not match or match.group(1) == match.group(2) == "":
+        return None  # multiple or malformed ranges: ignoring Range is allowed
+    first, last = match.groups()
+    if first == "":
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - suffix), size - 1
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    return start, end
+
+
+def blob_headers(blob: BlobContent) -> dict[str, str]:
+    return {
+        "Docker-Content-Digest": str(blob.digest),
+        "ETag": f'"{blob.digest}"',
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "max-age=31536000",
+        "Content-Type": "application/octet-stream",
+    }
+
+
+async def serve_blob(request: web.Request, blob: BlobContent, driver: StorageDriver) -> web.StreamResponse:
+    headers = blob_headers(blob)
+    if request.headers.get("If-None-Match") in (headers["ETag"], str(blob.digest)):
+        return web.Response(status=304, headers={k: headers[k] for k in ("Docker-Content-Digest", "ETag")})
+    wanted = parse_range(request.headers.get("Range"), blob.size)
+    if wanted == "unsatisfiable":
+        headers["Content-Range"] = f"bytes */{blob.size}"
+        return web.Response(status=416, headers=headers)
+    status, start, end = 200, 0, blob.size - 1
+    if isinstance(wanted, tuple):
+        status, (start, end) = 206, wanted
+        headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
+    count = end - start + 1
+
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = count
+    if request.method == "HEAD" or count == 0:
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    if blob.local_path is not None:
+        await _sendfile(request, response, blob, start, count)
+    else:
+        await response.prepare(request)
+        async for chunk in driver.read_blob(blob.digest, start, count):
+            await response.write(chunk)
+        await response.write_eof()
+    return response
+
+
+async def _sendfile(request: web.Request, response: web.StreamResponse, blob: BlobContent,
+                    start: int, count: int) -> None:
+    with open(blob.local_path, "rb") as file:
+        if os.fstat(file.fileno()).st_size < start + count:
+            raise RuntimeError(f"blob {blob.digest} is shorter than recorded")
+        await response.prepare(request)  # sends the headers at once
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("connection lost")
+        await asyncio.get_running_loop().sendfile(transport, file, start, count)
+    await response.write_eof()

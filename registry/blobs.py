@@ -1,0 +1,25 @@
+"""`/v2/<name>/blobs/<digest>`: fetch, check and unlink blobs."""
+
+from aiohttp import web
+
+from .blob_response import serve_blob
+from .context import config, parse_digest, repository, storage
+from .errors import BlobUnknown, Unsupported
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    digest = parse_digest(request.match_info["digest"])
+    store = storage(request)
+    blob = await store.stat_blob(digest) if await store.is_blob_linked(repository(request), digest) else None
+    if blob is None:
+        raise BlobUnknown(detail={"digest": str(digest)})
+    return await serve_blob(request, blob, store)
+
+
+async def delete_blob(request: web.Request) -> web.Response:
+    if not config(request).delete_enabled:
+        raise Unsupported("deletes are disabled on this registry")
+    digest = parse_digest(request.match_info["digest"])
+    if not await storage(request).unlink_blob(repository(request), digest):
+        raise BlobUnknown(detail={"digest": str(digest)})
+    return web.Response(status=202, headers={"Docker-Content-Digest": str(digest)})

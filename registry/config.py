@@ -1,0 +1,120 @@
+"""Server configuration: defaults, overridden by a TOML file, overridden by flags."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+MIB = 1 << 20
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = "127.0.0.1:5000"
+    root: Path = Path("./data")
+    delete_enabled: bool = True
+    upload_expiry_seconds: int = 24 * 3600
+    upload_purge_interval_seconds: int = 3600
+    chunk_min_length: int = 0
+    max_manifest_bytes: int = 4 * MIB
+    max_blob_bytes: int = 0  # 0: no limit
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    log_level: str = "info"
+    access_log: bool = True
+    extra: dict = field(default_factory=dict)
+    """Sections other components own (e.g. [auth]); kept verbatim."""
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+# TOML section/key -> Config field, with the type the value must have.
+_KEYS: dict[tuple[str, str], tuple[str, type]] = {
+    ("server", "listen"): ("listen", str),
+    ("server", "tls_cert"): ("tls_cert", str),
+    ("server", "tls_key"): ("tls_key", str),
+    ("storage", "root"): ("root", str),
+    ("storage", "delete_enabled"): ("delete_enabled", bool),
+    ("uploads", "expiry_seconds"): ("upload_expiry_seconds", int),
+    ("uploads", "purge_interval_seconds"): ("upload_purge_interval_seconds", int),
+    ("uploads", "chunk_min_length"): ("chunk_min_length", int),
+    ("limits", "max_manifest_bytes"): ("max_manifest_bytes", int),
+    ("limits", "max_blob_bytes"): ("max_blob_bytes", int),
+    ("log", "level"): ("log_level", str),
+    ("log", "access_log"): ("access_log", bool),
+}
+_OTHER_SECTIONS = {"auth"}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def load(path: Path | None = None, **overrides) -> Config:
+    """Defaults, then the TOML file at `path`, then non-None `overrides` (command-line flags)."""
+    values: dict = {}
+    extra: dict = {}
+    if path is not None:
+        try:
+            document = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        for section, table in document.items():
+            if section in _OTHER_SECTIONS:
+                extra[section] = table
+                continue
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: [{section}] must be a table")
+            for key, value in table.items():
+                if (section, key) not in _KEYS:
+                    raise ConfigError(f"{path}: unknown option {section}.{key}")
+                name, kind = _KEYS[(section, key)]
+                if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                    raise ConfigError(f"{path}: {section}.{key} must be a {kind.__name__}")
+                values[name] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(Config)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    for name in ("root", "tls_cert", "tls_key"):
+        if values.get(name):
+            values[name] = Path(values[name])
+        elif name in values:
+            values[name] = None if name != "root" else Config.root
+    config = replace(Config(), extra=extra, **values)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    split_listen(config.listen)
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log.level must be one of {', '.join(LOG_LEVELS)}")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("server.tls_cert and server.tls_key must be set together")
+    if config.max_manifest_bytes < 4 * MIB:
+        raise ConfigError("limits.max_manifest_bytes must be at least 4 MiB (the spec's minimum)")
+    for name in ("upload_expiry_seconds", "upload_purge_interval_seconds"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive")
+    for name in ("chunk_min_length", "max_blob_bytes"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must not be negative")

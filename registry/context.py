@@ -1,0 +1,56 @@
+"""Typed application state and the request-edge parsers every handler shares."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ocispec.digest import Digest, InvalidDigest
+from ocispec.names import is_valid_name, is_valid_tag
+from storage import StorageDriver
+
+from .config import Config
+from .errors import DigestInvalid, NameInvalid, TagInvalid
+
+CONFIG = web.AppKey("config", Config)
+STORAGE = web.AppKey("storage", StorageDriver)
+
+
+def storage(request: web.Request) -> StorageDriver:
+    return request.app[STORAGE]
+
+
+def config(request: web.Request) -> Config:
+    return request.app[CONFIG]
+
+
+def repository(request: web.Request) -> str:
+    """The `<name>` of the URL; the name middleware has already validated it."""
+    return request.match_info["name"]
+
+
+def parse_digest(text: str | None) -> Digest:
+    if not text:
+        raise DigestInvalid("a digest is required")
+    try:
+        return Digest.parse(text)
+    except InvalidDigest as exc:
+        raise DigestInvalid(str(exc), detail={"digest": text}) from None
+
+
+def parse_reference(text: str) -> Digest | str:
+    """A manifest reference: a digest when it has a colon, else a tag."""
+    if ":" in text:
+        return parse_digest(text)
+    if not is_valid_tag(text):
+        raise TagInvalid(f"invalid tag {text!r}", detail={"tag": text})
+    return text
+
+
+def validate_name(name: str) -> None:
+    if not is_valid_name(name):
+        raise NameInvalid(f"invalid repository name {name!r}", detail={"name": name})
+
+
+def range_header(size: int) -> str:
+    """The upload `Range` header: `0-<last byte offset>`, `0-0` when empty (as distribution)."""
+    return f"0-{max(size - 1, 0)}"

@@ -1,0 +1,160 @@
+"""`/v2/<name>/blobs/uploads/`: monolithic, chunked and cross-repository-mount uploads."""
+
+from __future__ import annotations
+
+import re
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from ocispec.digest import Digest
+from ocispec.names import is_valid_name
+from storage import UploadInfo, UploadNotFound
+
+from .context import config, parse_digest, range_header, repository, storage
+from .errors import BlobUploadInvalid, BlobUploadUnknown, SizeInvalid
+
+_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
+BODY_CHUNK = 256 * 1024
+
+
+def upload_location(name: str, uuid: str) -> str:
+    return f"/v2/{name}/blobs/uploads/{uuid}"
+
+
+def blob_location(name: str, digest: Digest) -> str:
+    return f"/v2/{name}/blobs/{digest}"
+
+
+def _session_headers(upload: UploadInfo) -> dict[str, str]:
+    return {
+        "Location": upload_location(upload.repository, upload.uuid),
+        "Range": range_header(upload.size),
+        "Docker-Upload-UUID": upload.uuid,
+    }
+
+
+def _committed(name: str, digest: Digest) -> web.Response:
+    return web.Response(status=201, headers={"Location": blob_location(name, digest),
+                                             "Docker-Content-Digest": str(digest)})
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_chunked(BODY_CHUNK):
+        yield chunk
+
+
+def _content_length(request: web.Request) -> int | None:
+    value = request.headers.get("Content-Length")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise SizeInvalid("Content-Length must be a non-negative integer")
+    return int(value)
+
+
+def _max_size(request: web.Request) -> int | None:
+    return config(request).max_blob_bytes or None
+
+
+async def _session(request: web.Request) -> UploadInfo:
+    """The upload named in the URL, only if it belongs to the URL's repository."""
+    uuid = request.match_info["uuid"]
+    try:
+        upload = await storage(request).get_upload(uuid)
+    except UploadNotFound:
+        raise BlobUploadUnknown(detail={"uuid": uuid}) from None
+    if upload.repository != repository(request):
+        raise BlobUploadUnknown(detail={"uuid": uuid})
+    return upload
+
+
+async def start_upload(request: web.Request) -> web.Response:
+    name = repository(request)
+    store = storage(request)
+    query = request.rel_url.query
+
+    if "mount" in query:
+        digest = parse_digest(query["mount"])
+        if await _mount(request, name, digest, query.get("from")):
+            return _committed(name, digest)
+
+    if "digest" in query:
+        digest = parse_digest(query["digest"])
+        upload = await store.create_upload(name)
+        try:
+            await _append(request, upload, offset=None, length=_content_length(request))
+        except BaseException:
+            await store.cancel_upload(upload.uuid)  # a single-request upload has no later
+            raise
+        await store.commit_upload(upload.uuid, digest)
+        return _committed(name, digest)
+
+    upload = await store.create_upload(name)
+    headers = _session_headers(upload)
+    if config(request).chunk_min_length:
+        headers["OCI-Chunk-Min-Length"] = str(config(request).chunk_min_length)
+    return web.Response(status=202, headers=headers)
+
+
+async def _mount(request: web.Request, name: str, digest: Digest, source: str | None) -> bool:
+    """Link an existing blob into `name`; False when it cannot (the caller starts an upload)."""
+    store = storage(request)
+    if await store.stat_blob(digest) is None:
+        return False
+    if source is not None:
+        if not is_valid_name(source) or not await store.is_blob_linked(source, digest):
+            return False
+    elif not await store.repositories_linking_blob(digest):
+        return False
+    await store.link_blob(name, digest)
+    return True
+
+
+async def _append(request: web.Request, upload: UploadInfo, *, offset: int | None,
+                  length: int | None) -> UploadInfo:
+    return await storage(request).append_upload(upload.uuid, _body(request), offset=offset,
+                                                length=length, max_size=_max_size(request))
+
+
+def _chunk_range(request: web.Request) -> tuple[int | None, int | None]:
+    """(offset, length) from Content-Range / Content-Length."""
+    length = _content_length(request)
+    header = request.headers.get("Content-Range")
+    if header is None:
+        return None, length
+    match = _CONTENT_RANGE.fullmatch(header.strip())
+    if not match or int(match.group(2)) < int(match.group(1)):
+        raise BlobUploadInvalid(f"malformed Content-Range {header!r}; expected <start>-<end>")
+    start, end = int(match.group(1)), int(match.group(2))
+    if length is not None and length != end - start + 1:
+        raise SizeInvalid(f"Content-Length {length} does not match Content-Range {header}")
+    return start, end - start + 1
+
+
+async def upload_chunk(request: web.Request) -> web.Response:
+    upload = await _session(request)
+    offset, length = _chunk_range(request)
+    upload = await _append(request, upload, offset=offset, length=length)
+    return web.Response(status=202, headers=_session_headers(upload))
+
+
+async def upload_status(request: web.Request) -> web.Response:
+    upload = await _session(request)
+    return web.Response(status=204, headers=_session_headers(upload))
+
+
+async def finish_upload(request: web.Request) -> web.Response:
+    upload = await _session(request)
+    digest = parse_digest(request.rel_url.query.get("digest"))
+    offset, length = _chunk_range(request)
+    if request.can_read_body and length != 0:
+        upload = await _append(request, upload, offset=offset, length=length)
+    await storage(request).commit_upload(upload.uuid, digest)
+    return _committed(upload.repository, digest)
+
+
+async def cancel_upload(request: web.Request) -> web.Response:
+    upload = await _session(request)
+    await storage(request).cancel_upload(upload.uuid)
+    return web.Response(status=204)

@@ -1,0 +1,23 @@
+"""Kura's content-addressed store: the driver interface and its filesystem driver."""
+
+from .driver import BlobContent, StorageDriver, UploadInfo
+from .errors import (
+    BlobNotFound,
+    DigestMismatch,
+    ManifestNotFound,
+    ManifestReferenceUnknown,
+    RangeMismatch,
+    SizeMismatch,
+    StorageError,
+    TooLarge,
+    UploadBusy,
+    UploadNotFound,
+)
+from .filesystem import FilesystemDriver
+
+__all__ = [
+    "BlobContent", "StorageDriver", "UploadInfo", "FilesystemDriver",
+    "StorageError", "BlobNotFound", "DigestMismatch", "ManifestNotFound", "ManifestReferenceUnknown", "RangeMismatch", "SizeMismatch",
+    "TooLarge", "UploadBusy", "UploadNotFound",
+]
+from . import manifests  # noqa: E402

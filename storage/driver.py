@@ -1,0 +1,145 @@
+"""The storage driver interface every handler talks to.
+
+It speaks content, not HTTP and not paths: blobs by digest, per-repository links,
+tags, referrers and resumable upload sessions. A driver must keep every mutation
+atomic (old state or new state, never a torn one) and keep no request state in process
+memory that another process serving the same store would need.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterable, AsyncIterator
+
+from ocispec.digest import Digest
+
+
+@dataclass(frozen=True)
+class BlobContent:
+    digest: Digest
+    size: int
+    local_path: Path | None = None
+    """Set when the bytes are a local file, so the server can sendfile() them."""
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    uuid: str
+    repository: str
+    size: int
+    started_at: float
+
+
+@dataclass(frozen=True)
+class ManifestLink:
+    digest: Digest
+    media_type: str
+
+
+class StorageDriver(abc.ABC):
+    # -- blobs (content-addressed, shared by all repositories) ------------------------
+    @abc.abstractmethod
+    async def stat_blob(self, digest: Digest) -> BlobContent | None: ...
+
+    @abc.abstractmethod
+    def read_blob(self, digest: Digest, start: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """Stream `length` bytes of a blob from `start`; raises BlobNotFound."""
+
+    @abc.abstractmethod
+    async def read_small_blob(self, digest: Digest, limit: int) -> bytes:
+        """Whole content of a blob no larger than `limit` (manifests); raises BlobNotFound."""
+
+    @abc.abstractmethod
+    async def put_small_blob(self, data: bytes, digest: Digest) -> None:
+        """Store `data` under `digest`, which the caller has computed from it."""
+
+    # -- repository membership ------------------------------------------------------
+    @abc.abstractmethod
+    async def link_blob(self, repository: str, digest: Digest) -> None: ...
+
+    @abc.abstractmethod
+    async def unlink_blob(self, repository: str, digest: Digest) -> bool: ...
+
+    @abc.abstractmethod
+    async def is_blob_linked(self, repository: str, digest: Digest) -> bool: ...
+
+    @abc.abstractmethod
+    async def repositories_linking_blob(self, digest: Digest) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def link_manifest(self, repository: str, digest: Digest, media_type: str) -> None: ...
+
+    @abc.abstractmethod
+    async def get_manifest_link(self, repository: str, digest: Digest) -> ManifestLink | None: ...
+
+    @abc.abstractmethod
+    async def unlink_manifest(self, repository: str, digest: Digest) -> bool: ...
+
+    @abc.abstractmethod
+    async def list_manifests(self, repository: str) -> list[ManifestLink]: ...
+
+    # -- tags -----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def set_tag(self, repository: str, tag: str, digest: Digest) -> None: ...
+
+    @abc.abstractmethod
+    async def resolve_tag(self, repository: str, tag: str) -> Digest | None: ...
+
+    @abc.abstractmethod
+    async def delete_tag(self, repository: str, tag: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def list_tags(self, repository: str) -> list[str]:
+        """Sorted tags; empty when the repository has none."""
+
+    # -- referrers ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def add_referrer(self, repository: str, subject: Digest, descriptor: dict) -> None: ...
+
+    @abc.abstractmethod
+    async def remove_referrer(self, repository: str, subject: Digest, referrer: Digest) -> None: ...
+
+    @abc.abstractmethod
+    async def list_referrers(self, repository: str, subject: Digest) -> list[dict]: ...
+
+    # -- repositories ---------------------------------------------------------------
+    @abc.abstractmethod
+    async def repository_exists(self, repository: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def list_repositories(self) -> list[str]:
+        """Sorted names of every repository with at least one blob or manifest link."""
+
+    # -- upload sessions ------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_upload(self, repository: str) -> UploadInfo: ...
+
+    @abc.abstractmethod
+    async def get_upload(self, uuid: str) -> UploadInfo:
+        """Raises UploadNotFound (also for malformed ids)."""
+
+    @abc.abstractmethod
+    async def append_upload(self, uuid: str, chunks: AsyncIterable[bytes], *,
+                            offset: int | None = None, length: int | None = None,
+                            max_size: int | None = None) -> UploadInfo:
+        """Append a chunk. With `offset`, it must equal the session's size (RangeMismatch);
+        with `length`, exactly that many bytes must arrive (SizeMismatch). On any error
+        the session is left as it was before the call."""
+
+    @abc.abstractmethod
+    async def commit_upload(self, uuid: str, digest: Digest, *, size: int | None = None) -> BlobContent:
+        """Verify the session's content against `digest` (and `size`), store it as a blob,
+        link it into the session's repository and end the session. On DigestMismatch
+        or SizeMismatch nothing is stored and the session ends."""
+
+    @abc.abstractmethod
+    async def cancel_upload(self, uuid: str) -> None: ...
+
+    @abc.abstractmethod
+    async def purge_uploads(self, older_than: float) -> int:
+        """Remove sessions started before the `older_than` timestamp; returns how many."""
+
+    async def close(self) -> None:
+        """Release resources; the default driver holds none."""

@@ -1,0 +1,58 @@
+"""Domain errors of the store. The HTTP layer translates them into wire errors."""
+
+
+class StorageError(Exception):
+    pass
+
+
+class BlobNotFound(StorageError):
+    pass
+
+
+class UploadNotFound(StorageError):
+    pass
+
+
+class UploadBusy(StorageError):
+    """Another request holds the upload session."""
+
+
+class RangeMismatch(StorageError):
+    """A chunk did not start where the session ends."""
+
+    def __init__(self, current_size: int):
+        super().__init__(f"upload is at offset {current_size}")
+        self.current_size = current_size
+
+
+class DigestMismatch(StorageError):
+    def __init__(self, expected: str, actual: str):
+        super().__init__(f"digest mismatch: expected {expected}, computed {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class SizeMismatch(StorageError):
+    def __init__(self, expected: int, actual: int):
+        super().__init__(f"size mismatch: expected {expected} bytes, got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class TooLarge(StorageError):
+    def __init__(self, limit: int):
+        super().__init__(f"content exceeds the limit of {limit} bytes")
+        self.limit = limit
+
+
+class ManifestReferenceUnknown(StorageError):
+    """A manifest references blobs or child manifests the repository does not have."""
+
+    def __init__(self, kind: str, digests: list[str]):
+        super().__init__(f"unknown {kind}(s): {', '.join(digests)}")
+        self.kind = kind  # "blob" or "manifest"
+        self.digests = digests
+
+
+class ManifestNotFound(StorageError):
+    pass

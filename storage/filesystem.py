@@ -1,0 +1,389 @@
+"""The filesystem storage driver (the embedded default). Layout: see layout.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterable, AsyncIterator
+
+from ocispec.digest import Digest, InvalidDigest, new_hasher
+
+from . import atomic
+from .driver import BlobContent, ManifestLink, StorageDriver, UploadInfo
+from .errors import BlobNotFound, DigestMismatch, RangeMismatch, SizeMismatch, TooLarge, UploadBusy, UploadNotFound
+from .layout import Layout, is_repository_dir, is_valid_upload_id
+
+# Received bytes are handed to a worker thread (write + hash) in batches of this size:
+# bounded memory per upload, and few thread hops per GiB.
+WRITE_BATCH = 1 << 20
+READ_CHUNK = 1 << 20
+LOCK_WAIT_SECONDS = 30.0
+
+
+@dataclass
+class _HashState:
+    """Running hash of an upload's data, valid while `offset` equals the data size.
+
+    Only a cache: if it is missing (another process took the chunk, or a restart) the
+    data file is re-hashed at commit, so correctness never depends on process memory.
+    """
+    offset: int
+    hasher: object
+
+
+class FilesystemDriver(StorageDriver):
+    def __init__(self, root: Path | str):
+        self.layout = Layout(Path(root).resolve())
+        for directory in (self.layout.blobs, self.layout.repositories, self.layout.uploads, self.layout.tmp):
+            atomic.make_dirs(directory)
+        self._hash_states: dict[str, _HashState] = {}
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    # -- blobs ----------------------------------------------------------------------
+    async def stat_blob(self, digest: Digest) -> BlobContent | None:
+        path = self.layout.blob(digest)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        return BlobContent(digest, size, path)
+
+    async def read_blob(self, digest: Digest, start: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        path = self.layout.blob(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise BlobNotFound(str(digest)) from None
+        try:
+            remaining = os.fstat(fd).st_size - start if length is None else length
+            offset = start
+            while remaining > 0:
+                chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, remaining), offset)
+                if not chunk:
+                    break
+                offset += len(chunk)
+                remaining -= len(chunk)
+                yield chunk
+        finally:
+            os.close(fd)
+
+    async def read_small_blob(self, digest: Digest, limit: int) -> bytes:
+        path = self.layout.blob(digest)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            raise BlobNotFound(str(digest)) from None
+        if len(data) > limit:
+            raise TooLarge(limit)
+        return data
+
+    async def put_small_blob(self, data: bytes, digest: Digest) -> None:
+        path = self.layout.blob(digest)
+        if path.exists():
+            return
+        await asyncio.to_thread(atomic.atomic_write, path, data, self.layout.tmp)
+
+    # -- repository membership ------------------------------------------------------
+    async def link_blob(self, repository: str, digest: Digest) -> None:
+        path = self.layout.layer_link(repository, digest)
+        if not path.exists():
+            await asyncio.to_thread(atomic.atomic_write, path, str(digest).encode(), self.layout.tmp)
+
+    async def unlink_blob(self, repository: str, digest: Digest) -> bool:
+        return await asyncio.to_thread(atomic.remove, self.layout.layer_link(repository, digest))
+
+    async def is_blob_linked(self, repository: str, digest: Digest) -> bool:
+        return self.layout.layer_link(repository, digest).is_file()
+
+    async def repositories_linking_blob(self, digest: Digest) -> list[str]:
+        names = await self.list_repositories()
+        return [name for name in names if self.layout.layer_link(name, digest).is_file()]
+
+    async def link_manifest(self, repository: str, digest: Digest, media_type: str) -> None:
+        record = json.dumps({"digest": str(digest), "mediaType": media_type}).encode()
+        path = self.layout.revision_link(repository, digest)
+        await asyncio.to_thread(atomic.atomic_write, path, record, self.layout.tmp)
+
+    async def get_manifest_link(self, repository: str, digest: Digest) -> ManifestLink | None:
+        try:
+            record = json.loads(self.layout.revision_link(repository, digest).read_bytes())
+        except FileNotFoundError:
+            return None
+        return ManifestLink(digest, record["mediaType"])
+
+    async def unlink_manifest(self, repository: str, digest: Digest) -> bool:
+        return await asyncio.to_thread(atomic.remove, self.layout.revision_link(repository, digest))
+
+    async def list_manifests(self, repository: str) -> list[ManifestLink]:
+        links = []
+        revisions = self.layout.revisions(repository)
+        for algorithm_dir in _subdirs(revisions):
+            for entry in sorted(os.listdir(algorithm_dir)):
+                with contextlib.suppress(InvalidDigest):
+                    link = await self.get_manifest_link(repository, Digest.parse(f"{algorithm_dir.name}:{entry}"))
+                    if link:
+                        links.append(link)
+        return links
+
+    # -- tags -----------------------------------------------------------------------
+    async def set_tag(self, repository: str, tag: str, digest: Digest) -> None:
+        path = self.layout.tag(repository, tag)
+        await asyncio.to_thread(atomic.atomic_write, path, str(digest).encode(), self.layout.tmp)
+
+    async def resolve_tag(self, repository: str, tag: str) -> Digest | None:
+        try:
+            return Digest.parse(self.layout.tag(repository, tag).read_text())
+        except FileNotFoundError:
+            return None
+
+    async def delete_tag(self, repository: str, tag: str) -> bool:
+        return await asyncio.to_thread(atomic.remove, self.layout.tag(repository, tag))
+
+    async def list_tags(self, repository: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self.layout.tags(repository)))
+        except FileNotFoundError:
+            return []
+
+    # -- referrers ------------------------------------------------------------------
+    async def add_referrer(self, repository: str, subject: Digest, descriptor: dict) -> None:
+        referrer = Digest.parse(descriptor["digest"])
+        path = self.layout.referrer(repository, subject, referrer)
+        await asyncio.to_thread(atomic.atomic_write, path, json.dumps(descriptor).encode(), self.layout.tmp)
+
+    async def remove_referrer(self, repository: str, subject: Digest, referrer: Digest) -> None:
+        await asyncio.to_thread(atomic.remove, self.layout.referrer(repository, subject, referrer))
+
+    async def list_referrers(self, repository: str, subject: Digest) -> list[dict]:
+        directory = self.layout.referrers(repository, subject)
+        try:
+            entries = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return []
+        descriptors = []
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                descriptors.append(json.loads((directory / entry).read_bytes()))
+        return descriptors
+
+    # -- repositories ---------------------------------------------------------------
+    async def repository_exists(self, repository: str) -> bool:
+        return is_repository_dir(self.layout.repository(repository))
+
+    async def list_repositories(self) -> list[str]:
+        return await asyncio.to_thread(self._walk_repositories)
+
+    def _walk_repositories(self) -> list[str]:
+        names = []
+        top = self.layout.repositories
+        for current, dirs, _files in os.walk(top):
+            path = Path(current)
+            if path != top and is_repository_dir(path):
+                names.append(path.relative_to(top).as_posix())
+            dirs[:] = [d for d in dirs if not d.startswith("_")]
+        return sorted(names)
+
+    # -- upload sessions ------------------------------------------------------------
+    async def create_upload(self, repository: str) -> UploadInfo:
+        self.layout.repository(repository)  # validates the name
+        uuid = str(uuidlib.uuid4())
+        started = time.time()
+        await asyncio.to_thread(self._create_upload, uuid, repository, started)
+        return UploadInfo(uuid, repository, 0, started)
+
+    def _create_upload(self, uuid: str, repository: str, started: float) -> None:
+        directory = self.layout.upload(uuid)
+        atomic.make_dirs(directory)
+        (directory / "data").touch()
+        info = json.dumps({"repository": repository, "started_at": started}).encode()
+        atomic.atomic_write(directory / "info", info, self.layout.tmp)
+
+    async def get_upload(self, uuid: str) -> UploadInfo:
+        if not is_valid_upload_id(uuid):
+            raise UploadNotFound(uuid)
+        directory = self.layout.upload(uuid)
+        try:
+            info = json.loads((directory / "info").read_bytes())
+            size = (directory / "data").stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            raise UploadNotFound(uuid) from None
+        return UploadInfo(uuid, info["repository"], size, info["started_at"])
+
+    @contextlib.asynccontextmanager
+    async def _locked_upload(self, uuid: str):
+        """Hold the session's data file under an exclusive flock (across processes too)."""
+        info = await self.get_upload(uuid)
+        data_path = self.layout.upload(uuid) / "data"
+        try:
+            fd = os.open(data_path, os.O_RDWR)
+        except FileNotFoundError:
+            raise UploadNotFound(uuid) from None
+        try:
+            deadline = time.monotonic() + LOCK_WAIT_SECONDS
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                    if time.monotonic() > deadline:
+                        raise UploadBusy(uuid) from None
+                    await asyncio.sleep(0.01)
+            # The session may have been committed or cancelled while we waited.
+            try:
+                same = os.stat(data_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                raise UploadNotFound(uuid)
+            yield info, fd
+        finally:
+            os.close(fd)
+
+    async def append_upload(self, uuid: str, chunks: AsyncIterable[bytes], *,
+                            offset: int | None = None, length: int | None = None,
+                            max_size: int | None = None) -> UploadInfo:
+        async with self._locked_upload(uuid) as (info, fd):
+            start = os.fstat(fd).st_size
+            if offset is not None and offset != start:
+                raise RangeMismatch(start)
+            state = self._hash_states.pop(uuid, None)
+            if state is None and start == 0:
+                state = _HashState(0, new_hasher("sha256"))
+            hasher = state.hasher if state is not None and state.offset == start else None
+            position = start
+            batch = bytearray()
+            try:
+                async for chunk in chunks:
+                    batch += chunk
+                    received = position + len(batch) - start
+                    if length is not None and received > length:
+                        raise SizeMismatch(length, received)
+                    if max_size is not None and position + len(batch) > max_size:
+                        raise TooLarge(max_size)
+                    if len(batch) >= WRITE_BATCH:
+                        await asyncio.to_thread(_write_and_hash, fd, batch, position, hasher)
+                        position += len(batch)
+                        batch = bytearray()
+                if batch:
+                    await asyncio.to_thread(_write_and_hash, fd, batch, position, hasher)
+                    position += len(batch)
+                if length is not None and position - start != length:
+                    raise SizeMismatch(length, position - start)
+            except BaseException:
+                os.ftruncate(fd, start)
+                raise
+            if hasher is not None:
+                self._hash_states[uuid] = _HashState(position, hasher)
+            return UploadInfo(uuid, info.repository, position, info.started_at)
+
+    async def commit_upload(self, uuid: str, digest: Digest, *, size: int | None = None) -> BlobContent:
+        async with self._locked_upload(uuid) as (info, fd):
+            actual_size = os.fstat(fd).st_size
+            state = self._hash_states.pop(uuid, None)
+            try:
+                if size is not None and size != actual_size:
+                    raise SizeMismatch(size, actual_size)
+                if state is not None and state.offset == actual_size and state.hasher.name == digest.algorithm:
+                    actual = state.hasher.hexdigest()
+                else:
+                    actual = await asyncio.to_thread(_hash_file, fd, digest.algorithm)
+                if actual != digest.encoded:
+                    raise DigestMismatch(str(digest), f"{digest.algorithm}:{actual}")
+                await asyncio.to_thread(self._install_blob, fd, uuid, digest)
+                await self.link_blob(info.repository, digest)
+            except BaseException:
+                await asyncio.to_thread(self._remove_upload, uuid)
+                raise
+            await asyncio.to_thread(self._remove_upload, uuid)
+            return BlobContent(digest, actual_size, self.layout.blob(digest))
+
+    def _install_blob(self, fd: int, uuid: str, digest: Digest) -> None:
+        target = self.layout.blob(digest)
+        if target.exists():
+            return  # identical content by definition
+        os.fsync(fd)
+        atomic.install(self.layout.upload(uuid) / "data", target)
+
+    async def cancel_upload(self, uuid: str) -> None:
+        async with self._locked_upload(uuid):
+            self._hash_states.pop(uuid, None)
+            await asyncio.to_thread(self._remove_upload, uuid)
+
+    def _remove_upload(self, uuid: str) -> None:
+        directory = self.layout.upload(uuid)
+        # Drop `info` first: from then on the session no longer exists for anyone.
+        with contextlib.suppress(FileNotFoundError):
+            (directory / "info").unlink()
+        shutil.rmtree(directory, ignore_errors=True)
+
+    async def purge_uploads(self, older_than: float) -> int:
+        return await asyncio.to_thread(self._purge, older_than)
+
+    def _purge(self, older_than: float) -> int:
+        purged = 0
+        for entry in os.listdir(self.layout.uploads):
+            if not is_valid_upload_id(entry):
+                continue
+            info_path = self.layout.upload(entry) / "info"
+            try:
+                started = json.loads(info_path.read_bytes())["started_at"]
+            except (FileNotFoundError, ValueError, KeyError):
+                # Half-created or half-removed session: judge by the directory's age.
+                started = _mtime(self.layout.upload(entry))
+            if started < older_than:
+                self._remove_upload(entry)
+                purged += 1
+        for entry in os.listdir(self.layout.tmp):
+            path = self.layout.tmp / entry
+            if _mtime(path) < older_than:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        return purged
+
+
+def _write_and_hash(fd: int, data: bytearray, position: int, hasher) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, position)
+        position += written
+        view = view[written:]
+    if hasher is not None:
+        hasher.update(data)
+
+
+def _hash_file(fd: int, algorithm: str) -> str:
+    hasher = new_hasher(algorithm)
+    offset = 0
+    while chunk := os.pread(fd, READ_CHUNK, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return hasher.hexdigest()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []

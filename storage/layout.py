@@ -1,0 +1,90 @@
+"""The on-disk layout of the filesystem driver: the one place that builds paths.
+
+    <root>/
+      blobs/<alg>/<hex[:2]>/<hex>                  blob content, written once, shared by all repositories
+      repositories/<name>/                          <name> may have several `/`-separated components
+        _layers/<alg>/<hex>                          the blob is part of this repository (holds its digest)
+        _manifests/revisions/<alg>/<hex>             a manifest of this repository: {"digest", "mediaType"}
+        _manifests/tags/<tag>                        the digest the tag points at
+        _referrers/<alg>/<subject hex>/<alg>-<hex>   descriptor of a manifest whose `subject` is that digest
+      uploads/<uuid>/info                            {"repository", "started_at"}: the session exists
+      uploads/<uuid>/data                            bytes received so far (its size is the session offset)
+      tmp/                                           files being written, renamed into place once fsynced
+
+Repository name components always start with [a-z0-9], so they never collide with the
+`_`-prefixed directories. Every function re-validates what it is handed, so no string from
+a request can become a path without matching the spec's grammar first.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ocispec.digest import Digest
+from ocispec.names import is_valid_name, is_valid_tag
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def is_valid_upload_id(uuid: str) -> bool:
+    return _UUID.fullmatch(uuid) is not None
+
+
+class Layout:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.repositories = self.root / "repositories"
+        self.uploads = self.root / "uploads"
+        self.tmp = self.root / "tmp"
+
+    def blob(self, digest: Digest) -> Path:
+        _check_digest(digest)
+        return self.blobs / digest.algorithm / digest.encoded[:2] / digest.encoded
+
+    def repository(self, name: str) -> Path:
+        if not is_valid_name(name):
+            raise ValueError(f"invalid repository name {name!r}")
+        return self.repositories.joinpath(*name.split("/"))
+
+    def layer_link(self, name: str, digest: Digest) -> Path:
+        _check_digest(digest)
+        return self.repository(name) / "_layers" / digest.algorithm / digest.encoded
+
+    def revisions(self, name: str) -> Path:
+        return self.repository(name) / "_manifests" / "revisions"
+
+    def revision_link(self, name: str, digest: Digest) -> Path:
+        _check_digest(digest)
+        return self.revisions(name) / digest.algorithm / digest.encoded
+
+    def tags(self, name: str) -> Path:
+        return self.repository(name) / "_manifests" / "tags"
+
+    def tag(self, name: str, tag: str) -> Path:
+        if not is_valid_tag(tag):
+            raise ValueError(f"invalid tag {tag!r}")
+        return self.tags(name) / tag
+
+    def referrers(self, name: str, subject: Digest) -> Path:
+        _check_digest(subject)
+        return self.repository(name) / "_referrers" / subject.algorithm / subject.encoded
+
+    def referrer(self, name: str, subject: Digest, referrer: Digest) -> Path:
+        _check_digest(referrer)
+        return self.referrers(name, subject) / f"{referrer.algorithm}-{referrer.encoded}"
+
+    def upload(self, uuid: str) -> Path:
+        if not is_valid_upload_id(uuid):
+            raise ValueError(f"invalid upload id {uuid!r}")
+        return self.uploads / uuid
+
+
+def _check_digest(digest: Digest) -> None:
+    # Re-parse: a Digest built by hand must not smuggle `/` or `..` into a path.
+    Digest.parse(str(digest))
+
+
+def is_repository_dir(path: Path) -> bool:
+    return (path / "_layers").is_dir() or (path / "_manifests").is_dir()

@@ -1,0 +1,116 @@
+"""Manifest operations of a repository: the rules that keep links consistent.
+
+Write order on push: manifest bytes -> revision link -> referrer entry -> tag. A crash
+between any two steps leaves at worst an unreferenced blob, never a tag without its
+manifest or a manifest whose blobs are missing (they are checked before anything is written).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ocispec import mediatypes as mt
+from ocispec.digest import Digest
+from ocispec.manifest import Manifest, ManifestInvalid, parse_manifest, referrer_artifact_type
+
+from .driver import StorageDriver
+from .errors import BlobNotFound, DigestMismatch, ManifestNotFound, ManifestReferenceUnknown
+
+# Manifests are accepted up to the configured limit (at least 4 MiB); this only caps reads.
+READ_LIMIT = 64 << 20
+
+FOREIGN_LAYER_TYPES = frozenset({mt.DOCKER_FOREIGN_LAYER, "application/vnd.oci.image.layer.nondistributable.v1.tar",
+                                 "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                                 "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"})
+
+
+@dataclass(frozen=True)
+class StoredManifest:
+    digest: Digest
+    media_type: str
+    data: bytes
+
+
+async def put_manifest(driver: StorageDriver, repository: str, data: bytes, content_type: str | None,
+                       *, digest: Digest | None = None, tags: tuple[str, ...] = ()) -> tuple[Digest, Manifest]:
+    """Validate and store a manifest; `digest` when pushed by digest, `tags` to point at it."""
+    manifest = parse_manifest(data, content_type)
+    if digest is not None:
+        actual = Digest.of_bytes(data, digest.algorithm)
+        if actual != digest:
+            raise DigestMismatch(str(digest), str(actual))
+    else:
+        digest = Digest.of_bytes(data)
+    await _check_references(driver, repository, manifest)
+
+    await driver.put_small_blob(data, digest)
+    await driver.link_manifest(repository, digest, manifest.media_type)
+    if manifest.subject is not None:
+        await driver.add_referrer(repository, manifest.subject.digest,
+                                  referrer_descriptor(manifest, digest, len(data)))
+    for tag in tags:
+        await driver.set_tag(repository, tag, digest)
+    return digest, manifest
+
+
+def referrer_descriptor(manifest: Manifest, digest: Digest, size: int) -> dict:
+    descriptor = {"mediaType": manifest.media_type, "digest": str(digest), "size": size}
+    artifact_type = referrer_artifact_type(manifest)
+    if artifact_type:
+        descriptor["artifactType"] = artifact_type
+    if manifest.annotations:
+        descriptor["annotations"] = manifest.annotations
+    return descriptor
+
+
+async def _check_references(driver: StorageDriver, repository: str, manifest: Manifest) -> None:
+    missing_blobs = []
+    for descriptor in manifest.blobs:
+        if descriptor.media_type in FOREIGN_LAYER_TYPES and descriptor.urls:
+            continue  # hosted elsewhere by design
+        blob = await driver.stat_blob(descriptor.digest)
+        if blob is None or not await driver.is_blob_linked(repository, descriptor.digest):
+            missing_blobs.append(str(descriptor.digest))
+        elif blob.size != descriptor.size:
+            raise ManifestInvalid(f"descriptor of {descriptor.digest} says {descriptor.size} bytes, "
+                                  f"the blob has {blob.size}")
+    if missing_blobs:
+        raise ManifestReferenceUnknown("blob", missing_blobs)
+    missing_children = [str(child.digest) for child in manifest.children
+                        if await driver.get_manifest_link(repository, child.digest) is None]
+    if missing_children:
+        raise ManifestReferenceUnknown("manifest", missing_children)
+
+
+async def resolve(driver: StorageDriver, repository: str, reference: str | Digest) -> Digest:
+    if isinstance(reference, Digest):
+        return reference
+    digest = await driver.resolve_tag(repository, reference)
+    if digest is None:
+        raise ManifestNotFound(reference)
+    return digest
+
+
+async def get_manifest(driver: StorageDriver, repository: str, reference: str | Digest,
+                       limit: int) -> StoredManifest:
+    digest = await resolve(driver, repository, reference)
+    link = await driver.get_manifest_link(repository, digest)
+    if link is None:
+        raise ManifestNotFound(str(digest))
+    try:
+        data = await driver.read_small_blob(digest, limit)
+    except BlobNotFound:
+        raise ManifestNotFound(str(digest)) from None
+    return StoredManifest(digest, link.media_type, data)
+
+
+async def delete_manifest(driver: StorageDriver, repository: str, digest: Digest, limit: int) -> None:
+    """Remove a manifest from a repository, with the tags and referrer entry that name it."""
+    stored = await get_manifest(driver, repository, digest, limit)
+    for tag in await driver.list_tags(repository):
+        if await driver.resolve_tag(repository, tag) == digest:
+            await driver.delete_tag(repository, tag)
+    manifest = parse_manifest(stored.data, stored.media_type)
+    await driver.unlink_manifest(repository, digest)
+    if manifest.subject is not None:
+        await driver.remove_referrer(repository, manifest.subject.digest, digest)
