@@ -1,5 +1,7 @@
 """`GET /v2/<name>/referrers/<digest>`: manifests whose `subject` is that digest."""
 
+import json
+
 from aiohttp import web
 
 from ocispec import mediatypes as mt
@@ -16,4 +18,4 @@ async def list_referrers(request: web.Request) -> web.Response:
         descriptors = [d for d in descriptors if d.get("artifactType") == artifact_type]
         headers["OCI-Filters-Applied"] = "artifactType"
     index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": descriptors}
-    return web.json_response(index, headers=headers, content_type=mt.OCI_INDEX)
+    return web.Response(body=json.dumps(index).encode(), headers=headers, content_type=mt.OCI_INDEX)

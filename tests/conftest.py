@@ -1,0 +1,67 @@
+import json
+from dataclasses import replace
+
+import pytest
+
+from registry.app import make_app
+from registry.config import Config
+from tests.support.client import sha256
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+@pytest.fixture
+def config(tmp_path):
+    return replace(Config(), root=tmp_path / "data", access_log=False)
+
+
+@pytest.fixture
+async def client(aiohttp_client, config):
+    return await aiohttp_client(make_app(config))
+
+
+@pytest.fixture
+def make_client(aiohttp_client, config):
+    """Build a client for a variant of the default config."""
+    async def build(**changes):
+        return await aiohttp_client(make_app(replace(config, **changes)))
+    return build
+
+
+async def upload_blob(client, repo: str, data: bytes) -> str:
+    digest = sha256(data)
+    r = await client.post(f"/v2/{repo}/blobs/uploads/?digest={digest}", data=data)
+    assert r.status == 201, await r.text()
+    return digest
+
+
+def image_manifest(config_digest: str, config_size: int, layers=(), **extra) -> bytes:
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s}
+                   for d, s in layers],
+    }
+    doc.update(extra)
+    return json.dumps(doc).encode()
+
+
+async def push_image(client, repo: str, tag: str, layer: bytes = b"layer", config: bytes = b"{}",
+                     **extra) -> tuple[str, bytes]:
+    """Push a one-layer image; returns (manifest digest, manifest bytes)."""
+    config_digest = await upload_blob(client, repo, config)
+    layer_digest = await upload_blob(client, repo, layer)
+    manifest = image_manifest(config_digest, len(config), [(layer_digest, len(layer))], **extra)
+    r = await client.put(f"/v2/{repo}/manifests/{tag}", data=manifest,
+                         headers={"Content-Type": OCI_MANIFEST})
+    assert r.status == 201, await r.text()
+    return r.headers["Docker-Content-Digest"], manifest
+
+
+async def error_code(response) -> str:
+    body = await response.json(content_type=None)
+    assert set(body) == {"errors"} and body["errors"], body
+    return body["errors"][0]["code"]

@@ -1,0 +1,1 @@
+"""Helpers the tests share: real server processes and a tiny push client."""

@@ -1,0 +1,88 @@
+"""Start real registries on loopback: `kura serve` and the reference `docker-registry`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .paths import PEER_REGISTRY_SCRIPT, REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@dataclass
+class Server:
+    name: str
+    host: str  # host:port, as skopeo wants it
+    root: Path  # storage root
+    process: subprocess.Popen | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+
+def start_kura(root: Path, port: int | None = None, *args: str, log: Path | None = None) -> Server:
+    port = port or free_port()
+    log_file = open(log or (root.parent / f"kura-{port}.log"), "ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kura", "serve", "--listen", f"127.0.0.1:{port}", "--root", str(root), *args],
+        cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    log_file.close()
+    wait_until_up(f"http://127.0.0.1:{port}/v2/", process)
+    return Server("kura", f"127.0.0.1:{port}", root, process)
+
+
+def stop(server: Server, sig: int = signal.SIGTERM) -> None:
+    if server.process is None:
+        return
+    if server.process.poll() is None:
+        server.process.send_signal(sig)
+        try:
+            server.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+
+
+def start_distribution(workdir: Path) -> Server:
+    """The reference registry (CNCF distribution) via shared/tools/peer-registry.sh."""
+    port = free_port()
+    env = dict(os.environ, LOGLEVEL="error")
+    subprocess.run(["bash", str(PEER_REGISTRY_SCRIPT), str(port), str(workdir)], check=True,
+                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+    return Server("distribution", f"127.0.0.1:{port}", workdir / "storage", extra={"workdir": workdir})
+
+
+def stop_distribution(server: Server) -> None:
+    subprocess.run(["bash", str(PEER_REGISTRY_SCRIPT), "--stop", str(server.extra["workdir"])],
+                   check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)

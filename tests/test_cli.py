@@ -1,0 +1,62 @@
+"""The `kura` dispatcher and `kura serve` flags."""
+
+import subprocess
+import sys
+import urllib.request
+
+from tests.support.paths import REPO
+from tests.support.servers import free_port, start_kura, stop, wait_until_up
+
+
+def kura(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "kura", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, **kwargs)
+
+
+def test_usage_and_unknown_command():
+    assert "serve" in kura("--help").stdout
+    result = kura("frobnicate")
+    assert result.returncode == 2 and "unknown command" in result.stderr
+
+
+def test_bad_config_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nlisten = 5\n")
+    result = kura("serve", "--config", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("kura: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_flags_override_config_file(tmp_path):
+    port = free_port()
+    cfg = tmp_path / "kura.toml"
+    cfg.write_text(f'[server]\nlisten = "127.0.0.1:1"\n[storage]\nroot = "{tmp_path / "from-file"}"\n')
+    server = start_kura(tmp_path / "from-flag", port, "--config", str(cfg))
+    try:
+        assert (tmp_path / "from-flag" / "blobs").is_dir()
+        assert not (tmp_path / "from-file").exists()
+    finally:
+        stop(server)
+
+
+def test_config_file_sets_listen_and_root(tmp_path):
+    port = free_port()
+    cfg = tmp_path / "kura.toml"
+    cfg.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n[storage]\nroot = "{tmp_path / "r"}"\n')
+    process = subprocess.Popen([sys.executable, "-m", "kura", "serve", "--config", str(cfg)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/v2/", process)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/") as r:
+            assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        assert (tmp_path / "r" / "blobs").is_dir()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_client_commands_do_not_load_the_server():
+    code = ("import sys, kura.__main__ as m; m.main(['frobnicate']); "
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('registry', 'storage', 'aiohttp')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.stdout.strip() == "[]"

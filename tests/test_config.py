@@ -1,0 +1,52 @@
+"""Configuration precedence and validation."""
+
+from pathlib import Path
+
+import pytest
+
+from registry.config import Config, ConfigError, load
+
+
+def test_defaults():
+    c = load()
+    assert (c.listen, c.root, c.delete_enabled, c.max_manifest_bytes) == ("127.0.0.1:5000", Path("./data"), True, 4 << 20)
+    assert (c.host, c.port) == ("127.0.0.1", 5000)
+
+
+def test_file_then_flags(tmp_path):
+    f = tmp_path / "kura.toml"
+    f.write_text('[server]\nlisten = "127.0.0.1:6000"\n[storage]\nroot = "/srv/kura"\ndelete_enabled = false\n'
+                 '[log]\nlevel = "debug"\naccess_log = false\n')
+    c = load(f)
+    assert (c.listen, c.root, c.delete_enabled, c.log_level, c.access_log) == (
+        "127.0.0.1:6000", Path("/srv/kura"), False, "debug", False)
+    c = load(f, listen="0.0.0.0:7000", root=None)
+    assert c.listen == "0.0.0.0:7000" and c.root == Path("/srv/kura")
+
+
+def test_example_config_is_complete_and_loads():
+    example = Path(__file__).parents[1] / "config.example.toml"
+    c = load(example)
+    assert c.listen == Config().listen and c.root == Config().root
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[server]\nlisten = "nope"\n', "HOST:PORT"),
+    ('[server]\nlistne = "x"\n', "unknown option server.listne"),
+    ('[storage]\ndelete_enabled = "yes"\n', "must be a bool"),
+    ('[limits]\nmax_manifest_bytes = 1000\n', "at least 4 MiB"),
+    ('[server]\ntls_cert = "/x.pem"\n', "together"),
+    ('[log]\nlevel = "loud"\n', "log.level"),
+    ('[uploads]\nexpiry_seconds = 0\n', "positive"),
+    ("not toml [", "kura.toml"),
+])
+def test_invalid_files(tmp_path, text, message):
+    f = tmp_path / "kura.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load(f)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml")

@@ -1,0 +1,205 @@
+"""The suite every storage driver must pass (parametrise `driver` when a new one lands)."""
+
+import hashlib
+
+import pytest
+
+from ocispec.digest import Digest
+from storage import (
+    BlobNotFound,
+    DigestMismatch,
+    FilesystemDriver,
+    RangeMismatch,
+    SizeMismatch,
+    TooLarge,
+    UploadNotFound,
+)
+
+DATA = b"abcdefghij" * 300_000  # 3 MB: more than one write batch
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:
+    return Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+async def chunks(data: bytes, size: int = 65536):
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+@pytest.fixture(params=["filesystem"])
+def driver(request, tmp_path):
+    return FilesystemDriver(tmp_path / "store")
+
+
+@pytest.fixture
+def second_driver(driver, tmp_path):
+    """Another instance over the same store, as a second server process would have."""
+    return FilesystemDriver(tmp_path / "store")
+
+
+async def upload(driver, repo, data):
+    session = await driver.create_upload(repo)
+    await driver.append_upload(session.uuid, chunks(data))
+    return await driver.commit_upload(session.uuid, digest_of(data))
+
+
+async def test_upload_commit_and_read(driver):
+    blob = await upload(driver, "a", DATA)
+    assert blob.size == len(DATA)
+    assert await driver.is_blob_linked("a", blob.digest)
+    assert not await driver.is_blob_linked("b", blob.digest)
+    assert (await driver.stat_blob(blob.digest)).size == len(DATA)
+    assert b"".join([c async for c in driver.read_blob(blob.digest)]) == DATA
+    assert b"".join([c async for c in driver.read_blob(blob.digest, 5, 10)]) == DATA[5:15]
+
+
+async def test_chunked_offsets(driver):
+    session = await driver.create_upload("a")
+    info = await driver.append_upload(session.uuid, chunks(DATA[:1000]), offset=0, length=1000)
+    assert info.size == 1000
+    with pytest.raises(RangeMismatch) as exc:
+        await driver.append_upload(session.uuid, chunks(DATA[:10]), offset=500)
+    assert exc.value.current_size == 1000
+    await driver.append_upload(session.uuid, chunks(DATA[1000:]), offset=1000)
+    assert (await driver.get_upload(session.uuid)).size == len(DATA)
+    await driver.commit_upload(session.uuid, digest_of(DATA), size=len(DATA))
+
+
+async def test_failed_append_leaves_session_as_before(driver):
+    session = await driver.create_upload("a")
+    await driver.append_upload(session.uuid, chunks(DATA[:100]))
+
+    async def broken():
+        yield DATA[100:200]
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        await driver.append_upload(session.uuid, broken())
+    assert (await driver.get_upload(session.uuid)).size == 100
+    with pytest.raises(SizeMismatch):
+        await driver.append_upload(session.uuid, chunks(DATA[100:200]), length=50)
+    assert (await driver.get_upload(session.uuid)).size == 100
+    await driver.append_upload(session.uuid, chunks(DATA[100:]))
+    await driver.commit_upload(session.uuid, digest_of(DATA))
+
+
+async def test_size_limit(driver):
+    session = await driver.create_upload("a")
+    with pytest.raises(TooLarge):
+        await driver.append_upload(session.uuid, chunks(DATA), max_size=1000)
+    assert (await driver.get_upload(session.uuid)).size == 0
+
+
+async def test_digest_mismatch_stores_nothing_and_ends_session(driver):
+    session = await driver.create_upload("a")
+    await driver.append_upload(session.uuid, chunks(DATA))
+    wrong = digest_of(b"other")
+    with pytest.raises(DigestMismatch):
+        await driver.commit_upload(session.uuid, wrong)
+    assert await driver.stat_blob(digest_of(DATA)) is None
+    assert await driver.stat_blob(wrong) is None
+    with pytest.raises(UploadNotFound):
+        await driver.get_upload(session.uuid)
+
+
+async def test_size_mismatch_on_commit(driver):
+    session = await driver.create_upload("a")
+    await driver.append_upload(session.uuid, chunks(DATA[:10]))
+    with pytest.raises(SizeMismatch):
+        await driver.commit_upload(session.uuid, digest_of(DATA[:10]), size=11)
+    assert await driver.stat_blob(digest_of(DATA[:10])) is None
+
+
+async def test_continue_session_in_another_instance(driver, second_driver):
+    """The running hash is a per-process cache; another process must re-hash, not trust."""
+    session = await driver.create_upload("a")
+    await driver.append_upload(session.uuid, chunks(DATA[:2_000_000]))
+    await second_driver.append_upload(session.uuid, chunks(DATA[2_000_000:]), offset=2_000_000)
+    with pytest.raises(DigestMismatch):
+        await driver.commit_upload(session.uuid, digest_of(DATA[:2_000_000]))
+
+    session = await driver.create_upload("a")
+    await driver.append_upload(session.uuid, chunks(DATA[:2_000_000]))
+    await second_driver.append_upload(session.uuid, chunks(DATA[2_000_000:]))
+    await driver.commit_upload(session.uuid, digest_of(DATA))
+    assert (await second_driver.stat_blob(digest_of(DATA))).size == len(DATA)
+
+
+async def test_sha512_commit(driver):
+    session = await driver.create_upload("a")
+    await driver.append_upload(session.uuid, chunks(DATA))
+    blob = await driver.commit_upload(session.uuid, digest_of(DATA, "sha512"))
+    assert blob.digest.algorithm == "sha512"
+
+
+async def test_cancel_and_unknown(driver):
+    session = await driver.create_upload("a")
+    await driver.cancel_upload(session.uuid)
+    for uuid in (session.uuid, "../../etc", "00000000-0000-4000-8000-000000000000"):
+        with pytest.raises(UploadNotFound):
+            await driver.get_upload(uuid)
+        with pytest.raises(UploadNotFound):
+            await driver.append_upload(uuid, chunks(b"x"))
+
+
+async def test_purge(driver):
+    import time
+    old = await driver.create_upload("a")
+    assert await driver.purge_uploads(time.time() - 3600) == 0
+    assert await driver.purge_uploads(time.time() + 1) == 1
+    with pytest.raises(UploadNotFound):
+        await driver.get_upload(old.uuid)
+
+
+async def test_small_blobs(driver):
+    data = b'{"schemaVersion": 2}'
+    d = digest_of(data)
+    await driver.put_small_blob(data, d)
+    await driver.put_small_blob(data, d)
+    assert await driver.read_small_blob(d, 100) == data
+    with pytest.raises(TooLarge):
+        await driver.read_small_blob(d, 5)
+    with pytest.raises(BlobNotFound):
+        await driver.read_small_blob(digest_of(b"none"), 100)
+
+
+async def test_links_tags_and_repositories(driver):
+    d = digest_of(b"m")
+    await driver.put_small_blob(b"m", d)
+    await driver.link_manifest("x/y", d, "application/vnd.oci.image.manifest.v1+json")
+    assert (await driver.get_manifest_link("x/y", d)).media_type == "application/vnd.oci.image.manifest.v1+json"
+    assert await driver.get_manifest_link("x", d) is None
+    await driver.set_tag("x/y", "b", d)
+    await driver.set_tag("x/y", "a", d)
+    assert await driver.list_tags("x/y") == ["a", "b"]
+    assert await driver.resolve_tag("x/y", "a") == d
+    assert await driver.delete_tag("x/y", "a")
+    assert not await driver.delete_tag("x/y", "a")
+    assert await driver.resolve_tag("x/y", "a") is None
+    assert [link.digest for link in await driver.list_manifests("x/y")] == [d]
+    await upload(driver, "x", b"blob")
+    assert await driver.list_repositories() == ["x", "x/y"]
+    assert await driver.repositories_linking_blob(digest_of(b"blob")) == ["x"]
+    assert await driver.repository_exists("x/y") and not await driver.repository_exists("y")
+    assert await driver.unlink_manifest("x/y", d)
+    assert await driver.get_manifest_link("x/y", d) is None
+
+
+async def test_referrers(driver):
+    subject, referrer = digest_of(b"s"), digest_of(b"r")
+    descriptor = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": str(referrer), "size": 1}
+    await driver.add_referrer("a", subject, descriptor)
+    assert await driver.list_referrers("a", subject) == [descriptor]
+    assert await driver.list_referrers("b", subject) == []
+    await driver.remove_referrer("a", subject, referrer)
+    assert await driver.list_referrers("a", subject) == []
+
+
+async def test_paths_refuse_unvalidated_input(driver):
+    with pytest.raises(ValueError):
+        await driver.set_tag("../escape", "t", digest_of(b"x"))
+    with pytest.raises(ValueError):
+        await driver.set_tag("a", "../../t", digest_of(b"x"))
+    with pytest.raises(ValueError):
+        await driver.link_blob("a", Digest("sha256", "../../../etc/passwd"))
