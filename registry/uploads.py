@@ -81,13 +81,8 @@ async def start_upload(request: web.Request) -> web.Response:
 
     if "digest" in query:
         digest = parse_digest(query["digest"])
-        upload = await store.create_upload(name)
-        try:
-            await _append(request, upload, offset=None, length=_content_length(request))
-        except BaseException:
-            await store.cancel_upload(upload.uuid)  # a single-request upload has no later
-            raise
-        await store.commit_upload(upload.uuid, digest)
+        await store.put_blob(name, digest, _body(request), length=_content_length(request),
+                             max_size=_max_size(request))
         return _committed(name, digest)
 
     upload = await store.create_upload(name)

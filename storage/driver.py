@@ -129,6 +129,12 @@ class StorageDriver(abc.ABC):
         the session is left as it was before the call."""
 
     @abc.abstractmethod
+    async def put_blob(self, repository: str, digest: Digest, chunks: AsyncIterable[bytes], *,
+                       length: int | None = None, max_size: int | None = None) -> BlobContent:
+        """Store a whole blob in one go (no session), verified against `digest`, and link it
+        into `repository`. On any error, nothing is stored."""
+
+    @abc.abstractmethod
     async def commit_upload(self, uuid: str, digest: Digest, *, size: int | None = None) -> BlobContent:
         """Verify the session's content against `digest` (and `size`), store it as a blob,
         link it into the session's repository and end the session. On DigestMismatch

@@ -265,31 +265,31 @@ class FilesystemDriver(StorageDriver):
             if state is None and start == 0:
                 state = _HashState(0, new_hasher("sha256"))
             hasher = state.hasher if state is not None and state.offset == start else None
-            position = start
-            batch = bytearray()
             try:
-                async for chunk in chunks:
-                    batch += chunk
-                    received = position + len(batch) - start
-                    if length is not None and received > length:
-                        raise SizeMismatch(length, received)
-                    if max_size is not None and position + len(batch) > max_size:
-                        raise TooLarge(max_size)
-                    if len(batch) >= WRITE_BATCH:
-                        await asyncio.to_thread(_write_and_hash, fd, batch, position, hasher)
-                        position += len(batch)
-                        batch = bytearray()
-                if batch:
-                    await asyncio.to_thread(_write_and_hash, fd, batch, position, hasher)
-                    position += len(batch)
-                if length is not None and position - start != length:
-                    raise SizeMismatch(length, position - start)
+                end = await _receive(fd, start, chunks, hasher, length, max_size)
             except BaseException:
                 os.ftruncate(fd, start)
                 raise
             if hasher is not None:
-                self._hash_states[uuid] = _HashState(position, hasher)
-            return UploadInfo(uuid, info.repository, position, info.started_at)
+                self._hash_states[uuid] = _HashState(end, hasher)
+            return UploadInfo(uuid, info.repository, end, info.started_at)
+
+    async def put_blob(self, repository: str, digest: Digest, chunks: AsyncIterable[bytes], *,
+                       length: int | None = None, max_size: int | None = None) -> BlobContent:
+        self.layout.repository(repository)  # validates the name before any byte is written
+        tmp = self.layout.tmp / f"{uuidlib.uuid4().hex}.blob"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            hasher = new_hasher(digest.algorithm)
+            size = await _receive(fd, 0, chunks, hasher, length, max_size)
+            if hasher.hexdigest() != digest.encoded:
+                raise DigestMismatch(str(digest), f"{digest.algorithm}:{hasher.hexdigest()}")
+            await _finish_in_thread(self._install_file, fd, tmp, digest)
+            await self.link_blob(repository, digest)
+        finally:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+        return BlobContent(digest, size, self.layout.blob(digest))
 
     async def commit_upload(self, uuid: str, digest: Digest, *, size: int | None = None) -> BlobContent:
         async with self._locked_upload(uuid) as (info, fd):
@@ -304,7 +304,7 @@ class FilesystemDriver(StorageDriver):
                     actual = await asyncio.to_thread(_hash_file, fd, digest.algorithm)
                 if actual != digest.encoded:
                     raise DigestMismatch(str(digest), f"{digest.algorithm}:{actual}")
-                await asyncio.to_thread(self._install_blob, fd, uuid, digest)
+                await _finish_in_thread(self._install_file, fd, self.layout.upload(uuid) / "data", digest)
                 await self.link_blob(info.repository, digest)
             except BaseException:
                 await asyncio.to_thread(self._remove_upload, uuid)
@@ -312,12 +312,13 @@ class FilesystemDriver(StorageDriver):
             await asyncio.to_thread(self._remove_upload, uuid)
             return BlobContent(digest, actual_size, self.layout.blob(digest))
 
-    def _install_blob(self, fd: int, uuid: str, digest: Digest) -> None:
+    def _install_file(self, fd: int, path: Path, digest: Digest) -> None:
+        """Make the verified file at `path` (open as `fd`) the blob `digest`."""
         target = self.layout.blob(digest)
         if target.exists():
             return  # identical content by definition
         os.fsync(fd)
-        atomic.install(self.layout.upload(uuid) / "data", target)
+        atomic.install(path, target)
 
     async def cancel_upload(self, uuid: str) -> None:
         async with self._locked_upload(uuid):
@@ -354,6 +355,43 @@ class FilesystemDriver(StorageDriver):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         return purged
+
+
+async def _finish_in_thread(func, *args):
+    """Run blocking file work in a thread; if the request is cancelled meanwhile, wait for
+    the thread to finish before letting the cancellation through, so that cleanup (truncate,
+    unlink) never races a write that is still running."""
+    work = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait({work})
+        raise
+
+
+async def _receive(fd: int, start: int, chunks: AsyncIterable[bytes], hasher, length: int | None,
+                   max_size: int | None) -> int:
+    """Write `chunks` at `start` (hashing them when `hasher` is given); returns the new end.
+    Raises SizeMismatch when `length` bytes were promised and more or fewer came."""
+    position = start
+    batch = bytearray()
+    async for chunk in chunks:
+        batch += chunk
+        received = position + len(batch) - start
+        if length is not None and received > length:
+            raise SizeMismatch(length, received)
+        if max_size is not None and position + len(batch) > max_size:
+            raise TooLarge(max_size)
+        if len(batch) >= WRITE_BATCH:
+            await _finish_in_thread(_write_and_hash, fd, batch, position, hasher)
+            position += len(batch)
+            batch = bytearray()
+    if batch:
+        await _finish_in_thread(_write_and_hash, fd, batch, position, hasher)
+        position += len(batch)
+    if length is not None and position - start != length:
+        raise SizeMismatch(length, position - start)
+    return position
 
 
 def _write_and_hash(fd: int, data: bytearray, position: int, hasher) -> None:

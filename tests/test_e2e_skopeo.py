@@ -328,4 +328,5 @@ def test_delete_unknown_tag_fails(server, pushes):
     assert proc.returncode != 0
     # Nothing else was touched.
     out = skopeo_ok(server, "inspect", "--raw", "--tls-verify=false", f"docker://{server.host}/{repo}:latest")
-    assert out == blob_path(IMAGES / "busybox-multiarch", tag_digest(IMAGES / "busybox-multiarch", "latest")).read_bytes()
+    source = IMAGES / "busybox-multiarch"
+    assert out == blob_path(source, tag_digest(source, "latest")).read_bytes()
