@@ -131,7 +131,7 @@ def kill_loop(tmp_path, rounds: int, seed: int) -> None:
 
 
 def test_sigkill_during_pushes(tmp_path):
-    kill_loop(tmp_path, rounds=8, seed=20261128)
+    kill_loop(tmp_path, rounds=15, seed=20261128)
 
 
 @pytest.mark.stress
