@@ -52,6 +52,7 @@ class Server:
 
 def start_kura(root: Path, port: int | None = None, *args: str, log: Path | None = None) -> Server:
     port = port or free_port()
+    root.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log or (root.parent / f"kura-{port}.log"), "ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "kura", "serve", "--listen", f"127.0.0.1:{port}", "--root", str(root), *args],
