@@ -20,7 +20,7 @@ class Config:
     delete_enabled: bool = True
     upload_expiry_seconds: int = 24 * 3600
     upload_purge_interval_seconds: int = 3600
-    chunk_min_length: int = 0
+    chunk_min_length: int = 1 << 20
     max_manifest_bytes: int = 4 * MIB
     max_blob_bytes: int = 0  # 0: no limit
     tls_cert: Path | None = None

@@ -22,10 +22,11 @@ async def test_start_upload_headers(client):
     assert r.headers["Range"] == "0-0"
 
 
-async def test_chunk_min_length_advertised(make_client):
-    client = await make_client(chunk_min_length=1 << 20)
+async def test_chunk_min_length_advertised(client, make_client):
     r = await start(client)
     assert r.headers["OCI-Chunk-Min-Length"] == str(1 << 20)
+    r = await start(await make_client(chunk_min_length=0))
+    assert "OCI-Chunk-Min-Length" not in r.headers
 
 
 async def test_monolithic_post_with_digest(client):
