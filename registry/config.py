@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 MIB = 1 << 20
+MAX_MANIFEST_LIMIT = 64 * MIB  # storage.manifests.READ_LIMIT: what can be pushed can be read back
 
 
 class ConfigError(ValueError):
@@ -110,8 +111,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"log.level must be one of {', '.join(LOG_LEVELS)}")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("server.tls_cert and server.tls_key must be set together")
-    if config.max_manifest_bytes < 4 * MIB:
-        raise ConfigError("limits.max_manifest_bytes must be at least 4 MiB (the spec's minimum)")
+    if not 4 * MIB <= config.max_manifest_bytes <= MAX_MANIFEST_LIMIT:
+        raise ConfigError("limits.max_manifest_bytes must be between 4 MiB (the spec's minimum) "
+                          f"and {MAX_MANIFEST_LIMIT >> 20} MiB")
     for name in ("upload_expiry_seconds", "upload_purge_interval_seconds"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")

@@ -78,8 +78,11 @@ async def put_manifest(request: web.Request) -> web.Response:
     except ManifestUnsupported as exc:
         raise UnsupportedMediaType(str(exc)) from None
     except ManifestReferenceUnknown as exc:
-        error = ManifestBlobUnknown if exc.kind == "blob" else ManifestUnknown
-        raise error(str(exc), detail={"digests": exc.digests}) from None
+        if exc.kind == "blob":
+            raise ManifestBlobUnknown(str(exc), detail={"digests": exc.digests}) from None
+        error = ManifestUnknown(str(exc), detail={"digests": exc.digests})
+        error.status = 400  # a flaw in the pushed document, as distribution answers it
+        raise error from None
     headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
     if manifest.subject is not None:
         headers["OCI-Subject"] = str(manifest.subject.digest)
@@ -97,7 +100,7 @@ async def delete_manifest(request: web.Request) -> web.Response:
     if not await store.repository_exists(name):
         raise NameUnknown(detail={"name": name})
     if isinstance(reference, str):
-        if not await store.delete_tag(name, reference):
+        if not await manifests.delete_tag(store, name, reference):
             raise ManifestUnknown(detail={"tag": reference})
         return web.Response(status=202)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from .errors import (
     NameInvalid,
     RegistryError,
     SizeInvalid,
+    TooManyRequests,
     Unsupported,
 )
 
@@ -45,6 +47,8 @@ def _translate(exc: st.StorageError, request: web.Request) -> RegistryError:
         return SizeInvalid(str(exc), detail={"expected": exc.expected, "actual": exc.actual})
     if isinstance(exc, st.TooLarge):
         return BlobTooLarge(str(exc), detail={"limit": exc.limit})
+    if isinstance(exc, st.RepositoryBusy):
+        return TooManyRequests("the repository is busy; retry", headers={"Retry-After": "1"})
     if isinstance(exc, st.BlobNotFound):
         return BlobUnknown(detail={"digest": str(exc)})
     log.exception("unexpected storage error", exc_info=exc)
@@ -70,6 +74,13 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         error = Unsupported(f"no such endpoint: {request.path}")
         error.status = 404
         return error.response()
+    except web.HTTPException:
+        raise
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return RegistryError("internal server error").response()
 
 
 async def add_api_version(request: web.Request, response: web.StreamResponse) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import bisect
+import re
 from urllib.parse import urlencode
 
 from aiohttp import web
 
 from .errors import PaginationNumberInvalid
+
+_COUNT = re.compile(r"[0-9]{1,9}")
 
 
 def paginate(request: web.Request, items: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -19,7 +22,7 @@ def paginate(request: web.Request, items: list[str]) -> tuple[list[str], dict[st
     raw_n = query.get("n")
     if raw_n is None or raw_n == "":
         return items, {}
-    if not raw_n.isdigit():
+    if not _COUNT.fullmatch(raw_n):
         raise PaginationNumberInvalid(f"n must be a non-negative integer, got {raw_n!r}")
     n = int(raw_n)
     if n == 0:

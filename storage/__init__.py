@@ -7,6 +7,7 @@ from .errors import (
     ManifestNotFound,
     ManifestReferenceUnknown,
     RangeMismatch,
+    RepositoryBusy,
     SizeMismatch,
     StorageError,
     TooLarge,
@@ -18,6 +19,6 @@ from .filesystem import FilesystemDriver
 __all__ = [
     "BlobContent", "StorageDriver", "UploadInfo", "FilesystemDriver",
     "StorageError", "BlobNotFound", "DigestMismatch", "ManifestNotFound", "ManifestReferenceUnknown", "RangeMismatch", "SizeMismatch",
-    "TooLarge", "UploadBusy", "UploadNotFound",
+    "TooLarge", "UploadBusy", "UploadNotFound", "RepositoryBusy",
 ]
 from . import manifests  # noqa: E402

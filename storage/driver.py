@@ -9,6 +9,7 @@ memory that another process serving the same store would need.
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterable, AsyncIterator
@@ -102,9 +103,18 @@ class StorageDriver(abc.ABC):
     async def remove_referrer(self, repository: str, subject: Digest, referrer: Digest) -> None: ...
 
     @abc.abstractmethod
-    async def list_referrers(self, repository: str, subject: Digest) -> list[dict]: ...
+    async def list_referrers(self, repository: str, subject: Digest) -> list[Digest]:
+        """Sorted digests of the manifests recorded as referring to `subject`."""
+
+    @abc.abstractmethod
+    async def read_referrer(self, repository: str, subject: Digest, referrer: Digest) -> dict | None: ...
 
     # -- repositories ---------------------------------------------------------------
+    @abc.abstractmethod
+    def repository_lock(self, repository: str) -> contextlib.AbstractAsyncContextManager:
+        """Held while a repository's manifests, tags or referrers change, across processes.
+        Raises RepositoryBusy when it cannot be had in reasonable time."""
+
     @abc.abstractmethod
     async def repository_exists(self, repository: str) -> bool: ...
 

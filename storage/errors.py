@@ -17,6 +17,10 @@ class UploadBusy(StorageError):
     """Another request holds the upload session."""
 
 
+class RepositoryBusy(StorageError):
+    """Another request held the repository's lock for too long."""
+
+
 class RangeMismatch(StorageError):
     """A chunk did not start where the session ends."""
 

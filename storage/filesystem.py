@@ -19,7 +19,16 @@ from ocispec.digest import Digest, InvalidDigest, new_hasher
 
 from . import atomic
 from .driver import BlobContent, ManifestLink, StorageDriver, UploadInfo
-from .errors import BlobNotFound, DigestMismatch, RangeMismatch, SizeMismatch, TooLarge, UploadBusy, UploadNotFound
+from .errors import (
+    BlobNotFound,
+    DigestMismatch,
+    RangeMismatch,
+    RepositoryBusy,
+    SizeMismatch,
+    TooLarge,
+    UploadBusy,
+    UploadNotFound,
+)
 from .layout import Layout, is_repository_dir, is_valid_upload_id
 
 # Received bytes are handed to a worker thread (write + hash) in batches of this size:
@@ -27,6 +36,7 @@ from .layout import Layout, is_repository_dir, is_valid_upload_id
 WRITE_BATCH = 1 << 20
 READ_CHUNK = 1 << 20
 LOCK_WAIT_SECONDS = 30.0
+MAX_CACHED_HASHES = 1024
 
 
 @dataclass
@@ -81,9 +91,13 @@ class FilesystemDriver(StorageDriver):
 
     async def read_small_blob(self, digest: Digest, limit: int) -> bytes:
         path = self.layout.blob(digest)
-        try:
+
+        def read() -> bytes:
             with open(path, "rb") as f:
-                data = f.read(limit + 1)
+                return f.read(limit + 1)
+
+        try:
+            data = await asyncio.to_thread(read)
         except FileNotFoundError:
             raise BlobNotFound(str(digest)) from None
         if len(data) > limit:
@@ -167,19 +181,36 @@ class FilesystemDriver(StorageDriver):
     async def remove_referrer(self, repository: str, subject: Digest, referrer: Digest) -> None:
         await asyncio.to_thread(atomic.remove, self.layout.referrer(repository, subject, referrer))
 
-    async def list_referrers(self, repository: str, subject: Digest) -> list[dict]:
-        directory = self.layout.referrers(repository, subject)
+    async def list_referrers(self, repository: str, subject: Digest) -> list[Digest]:
         try:
-            entries = sorted(os.listdir(directory))
+            entries = sorted(os.listdir(self.layout.referrers(repository, subject)))
         except FileNotFoundError:
             return []
-        descriptors = []
+        digests = []
         for entry in entries:
-            with contextlib.suppress(FileNotFoundError):
-                descriptors.append(json.loads((directory / entry).read_bytes()))
-        return descriptors
+            with contextlib.suppress(InvalidDigest):
+                digests.append(Digest.parse(entry.replace("-", ":", 1)))
+        return digests
+
+    async def read_referrer(self, repository: str, subject: Digest, referrer: Digest) -> dict | None:
+        try:
+            return json.loads(self.layout.referrer(repository, subject, referrer).read_bytes())
+        except FileNotFoundError:
+            return None
 
     # -- repositories ---------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def repository_lock(self, repository: str):
+        path = self.layout.repository_lock(repository)
+        atomic.make_dirs(path.parent)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if not await _flock(fd):
+                raise RepositoryBusy(repository)
+            yield
+        finally:
+            os.close(fd)
+
     async def repository_exists(self, repository: str) -> bool:
         return is_repository_dir(self.layout.repository(repository))
 
@@ -232,17 +263,8 @@ class FilesystemDriver(StorageDriver):
         except FileNotFoundError:
             raise UploadNotFound(uuid) from None
         try:
-            deadline = time.monotonic() + LOCK_WAIT_SECONDS
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise UploadBusy(uuid) from None
-                    await asyncio.sleep(0.01)
+            if not await _flock(fd):
+                raise UploadBusy(uuid)
             # The session may have been committed or cancelled while we waited.
             try:
                 same = os.stat(data_path).st_ino == os.fstat(fd).st_ino
@@ -267,12 +289,20 @@ class FilesystemDriver(StorageDriver):
             hasher = state.hasher if state is not None and state.offset == start else None
             try:
                 end = await _receive(fd, start, chunks, hasher, length, max_size)
+                # The client is told these bytes are stored; make it true before answering.
+                await _finish_in_thread(os.fsync, fd)
             except BaseException:
                 os.ftruncate(fd, start)
                 raise
             if hasher is not None:
-                self._hash_states[uuid] = _HashState(end, hasher)
+                self._remember_hash(uuid, _HashState(end, hasher))
             return UploadInfo(uuid, info.repository, end, info.started_at)
+
+    def _remember_hash(self, uuid: str, state: _HashState) -> None:
+        self._hash_states[uuid] = state
+        while len(self._hash_states) > MAX_CACHED_HASHES:
+            # Sessions finished by another process never come back here: forget the oldest.
+            self._hash_states.pop(next(iter(self._hash_states)))
 
     async def put_blob(self, repository: str, digest: Digest, chunks: AsyncIterable[bytes], *,
                        length: int | None = None, max_size: int | None = None) -> BlobContent:
@@ -338,16 +368,8 @@ class FilesystemDriver(StorageDriver):
     def _purge(self, older_than: float) -> int:
         purged = 0
         for entry in os.listdir(self.layout.uploads):
-            if not is_valid_upload_id(entry):
-                continue
-            info_path = self.layout.upload(entry) / "info"
-            try:
-                started = json.loads(info_path.read_bytes())["started_at"]
-            except (FileNotFoundError, ValueError, KeyError):
-                # Half-created or half-removed session: judge by the directory's age.
-                started = _mtime(self.layout.upload(entry))
-            if started < older_than:
-                self._remove_upload(entry)
+            if is_valid_upload_id(entry) and self._purge_session(entry, older_than):
+                self._hash_states.pop(entry, None)
                 purged += 1
         for entry in os.listdir(self.layout.tmp):
             path = self.layout.tmp / entry
@@ -355,6 +377,49 @@ class FilesystemDriver(StorageDriver):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         return purged
+
+    def _purge_session(self, uuid: str, older_than: float) -> bool:
+        """Remove a session idle since before `older_than`, unless a request holds it now."""
+        directory = self.layout.upload(uuid)
+        try:
+            fd = os.open(directory / "data", os.O_RDONLY)
+        except FileNotFoundError:
+            # Half-created or half-removed: judge by the directory's age.
+            if _mtime(directory) < older_than:
+                self._remove_upload(uuid)
+                return True
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # being written or committed right now
+            try:
+                info = json.loads((directory / "info").read_bytes())
+                started = info["started_at"]
+            except (FileNotFoundError, ValueError, KeyError):
+                started = 0.0
+            if max(started, os.fstat(fd).st_mtime) >= older_than:
+                return False
+            self._remove_upload(uuid)
+            return True
+        finally:
+            os.close(fd)
+
+
+async def _flock(fd: int) -> bool:
+    """Take an exclusive flock without blocking the event loop; False on time-out."""
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.005)
 
 
 async def _finish_in_thread(func, *args):

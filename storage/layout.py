@@ -10,6 +10,7 @@
       uploads/<uuid>/info                            {"repository", "started_at"}: the session exists
       uploads/<uuid>/data                            bytes received so far (its size is the session offset)
       tmp/                                           files being written, renamed into place once fsynced
+      locks/<sha256 of name>                         flock()ed while a repository's manifests or tags change
 
 Repository name components always start with [a-z0-9], so they never collide with the
 `_`-prefixed directories. Every function re-validates what it is handed, so no string from
@@ -18,6 +19,7 @@ a request can become a path without matching the spec's grammar first.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -38,6 +40,7 @@ class Layout:
         self.repositories = self.root / "repositories"
         self.uploads = self.root / "uploads"
         self.tmp = self.root / "tmp"
+        self.locks = self.root / "locks"
 
     def blob(self, digest: Digest) -> Path:
         _check_digest(digest)
@@ -47,6 +50,10 @@ class Layout:
         if not is_valid_name(name):
             raise ValueError(f"invalid repository name {name!r}")
         return self.repositories.joinpath(*name.split("/"))
+
+    def repository_lock(self, name: str) -> Path:
+        self.repository(name)  # validates
+        return self.locks / hashlib.sha256(name.encode()).hexdigest()
 
     def layer_link(self, name: str, digest: Digest) -> Path:
         _check_digest(digest)

@@ -1,12 +1,15 @@
 """Manifest operations of a repository: the rules that keep links consistent.
 
-Write order on push: manifest bytes -> revision link -> referrer entry -> tag. A crash
-between any two steps leaves at worst an unreferenced blob, never a tag without its
-manifest or a manifest whose blobs are missing (they are checked before anything is written).
+Write order on push: manifest bytes -> revision link -> referrer entry -> tag; on delete
+the reverse: referrer entry -> tags -> revision link. A crash between any two steps leaves
+at worst an unreferenced blob or manifest, never a tag or referrer entry naming a missing
+manifest, nor a manifest whose blobs are missing (they are checked before anything is
+written). Pushes and deletes of one repository hold its lock, so they never interleave.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from ocispec import mediatypes as mt
@@ -44,12 +47,13 @@ async def put_manifest(driver: StorageDriver, repository: str, data: bytes, cont
     await _check_references(driver, repository, manifest)
 
     await driver.put_small_blob(data, digest)
-    await driver.link_manifest(repository, digest, manifest.media_type)
-    if manifest.subject is not None:
-        await driver.add_referrer(repository, manifest.subject.digest,
-                                  referrer_descriptor(manifest, digest, len(data)))
-    for tag in tags:
-        await driver.set_tag(repository, tag, digest)
+    async with driver.repository_lock(repository):
+        await driver.link_manifest(repository, digest, manifest.media_type)
+        if manifest.subject is not None:
+            await driver.add_referrer(repository, manifest.subject.digest,
+                                      referrer_descriptor(manifest, digest, len(data)))
+        for tag in tags:
+            await driver.set_tag(repository, tag, digest)
     return digest, manifest
 
 
@@ -106,11 +110,35 @@ async def get_manifest(driver: StorageDriver, repository: str, reference: str | 
 
 async def delete_manifest(driver: StorageDriver, repository: str, digest: Digest, limit: int) -> None:
     """Remove a manifest from a repository, with the tags and referrer entry that name it."""
-    stored = await get_manifest(driver, repository, digest, limit)
-    for tag in await driver.list_tags(repository):
-        if await driver.resolve_tag(repository, tag) == digest:
-            await driver.delete_tag(repository, tag)
-    manifest = parse_manifest(stored.data, stored.media_type)
-    await driver.unlink_manifest(repository, digest)
-    if manifest.subject is not None:
-        await driver.remove_referrer(repository, manifest.subject.digest, digest)
+    async with driver.repository_lock(repository):
+        stored = await get_manifest(driver, repository, digest, limit)
+        manifest = parse_manifest(stored.data, stored.media_type)
+        if manifest.subject is not None:
+            await driver.remove_referrer(repository, manifest.subject.digest, digest)
+        for tag in await driver.list_tags(repository):
+            if await driver.resolve_tag(repository, tag) == digest:
+                await driver.delete_tag(repository, tag)
+        await driver.unlink_manifest(repository, digest)
+
+
+async def delete_tag(driver: StorageDriver, repository: str, tag: str) -> bool:
+    async with driver.repository_lock(repository):
+        return await driver.delete_tag(repository, tag)
+
+
+async def referrers(driver: StorageDriver, repository: str, subject: Digest, *, after: Digest | None,
+                    artifact_type: str | None, max_entries: int, max_bytes: int) -> tuple[list[dict], Digest | None]:
+    """One page of referrer descriptors, and the cursor for the next page (None at the end)."""
+    page: list[dict] = []
+    size = 0
+    for referrer in await driver.list_referrers(repository, subject):
+        if after is not None and referrer <= after:
+            continue
+        if len(page) >= max_entries or size >= max_bytes:
+            return page, Digest.parse(page[-1]["digest"])
+        descriptor = await driver.read_referrer(repository, subject, referrer)
+        if descriptor is None or (artifact_type is not None and descriptor.get("artifactType") != artifact_type):
+            continue
+        page.append(descriptor)
+        size += len(json.dumps(descriptor))
+    return page, None

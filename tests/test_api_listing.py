@@ -51,9 +51,10 @@ async def test_tags_last_and_n_zero(client):
     assert r.headers["Link"] == '</v2/app/tags/list?n=2&last=b>; rel="next"'
 
 
-async def test_tags_bad_n(client):
+@pytest.mark.parametrize("n", ["-1", "x", "%C2%B2", "9" * 5000])
+async def test_tags_bad_n(client, n):
     await tag_all(client, "app", ["a"])
-    r = await client.get("/v2/app/tags/list?n=-1")
+    r = await client.get(f"/v2/app/tags/list?n={n}")
     assert r.status == 400 and await error_code(r) == "PAGINATION_NUMBER_INVALID"
 
 
@@ -125,6 +126,28 @@ async def test_referrers(client):
     r = await client.get(f"/v2/app/referrers/{subject}?artifactType=application/vnd.example.sig")
     assert r.headers["OCI-Filters-Applied"] == "artifactType"
     assert [d["digest"] for d in (await r.json())["manifests"]] == [sig]
+
+
+async def test_referrers_paginate(client, monkeypatch):
+    import registry.referrers
+    monkeypatch.setattr(registry.referrers, "PAGE_ENTRIES", 2)
+    subject, manifest = await push_image(client, "app", "v1")
+    pushed = set()
+    for i in range(5):
+        digest, _ = await push_referrer(client, "app", subject, len(manifest), "application/vnd.example.sig",
+                                        annotations={"n": str(i)})
+        pushed.add(digest)
+    await push_referrer(client, "app", subject, len(manifest), "application/vnd.example.other")
+    seen, url = [], f"/v2/app/referrers/{subject}?artifactType=application/vnd.example.sig"
+    while url:
+        r = await client.get(url)
+        page = (await r.json())["manifests"]
+        assert 1 <= len(page) <= 2
+        assert r.headers["OCI-Filters-Applied"] == "artifactType"
+        seen += [d["digest"] for d in page]
+        link = r.headers.get("Link")
+        url = link[1:link.index(">")] if link else None
+    assert sorted(seen) == sorted(pushed) and len(seen) == 5
 
 
 async def test_referrer_pushed_before_its_subject(client):

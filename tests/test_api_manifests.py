@@ -110,7 +110,7 @@ async def test_index_with_missing_child(client):
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
         {"mediaType": OCI_MANIFEST, "digest": sha256(b"missing"), "size": 7}]}).encode()
     r = await put(client, "app", "latest", index, OCI_INDEX)
-    assert r.status == 404 and await error_code(r) == "MANIFEST_UNKNOWN"
+    assert r.status == 400 and await error_code(r) == "MANIFEST_UNKNOWN"
     assert (await client.get("/v2/app/manifests/latest")).status == 404
 
 

@@ -140,7 +140,7 @@ async def test_unknown_upload(client):
         r = await client.get(f"/v2/a/blobs/uploads/{uuid}")
         assert r.status == 404 and await error_code(r) == "BLOB_UPLOAD_UNKNOWN", uuid
         r = await client.patch(f"/v2/a/blobs/uploads/{uuid}", data=b"x")
-        assert r.status == 404, uuid
+        assert r.status == 404 and await error_code(r) == "BLOB_UPLOAD_UNKNOWN", uuid
 
 
 async def test_upload_is_bound_to_its_repository(client):

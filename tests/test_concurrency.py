@@ -56,3 +56,40 @@ def test_same_blob_and_tag_from_many_clients_on_two_processes(tmp_path):
     assert list((root / "uploads").iterdir()) == []
     result = fsck(root)
     assert result.returncode == 0, result.stdout
+
+
+async def push_and_delete(bases: list[str], rounds: int) -> None:
+    async with aiohttp.ClientSession() as session:
+        clients = [RegistryClient(session, bases[i % len(bases)]) for i in range(CLIENTS)]
+        config = await clients[0].push_blob("race/app", b"{}")
+        for n in range(rounds):
+            manifest = json.dumps({
+                "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+                "layers": [], "annotations": {"round": str(n)}}).encode()
+            await clients[0].push_manifest("race/app", "seed", manifest, OCI_MANIFEST)
+
+            async def delete(client):
+                async with session.delete(client.url(f"/v2/race/app/manifests/{sha256(manifest)}")) as r:
+                    assert r.status in (202, 404), await r.text()
+
+            await asyncio.gather(*[
+                client.push_manifest("race/app", f"t{n}-{i}", manifest, OCI_MANIFEST) if i % 3 else delete(client)
+                for i, client in enumerate(clients)])
+        async with session.get(f"{bases[0]}/v2/race/app/tags/list") as r:
+            tags = (await r.json())["tags"]
+        for tag in tags:
+            async with session.head(f"{bases[1]}/v2/race/app/manifests/{tag}") as r:
+                assert r.status == 200, f"tag {tag} survived its manifest's delete"
+
+
+def test_pushes_racing_deletes_never_leave_a_dangling_tag(tmp_path):
+    root = tmp_path / "store"
+    servers = [start_kura(root), start_kura(root)]
+    try:
+        asyncio.run(push_and_delete([s.url for s in servers], rounds=20))
+    finally:
+        for server in servers:
+            stop(server)
+    result = fsck(root)
+    assert result.returncode == 0, result.stdout

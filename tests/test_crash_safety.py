@@ -63,6 +63,15 @@ async def worker(base: str, number: int, rng: random.Random, acknowledged: dict)
                                        headers={"Content-Type": OCI_MANIFEST}) as r:
                     assert r.status == 201, await r.text()
             acknowledged[(repo, tag)] = sha256(manifest)
+            if rng.random() < 0.25:
+                # Delete one of this worker's manifests. Its tags are in doubt from the moment
+                # the request leaves: a kill may land before or after the delete.
+                mine = [key for key in acknowledged if key[0] == repo and key[1].startswith(f"t{number}-")]
+                victim = acknowledged[rng.choice(mine)]
+                for key in [k for k, d in acknowledged.items() if d == victim]:
+                    del acknowledged[key]
+                async with session.delete(f"{base}/v2/{repo}/manifests/{victim}") as r:
+                    assert r.status == 202, await r.text()
 
 
 async def run_until_killed(base: str, pid: int, delay: float, seed: int, acknowledged: dict) -> None:
