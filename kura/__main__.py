@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import sys
 
-SERVER_COMMANDS = ("serve", "fsck")
+SERVER_COMMANDS = ("serve", "fsck", "user")
 
 USAGE = """usage: kura COMMAND [ARGS]
 
 server commands:
   serve     run the registry (kura serve --help)
   fsck      verify a store: re-hash blobs, check every link
+  user      add or remove accounts (kura user add NAME)
 """
 
 

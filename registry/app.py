@@ -6,11 +6,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 
 from aiohttp import web
 
 from storage import FilesystemDriver, StorageDriver
 
+from .auth import issuer
+from .auth.controller import AUTH, auth_middleware
+from .auth.controller import build as build_auth
 from .config import Config
 from .context import CONFIG, STORAGE
 from .middlewares import add_api_version, error_middleware
@@ -23,12 +27,15 @@ CLIENT_MAX_SIZE = 1 << 20
 
 
 def make_app(config: Config, driver: StorageDriver | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=CLIENT_MAX_SIZE)
     app[CONFIG] = config
     app[STORAGE] = driver or FilesystemDriver(config.root)
+    app[AUTH] = auth = build_auth(config.auth, Path(config.root))
     app.on_response_prepare.append(add_api_version)
     app.cleanup_ctx.append(_upload_purger)
     setup_routes(app)
+    if auth.signing_key is not None:
+        issuer.setup_routes(app)
     return app
 
 

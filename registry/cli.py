@@ -19,10 +19,22 @@ def main(argv: list[str]) -> int:
     serve.add_argument("--config", type=Path, help="TOML configuration file")
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:5000)")
     serve.add_argument("--root", type=Path, help="storage root directory (default ./data)")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="allow auth mode 'none' on an address other than loopback")
 
     check = commands.add_parser("fsck", help="verify a store: re-hash blobs, check every link")
     check.add_argument("--root", type=Path, help="storage root directory (default ./data)")
     check.add_argument("--config", type=Path, help="read the storage root from this config")
+
+    user = commands.add_parser("user", help="manage accounts in the htpasswd file (bcrypt)")
+    user_commands = user.add_subparsers(dest="action", required=True)
+    for action, text in (("add", "add a user or change their password (read from a prompt or stdin)"),
+                         ("remove", "remove a user")):
+        sub = user_commands.add_parser(action, help=text)
+        sub.add_argument("name")
+        sub.add_argument("--file", type=Path, help="htpasswd file (default: auth.htpasswd, else <root>/auth/htpasswd)")
+        sub.add_argument("--config", type=Path, help="server config naming the file")
+        sub.add_argument("--root", type=Path, help="storage root (default ./data)")
 
     args = parser.parse_args(argv)
     try:
@@ -31,8 +43,60 @@ def main(argv: list[str]) -> int:
         print(f"kura: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
+        if config.auth.mode == "none" and not _is_loopback(config.host) and not args.insecure_no_auth:
+            print(f"kura: refusing to serve {config.listen} without authentication: anyone who can reach it "
+                  "could push and delete. Set [auth] mode, or pass --insecure-no-auth.", file=sys.stderr)
+            return 2
         return _serve(config)
+    if args.command == "user":
+        return _user(args, config)
     return _fsck(config.root)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _user(args, config) -> int:
+    from .auth import htpasswd
+
+    path = args.file or config.auth.htpasswd_path(config.root)
+    try:
+        if args.action == "remove":
+            if not htpasswd.remove_user(path, args.name):
+                print(f"kura: no user {args.name!r} in {path}", file=sys.stderr)
+                return 1
+            print(f"removed {args.name} from {path}")
+            return 0
+        password = _read_password()
+        existed = htpasswd.set_user(path, args.name, password)
+    except (htpasswd.HtpasswdError, OSError) as exc:
+        print(f"kura: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'updated' if existed else 'added'} {args.name} in {path}")
+    return 0
+
+
+def _read_password() -> str:
+    import getpass
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise _mismatch()
+        return password
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _mismatch():
+    from .auth.htpasswd import HtpasswdError
+    return HtpasswdError("the passwords do not match")
 
 
 def _serve(config) -> int:

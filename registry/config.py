@@ -6,6 +6,10 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from .auth.config import AuthConfig
+from .auth.config import ConfigError as AuthConfigError
+from .auth.config import parse as parse_auth
+
 MIB = 1 << 20
 MAX_MANIFEST_LIMIT = 64 * MIB  # storage.manifests.READ_LIMIT: what can be pushed can be read back
 
@@ -28,8 +32,7 @@ class Config:
     tls_key: Path | None = None
     log_level: str = "info"
     access_log: bool = True
-    extra: dict = field(default_factory=dict)
-    """Sections other components own (e.g. [auth]); kept verbatim."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
     def host(self) -> str:
@@ -55,7 +58,6 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("log", "level"): ("log_level", str),
     ("log", "access_log"): ("access_log", bool),
 }
-_OTHER_SECTIONS = {"auth"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -69,7 +71,7 @@ def split_listen(listen: str) -> tuple[str, int]:
 def load(path: Path | None = None, **overrides) -> Config:
     """Defaults, then the TOML file at `path`, then non-None `overrides` (command-line flags)."""
     values: dict = {}
-    extra: dict = {}
+    auth_section: dict = {}
     if path is not None:
         try:
             document = tomllib.loads(Path(path).read_text())
@@ -78,8 +80,8 @@ def load(path: Path | None = None, **overrides) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         for section, table in document.items():
-            if section in _OTHER_SECTIONS:
-                extra[section] = table
+            if section == "auth":
+                auth_section = table
                 continue
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
@@ -100,7 +102,11 @@ def load(path: Path | None = None, **overrides) -> Config:
             values[name] = Path(values[name])
         elif name in values:
             values[name] = None if name != "root" else Config.root
-    config = replace(Config(), extra=extra, **values)
+    try:
+        values["auth"] = parse_auth(auth_section)
+    except AuthConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    config = replace(Config(), **values)
     _validate(config)
     return config
 

@@ -8,6 +8,7 @@ from ocispec.digest import Digest, InvalidDigest
 from ocispec.names import is_valid_name, is_valid_tag
 from storage import StorageDriver
 
+from .auth.controller import grant
 from .config import Config
 from .errors import DigestInvalid, NameInvalid, TagInvalid
 
@@ -21,6 +22,11 @@ def storage(request: web.Request) -> StorageDriver:
 
 def config(request: web.Request) -> Config:
     return request.app[CONFIG]
+
+
+def principal(request: web.Request) -> str | None:
+    """The signed-in user of this request, None when anonymous or without auth."""
+    return grant(request).user
 
 
 def repository(request: web.Request) -> str:

@@ -11,7 +11,8 @@ from ocispec.digest import Digest
 from ocispec.names import is_valid_name
 from storage import UploadInfo, UploadNotFound
 
-from .context import config, parse_digest, range_header, repository, storage
+from .auth.controller import grant
+from .context import config, parse_digest, principal, range_header, repository, storage
 from .errors import BlobUploadInvalid, BlobUploadUnknown, SizeInvalid
 
 _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
@@ -64,7 +65,7 @@ async def _session(request: web.Request) -> UploadInfo:
         upload = await storage(request).get_upload(uuid)
     except UploadNotFound:
         raise BlobUploadUnknown(detail={"uuid": uuid}) from None
-    if upload.repository != repository(request):
+    if upload.repository != repository(request) or upload.owner != principal(request):
         raise BlobUploadUnknown(detail={"uuid": uuid})
     return upload
 
@@ -85,7 +86,7 @@ async def start_upload(request: web.Request) -> web.Response:
                              max_size=_max_size(request))
         return _committed(name, digest)
 
-    upload = await store.create_upload(name)
+    upload = await store.create_upload(name, owner=principal(request))
     headers = _session_headers(upload)
     if config(request).chunk_min_length:
         headers["OCI-Chunk-Min-Length"] = str(config(request).chunk_min_length)
@@ -95,12 +96,14 @@ async def start_upload(request: web.Request) -> web.Response:
 async def _mount(request: web.Request, name: str, digest: Digest, source: str | None) -> bool:
     """Link an existing blob into `name`; False when it cannot (the caller starts an upload)."""
     store = storage(request)
+    caller = grant(request)
     if await store.stat_blob(digest) is None:
         return False
     if source is not None:
-        if not is_valid_name(source) or not await store.is_blob_linked(source, digest):
+        if not is_valid_name(source) or not caller.can("repository", source, "pull") \
+                or not await store.is_blob_linked(source, digest):
             return False
-    elif not await store.repositories_linking_blob(digest):
+    elif not any(caller.can("repository", other, "pull") for other in await store.repositories_linking_blob(digest)):
         return False
     await store.link_blob(name, digest)
     return True

@@ -31,6 +31,8 @@ class UploadInfo:
     repository: str
     size: int
     started_at: float
+    owner: str | None = None
+    """Who started the session; only they may continue it."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ class StorageDriver(abc.ABC):
 
     # -- upload sessions ------------------------------------------------------------
     @abc.abstractmethod
-    async def create_upload(self, repository: str) -> UploadInfo: ...
+    async def create_upload(self, repository: str, owner: str | None = None) -> UploadInfo: ...
 
     @abc.abstractmethod
     async def get_upload(self, uuid: str) -> UploadInfo:

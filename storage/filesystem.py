@@ -228,18 +228,18 @@ class FilesystemDriver(StorageDriver):
         return sorted(names)
 
     # -- upload sessions ------------------------------------------------------------
-    async def create_upload(self, repository: str) -> UploadInfo:
+    async def create_upload(self, repository: str, owner: str | None = None) -> UploadInfo:
         self.layout.repository(repository)  # validates the name
         uuid = str(uuidlib.uuid4())
         started = time.time()
-        await asyncio.to_thread(self._create_upload, uuid, repository, started)
-        return UploadInfo(uuid, repository, 0, started)
+        await asyncio.to_thread(self._create_upload, uuid, repository, started, owner)
+        return UploadInfo(uuid, repository, 0, started, owner)
 
-    def _create_upload(self, uuid: str, repository: str, started: float) -> None:
+    def _create_upload(self, uuid: str, repository: str, started: float, owner: str | None) -> None:
         directory = self.layout.upload(uuid)
         atomic.make_dirs(directory)
         (directory / "data").touch()
-        info = json.dumps({"repository": repository, "started_at": started}).encode()
+        info = json.dumps({"repository": repository, "started_at": started, "owner": owner}).encode()
         atomic.atomic_write(directory / "info", info, self.layout.tmp)
 
     async def get_upload(self, uuid: str) -> UploadInfo:
@@ -251,7 +251,7 @@ class FilesystemDriver(StorageDriver):
             size = (directory / "data").stat().st_size
         except (FileNotFoundError, NotADirectoryError):
             raise UploadNotFound(uuid) from None
-        return UploadInfo(uuid, info["repository"], size, info["started_at"])
+        return UploadInfo(uuid, info["repository"], size, info["started_at"], info.get("owner"))
 
     @contextlib.asynccontextmanager
     async def _locked_upload(self, uuid: str):
@@ -296,7 +296,7 @@ class FilesystemDriver(StorageDriver):
                 raise
             if hasher is not None:
                 self._remember_hash(uuid, _HashState(end, hasher))
-            return UploadInfo(uuid, info.repository, end, info.started_at)
+            return UploadInfo(uuid, info.repository, end, info.started_at, info.owner)
 
     def _remember_hash(self, uuid: str, state: _HashState) -> None:
         self._hash_states[uuid] = state

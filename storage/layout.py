@@ -7,7 +7,7 @@
         _manifests/revisions/<alg>/<hex>             a manifest of this repository: {"digest", "mediaType"}
         _manifests/tags/<tag>                        the digest the tag points at
         _referrers/<alg>/<subject hex>/<alg>-<hex>   descriptor of a manifest whose `subject` is that digest
-      uploads/<uuid>/info                            {"repository", "started_at"}: the session exists
+      uploads/<uuid>/info                            {"repository", "started_at", "owner"}: the session exists
       uploads/<uuid>/data                            bytes received so far (its size is the session offset)
       tmp/                                           files being written, renamed into place once fsynced
       locks/<sha256 of name>                         flock()ed while a repository's manifests or tags change

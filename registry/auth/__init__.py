@@ -1,0 +1,1 @@
+"""Authentication and authorization: htpasswd accounts, a Docker token issuer, access rules."""

@@ -1,0 +1,224 @@
+"""Access control for registry requests: none, htpasswd (Basic) or token (Bearer)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from ..errors import Denied, RegistryError, TooManyRequests, Unauthorized
+from . import jwt
+from .config import AuthConfig
+from .htpasswd import Htpasswd
+from .keys import SigningKey, load_or_create, load_trusted_keys
+from .ratelimit import LoginLimiter
+from .rules import AccessRules
+from .scopes import Access, required_access
+
+log = logging.getLogger("kura.auth")
+
+
+class Grant:
+    """What the caller of one request may do."""
+    user = None  # the signed-in user, None when anonymous
+
+    def can(self, resource_type: str, name: str, action: str) -> bool:
+        raise NotImplementedError
+
+    def may_list(self, repository: str) -> bool:
+        """Whether the repository shows in the catalog for this caller."""
+        return self.can("repository", repository, "pull")
+
+
+class Everything(Grant):
+    def can(self, resource_type: str, name: str, action: str) -> bool:
+        return True
+
+
+@dataclass
+class RulesGrant(Grant):
+    rules: AccessRules
+    user: str | None
+
+    def can(self, resource_type: str, name: str, action: str) -> bool:
+        return bool(self.rules.allowed(self.user, resource_type, name, {action}))
+
+
+@dataclass
+class TokenGrant(Grant):
+    access: list[dict]
+    rules: AccessRules | None  # our own issuer's rules, to filter the catalog by identity
+    user: str | None
+
+    def can(self, resource_type: str, name: str, action: str) -> bool:
+        for entry in self.access:
+            if entry.get("type") == resource_type and entry.get("name") == name:
+                actions = entry.get("actions") or []
+                if action in actions or "*" in actions:
+                    return True
+        return False
+
+    def may_list(self, repository: str) -> bool:
+        if self.rules is None:
+            return True  # an external issuer granted the catalog; we know no finer rules
+        return bool(self.rules.allowed(self.user, "repository", repository, {"pull"}))
+
+
+def _covers(grant: Grant, needed: list[Access]) -> bool:
+    return all(grant.can(a.type, a.name, action) for a in needed for action in a.actions)
+
+
+def _detail(needed: list[Access]) -> list[dict]:
+    return [{"Type": a.type, "Name": a.name, "Action": action} for a in needed for action in sorted(a.actions)]
+
+
+def public_base(request: web.Request) -> str:
+    """The URL clients reach us at, as a reverse proxy tells it (X-Forwarded-*)."""
+    proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
+    host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
+    prefix = request.headers.get("X-Forwarded-Prefix", "").rstrip("/")
+    return f"{proto}://{host}{prefix}"
+
+
+class Credentials:
+    """Checks Basic credentials against the htpasswd file, with failed-login slow-down."""
+
+    def __init__(self, htpasswd: Htpasswd, limiter: LoginLimiter):
+        self.htpasswd = htpasswd
+        self.limiter = limiter
+
+    async def check_basic(self, request: web.Request, header: str, challenge: dict[str, str]) -> str:
+        """The user named by a `Basic ...` header; raises 401 or 429."""
+        address = request.remote or "unknown"
+        wait = self.limiter.retry_after(address)
+        if wait:
+            raise TooManyRequests("too many failed logins; try again later", headers={"Retry-After": str(wait)})
+        try:
+            decoded = base64.b64decode(header.split(" ", 1)[1].strip(), validate=True).decode()
+            user, sep, password = decoded.partition(":")
+        except (IndexError, binascii.Error, UnicodeDecodeError):
+            user, sep, password = "", "", ""
+        if sep and user and await self.check(address, user, password):
+            return user
+        raise Unauthorized("invalid username or password", headers=challenge)
+
+    async def check(self, address: str, user: str, password: str) -> bool:
+        if await self.htpasswd.check(user, password):
+            self.limiter.succeeded(address)
+            return True
+        self.limiter.failed(address)
+        log.info("failed login for user %r from %s", user, address)
+        return False
+
+
+class Controller:
+    async def authorize(self, request: web.Request, needed: list[Access]) -> Grant:
+        raise NotImplementedError
+
+
+class NoAuth(Controller):
+    async def authorize(self, request: web.Request, needed: list[Access]) -> Grant:
+        return Everything()
+
+
+class BasicAuth(Controller):
+    def __init__(self, credentials: Credentials, rules: AccessRules, realm: str = "kura"):
+        self.credentials = credentials
+        self.rules = rules
+        self.challenge = {"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'}
+
+    async def authorize(self, request: web.Request, needed: list[Access]) -> Grant:
+        header = request.headers.get("Authorization", "")
+        user = None
+        if header[:6].lower() == "basic ":
+            user = await self.credentials.check_basic(request, header, self.challenge)
+        grant = RulesGrant(self.rules, user)
+        if user is None and (not needed or not _covers(grant, needed)):
+            raise Unauthorized(detail=_detail(needed), headers=self.challenge)
+        if not _covers(grant, needed):
+            raise Denied(detail=_detail(needed))
+        return grant
+
+
+class TokenAuth(Controller):
+    def __init__(self, public_keys: dict, service: str, issuer: str, realm: str | None,
+                 rules: AccessRules | None):
+        self.public_keys = public_keys
+        self.service = service
+        self.issuer = issuer
+        self.realm = realm
+        self.rules = rules
+
+    def challenge(self, request: web.Request, needed: list[Access], error: str | None = None) -> dict[str, str]:
+        realm = self.realm or f"{public_base(request)}/auth/token"
+        value = f'Bearer realm="{realm}",service="{self.service}"'
+        if needed:
+            value += f',scope="{" ".join(a.scope() for a in needed)}"'
+        if error:
+            value += f',error="{error}"'
+        return {"WWW-Authenticate": value}
+
+    async def authorize(self, request: web.Request, needed: list[Access]) -> Grant:
+        header = request.headers.get("Authorization", "")
+        if header[:7].lower() != "bearer ":
+            raise Unauthorized(detail=_detail(needed), headers=self.challenge(request, needed))
+        try:
+            claims = jwt.verify(header[7:].strip(), self.public_keys, audience=self.service, issuer=self.issuer)
+        except jwt.TokenError as exc:
+            raise Unauthorized(f"invalid token: {exc}",
+                               headers=self.challenge(request, needed, "invalid_token")) from None
+        access = claims.get("access") if isinstance(claims.get("access"), list) else []
+        grant = TokenGrant([a for a in access if isinstance(a, dict)], self.rules, claims.get("sub") or None)
+        if not _covers(grant, needed):
+            raise Unauthorized("the token does not grant this access", detail=_detail(needed),
+                               headers=self.challenge(request, needed, "insufficient_scope"))
+        return grant
+
+
+@dataclass
+class AuthState:
+    controller: Controller
+    credentials: Credentials | None = None
+    signing_key: SigningKey | None = None
+    config: AuthConfig | None = None
+
+
+def build(config: AuthConfig, root: Path) -> AuthState:
+    if config.mode == "none":
+        return AuthState(NoAuth(), config=config)
+    limiter = LoginLimiter(config.login_attempts, config.login_window_seconds)
+    credentials = Credentials(Htpasswd(config.htpasswd_path(root)), limiter)
+    if config.mode == "htpasswd":
+        return AuthState(BasicAuth(credentials, config.rules), credentials, config=config)
+    if config.external is not None:
+        ext = config.external
+        keys = load_trusted_keys(ext.certificate, ext.jwks)
+        if not keys:
+            raise ValueError("auth.external: no usable public key found")
+        return AuthState(TokenAuth(keys, ext.service, ext.issuer, ext.realm, None), config=config)
+    key_path, cert_path = config.key_paths(root)
+    signing_key = load_or_create(key_path, cert_path, config.algorithm, config.issuer)
+    controller = TokenAuth(signing_key.public_keys, config.service, config.issuer, config.realm, config.rules)
+    return AuthState(controller, credentials, signing_key, config)
+
+
+AUTH = web.AppKey("auth", AuthState)
+GRANT = web.RequestKey("grant", Grant)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
+    if not request.path.startswith("/v2"):
+        return await handler(request)
+    request[GRANT] = await request.app[AUTH].controller.authorize(request, required_access(request))
+    return await handler(request)
+
+
+def grant(request: web.Request) -> Grant:
+    return request[GRANT]  # set for every /v2 request; a missing grant must fail closed
+
+

@@ -1,0 +1,62 @@
+"""Docker token-auth scopes (`repository:library/redis:pull,push`) and what a request needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+
+@dataclass(frozen=True)
+class Access:
+    type: str  # "repository" or "registry"
+    name: str
+    actions: frozenset[str]
+
+    def scope(self) -> str:
+        return f"{self.type}:{self.name}:{','.join(sorted(self.actions))}"
+
+    def claim(self) -> dict:
+        return {"type": self.type, "name": self.name, "actions": sorted(self.actions)}
+
+
+CATALOG = Access("registry", "catalog", frozenset({"*"}))
+
+
+def parse_scope(text: str) -> Access | None:
+    """`type[(class)]:name:actions`; the name may itself hold colons. None when malformed."""
+    resource_type, sep, rest = text.partition(":")
+    name, sep2, actions = rest.rpartition(":")
+    if not sep or not sep2 or not name or not resource_type:
+        return None
+    resource_type = resource_type.split("(", 1)[0]
+    return Access(resource_type, name, frozenset(a for a in actions.split(",") if a))
+
+
+def parse_scopes(values: list[str]) -> list[Access]:
+    """Scopes from repeated `scope=` parameters, each possibly space-separated (OAuth2 form)."""
+    merged: dict[tuple[str, str], set[str]] = {}
+    for value in values:
+        for text in value.split():
+            access = parse_scope(text)
+            if access is not None:
+                merged.setdefault((access.type, access.name), set()).update(access.actions)
+    return [Access(t, n, frozenset(a)) for (t, n), a in merged.items()]
+
+
+def required_access(request: web.Request) -> list[Access]:
+    """What this registry request needs; [] for the `/v2/` check (authentication only)."""
+    if request.path.rstrip("/") == "/v2":
+        return []
+    if request.path == "/v2/_catalog":
+        return [CATALOG]
+    name = request.match_info.get("name")
+    if name is None:
+        return []
+    if request.method in ("GET", "HEAD"):
+        actions = {"pull"}
+    elif request.method == "DELETE" and "/blobs/uploads/" not in request.path:
+        actions = {"delete"}
+    else:
+        actions = {"pull", "push"}
+    return [Access("repository", name, frozenset(actions))]
