@@ -68,3 +68,28 @@ def test_default_rules():
 def test_invalid_sections(section, message):
     with pytest.raises(ConfigError, match=message):
         parse(section)
+
+
+def test_trusted_keys_from_certificate_and_jwks(tmp_path):
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from registry.auth import jwt
+    from registry.auth.keys import load_or_create, load_trusted_keys
+
+    signing = load_or_create(tmp_path / "k.pem", tmp_path / "c.pem", "ES256", "kura")
+    assert oct((tmp_path / "k.pem").stat().st_mode & 0o777) == "0o600"
+    again = load_or_create(tmp_path / "k.pem", tmp_path / "c.pem", "ES256", "kura")
+    assert again.kid == signing.kid  # created once, then reused
+    from_cert = load_trusted_keys(tmp_path / "c.pem", None)
+    assert list(from_cert) == [signing.kid]
+
+    other = ec.generate_private_key(ec.SECP256R1())
+    numbers = other.public_key().public_numbers()
+    jwks = {"keys": [{"kty": "EC", "crv": "P-256", "kid": "other-key",
+                      "x": jwt.b64url(numbers.x.to_bytes(32, "big")), "y": jwt.b64url(numbers.y.to_bytes(32, "big"))}]}
+    (tmp_path / "jwks.json").write_text(json.dumps(jwks))
+    keys = load_trusted_keys(None, tmp_path / "jwks.json")
+    token = jwt.sign({"iss": "i", "aud": "s", "exp": 2_000_000_000}, other, kid="other-key")
+    assert jwt.verify(token, keys, audience="s", issuer="i", now=1_900_000_000)["iss"] == "i"

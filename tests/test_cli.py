@@ -60,3 +60,41 @@ def test_client_commands_do_not_load_the_server():
             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('registry', 'storage', 'aiohttp')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_user_add_and_remove(tmp_path):
+    from registry.auth.htpasswd import Htpasswd
+    import asyncio
+
+    path = tmp_path / "htpasswd"
+    result = kura("user", "add", "alice", "--file", str(path), input="first-password\n")
+    assert result.returncode == 0 and "added alice" in result.stdout
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert path.read_text().startswith("alice:$2b$")
+    result = kura("user", "add", "alice", "--file", str(path), input="second-password\n")
+    assert "updated alice" in result.stdout
+    assert asyncio.run(Htpasswd(path).check("alice", "second-password"))
+    assert not asyncio.run(Htpasswd(path).check("alice", "first-password"))
+    assert kura("user", "remove", "alice", "--file", str(path)).returncode == 0
+    assert not Htpasswd(path).exists("alice")
+    result = kura("user", "remove", "alice", "--file", str(path))
+    assert result.returncode == 1 and "no user" in result.stderr
+    result = kura("user", "add", "bad:name", "--file", str(path), input="x\n")
+    assert result.returncode == 1 and "invalid user name" in result.stderr
+
+
+def test_htpasswd_from_apache_tools_is_accepted(tmp_path):
+    import asyncio
+    import shutil
+
+    from registry.auth.htpasswd import Htpasswd
+    assert shutil.which("htpasswd"), "apache2-utils is installed by make test"
+    path = tmp_path / "htpasswd"
+    subprocess.run(["htpasswd", "-cbB", "-C", "5", str(path), "dave", "dave-pw"], check=True, capture_output=True)
+    assert asyncio.run(Htpasswd(path).check("dave", "dave-pw"))
+    assert not asyncio.run(Htpasswd(path).check("dave", "wrong"))
+
+
+def test_no_auth_refused_off_loopback(tmp_path):
+    result = kura("serve", "--listen", "0.0.0.0:5999", "--root", str(tmp_path))
+    assert result.returncode == 2 and "--insecure-no-auth" in result.stderr

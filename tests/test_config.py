@@ -57,3 +57,22 @@ def test_invalid_files(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "nope.toml")
+
+
+def test_example_auth_section_parses():
+    """The commented worked example in config.example.toml is valid and means what it says."""
+    import re
+    import tomllib
+
+    from registry.auth.config import parse
+    text = (Path(__file__).parents[1] / "config.example.toml").read_text()
+    block = re.search(r"# BEGIN AUTH EXAMPLE\n(.*)# END AUTH EXAMPLE", text, re.S).group(1)
+    example = tomllib.loads("\n".join(line[2:] for line in block.splitlines()))
+    external = example["auth"].pop("external")
+    assert set(external) == {"realm", "service", "issuer", "certificate", "jwks"}
+    auth = parse({"mode": "token", **example["auth"]})
+    rules = auth.rules
+    assert rules.allowed("bob", "repository", "team/app", {"pull", "push", "delete"}) == {"pull", "push"}
+    assert rules.allowed("alice", "repository", "team/app", {"delete"}) == {"delete"}
+    assert rules.allowed(None, "repository", "public/x", {"pull", "push"}) == {"pull"}
+    assert rules.allowed("bob", "registry", "catalog", {"*"}) == {"*"}

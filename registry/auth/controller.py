@@ -91,19 +91,24 @@ class Credentials:
         self.htpasswd = htpasswd
         self.limiter = limiter
 
-    async def check_basic(self, request: web.Request, header: str, challenge: dict[str, str]) -> str:
-        """The user named by a `Basic ...` header; raises 401 or 429."""
-        address = request.remote or "unknown"
-        wait = self.limiter.retry_after(address)
-        if wait:
-            raise TooManyRequests("too many failed logins; try again later", headers={"Retry-After": str(wait)})
+    async def check_basic(self, request: web.Request, header: str, challenge: dict[str, str]) -> str | None:
+        """The user named by a `Basic ...` header (None for empty credentials, which some
+        clients send when they have none); raises 401 or 429."""
         try:
             decoded = base64.b64decode(header.split(" ", 1)[1].strip(), validate=True).decode()
             user, sep, password = decoded.partition(":")
         except (IndexError, binascii.Error, UnicodeDecodeError):
-            user, sep, password = "", "", ""
+            user, sep, password = "", "", "invalid"
+        if not user and not password:
+            return None
+        address = request.remote or "unknown"
+        wait = self.limiter.retry_after(address)
+        if wait:
+            raise TooManyRequests("too many failed logins; try again later", headers={"Retry-After": str(wait)})
         if sep and user and await self.check(address, user, password):
             return user
+        if not (sep and user):
+            self.limiter.failed(address)
         raise Unauthorized("invalid username or password", headers=challenge)
 
     async def check(self, address: str, user: str, password: str) -> bool:

@@ -59,7 +59,7 @@ def start_kura(root: Path, port: int | None = None, *args: str, log: Path | None
         cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     log_file.close()
-    wait_until_up(f"http://127.0.0.1:{port}/v2/", process)
+    wait_for_challenge(f"http://127.0.0.1:{port}/v2/", process)
     return Server("kura", f"127.0.0.1:{port}", root, process)
 
 
@@ -75,10 +75,16 @@ def stop(server: Server, sig: int = signal.SIGTERM) -> None:
             server.process.wait()
 
 
+def _distribution_env() -> dict[str, str]:
+    # distribution reads REGISTRY_* variables as config overrides (REGISTRY_AUTH_FILE, set
+    # for skopeo, would become auth.file): keep them away from it.
+    return {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+
+
 def start_distribution(workdir: Path) -> Server:
     """The reference registry (CNCF distribution) via shared/tools/peer-registry.sh."""
     port = free_port()
-    env = dict(os.environ, LOGLEVEL="error")
+    env = dict(_distribution_env(), LOGLEVEL="error")
     subprocess.run(["bash", str(PEER_REGISTRY_SCRIPT), str(port), str(workdir)], check=True,
                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
     return Server("distribution", f"127.0.0.1:{port}", workdir / "storage", extra={"workdir": workdir})
@@ -87,3 +93,53 @@ def start_distribution(workdir: Path) -> Server:
 def stop_distribution(server: Server) -> None:
     subprocess.run(["bash", str(PEER_REGISTRY_SCRIPT), "--stop", str(server.extra["workdir"])],
                    check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+
+
+def start_distribution_trusting(workdir: Path, realm: str, service: str, issuer: str, bundle: Path) -> Server:
+    """The reference registry configured with `auth.token`, trusting tokens from `issuer`."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "config.yml"
+    config.write_text(f"""version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {workdir / 'storage'}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+auth:
+  token:
+    realm: {realm}
+    service: {service}
+    issuer: {issuer}
+    rootcertbundle: {bundle}
+""")
+    log = open(workdir / "registry.log", "ab")
+    process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, env=_distribution_env())
+    log.close()
+    wait_for_challenge(f"http://127.0.0.1:{port}/v2/", process)
+    return Server("distribution", f"127.0.0.1:{port}", workdir / "storage", process)
+
+
+def wait_for_challenge(url: str, process: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Wait until a registry with auth answers `GET /v2/` (with 401)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
