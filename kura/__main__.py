@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 SERVER_COMMANDS = ("serve", "fsck", "user")
+CLIENT_COMMANDS = ("pull", "images", "rmi")
 
 USAGE = """usage: kura COMMAND [ARGS]
 
@@ -15,6 +16,11 @@ server commands:
   serve     run the registry (kura serve --help)
   fsck      verify a store: re-hash blobs, check every link
   user      add or remove accounts (kura user add NAME)
+
+client commands:
+  pull      pull an image into the local store (kura pull redis)
+  images    list images in the local store
+  rmi       remove an image from the local store
 """
 
 
@@ -26,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in SERVER_COMMANDS:
         from registry.cli import main as server_main
         return server_main(argv)
+    if argv[0] in CLIENT_COMMANDS:
+        from puller.cli import main as client_main
+        return client_main(argv)
     print(f"kura: unknown command {argv[0]!r}\n{USAGE}", end="", file=sys.stderr)
     return 2
 

@@ -1,0 +1,126 @@
+"""The client's commands: `kura pull`, `kura images`, `kura rmi`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ocispec.reference import InvalidReference, Reference
+
+from . import credentials as creds
+from .export import export_oci, parse_oci_target
+from .platform import Platform
+from .progress import for_terminal
+from .pull import PullOptions, pull
+from .registries import Registries, RegistriesConfError
+from .store import Store, StoreError, default_store
+from .transport import RegistryError
+
+COMMANDS = ("pull", "images", "rmi")
+
+
+def _store_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, default=None,
+                        help="local image store (default $XDG_DATA_HOME/kura/store)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kura")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("pull", help="pull an image into the local store",
+                            description="Pull an image, verifying every byte. Example: kura pull redis:7",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("reference", help="e.g. redis, user/app:1.0, localhost:5000/x@sha256:...")
+    p.add_argument("--platform", help="os/arch[/variant] to pick from an index (default: this machine)")
+    p.add_argument("--all-platforms", action="store_true", help="store every platform of an index")
+    p.add_argument("--jobs", type=int, default=4, help="blobs downloaded at once (default 4)")
+    p.add_argument("--registries-conf", type=Path, help="containers-registries.conf(5) file")
+    p.add_argument("--output", help="also write the image to oci:DIR[:TAG]")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.add_argument("--verbose", "-v", action="store_true", help="show registry rate limits and requests")
+    _store_argument(p)
+
+    i = commands.add_parser("images", help="list images in the local store", description="Example: kura images")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    _store_argument(i)
+
+    r = commands.add_parser("rmi", help="remove an image and the blobs nothing else uses",
+                            description="Example: kura rmi redis")
+    r.add_argument("reference")
+    _store_argument(r)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        store = Store(args.store or default_store())
+        if args.command == "pull":
+            return _pull(args, store)
+        if args.command == "images":
+            return _images(args, store)
+        return _rmi(args, store)
+    except (RegistryError, InvalidReference, RegistriesConfError, creds.CredentialsError, StoreError,
+            ValueError, OSError) as exc:
+        print(f"kura: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kura: interrupted", file=sys.stderr)
+        return 130
+
+
+def _pull(args, store: Store) -> int:
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(message)s")
+    reference = Reference.parse(args.reference)
+    registries = Registries.load(args.registries_conf)
+    progress = for_terminal(args.quiet)
+    options = PullOptions(platform=Platform.parse(args.platform) if args.platform else Platform.host(),
+                          all_platforms=args.all_platforms, jobs=args.jobs, progress=progress)
+    result = asyncio.run(pull(reference, store, registries, creds.lookup, options))
+    if args.output:
+        directory, tag = parse_oci_target(args.output)
+        export_oci(store, result.descriptor, directory, tag or reference.tag or "latest")
+    if not args.quiet:
+        print(f"{reference}: {result.digest} ({result.downloaded} downloaded, {result.reused} already stored)")
+    return 0
+
+
+def _images(args, store: Store) -> int:
+    rows = []
+    for image in store.images():
+        d = image.descriptor
+        platform = d.get("platform") or {}
+        rows.append({"reference": image.reference, "digest": d["digest"], "mediaType": d["mediaType"],
+                     "platform": "/".join(x for x in (platform.get("os"), platform.get("architecture"),
+                                                      platform.get("variant")) if x),
+                     "size": _image_size(store, d)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'REFERENCE':50} {'DIGEST':20} {'PLATFORM':16} SIZE")
+    for row in rows:
+        print(f"{row['reference']:50} {row['digest'][7:19]:20} {row['platform'] or '-':16} {row['size']}")
+    return 0
+
+
+def _image_size(store: Store, descriptor: dict) -> int:
+    from ocispec.digest import Digest
+    total = 0
+    for digest in store.reachable(Digest.parse(descriptor["digest"])):
+        path = store.blob_path(digest)
+        if path.exists():
+            total += path.stat().st_size
+    return total
+
+
+def _rmi(args, store: Store) -> int:
+    reference = str(Reference.parse(args.reference))
+    removed = store.remove(reference)
+    print(f"removed {reference} ({len(removed)} blobs freed)")
+    return 0

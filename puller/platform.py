@@ -1,0 +1,75 @@
+"""Platforms (`os/arch[/variant]`): the host's, parsing, and choosing from an image index."""
+
+from __future__ import annotations
+
+import platform as _platform
+from dataclasses import dataclass
+
+_MACHINES = {
+    "x86_64": ("amd64", None), "amd64": ("amd64", None), "aarch64": ("arm64", "v8"), "arm64": ("arm64", "v8"),
+    "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "i386": ("386", None), "i686": ("386", None),
+    "ppc64le": ("ppc64le", None), "s390x": ("s390x", None), "riscv64": ("riscv64", None),
+}
+ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Platform":
+        parts = text.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ValueError(f"invalid platform {text!r}; expected os/arch[/variant], e.g. linux/arm64/v8")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+    @classmethod
+    def host(cls) -> "Platform":
+        arch, variant = _MACHINES.get(_platform.machine().lower(), (_platform.machine().lower(), None))
+        return cls("linux", arch, variant)
+
+    @classmethod
+    def of(cls, descriptor: dict) -> "Platform | None":
+        p = descriptor.get("platform")
+        if not isinstance(p, dict) or not p.get("os") or not p.get("architecture"):
+            return None
+        return cls(p["os"], p["architecture"], p.get("variant") or None)
+
+    def matches(self, other: "Platform") -> bool:
+        if (self.os, self.architecture) != (other.os, other.architecture):
+            return False
+        if self.variant is None or other.variant is None:
+            return True
+        return _variant(self) == _variant(other)
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+def _variant(p: Platform) -> str | None:
+    return "v8" if p.architecture == "arm64" and p.variant in (None, "v8") else p.variant
+
+
+def is_attestation(descriptor: dict) -> bool:
+    p = descriptor.get("platform") or {}
+    return (ATTESTATION_ANNOTATION in (descriptor.get("annotations") or {})
+            or p.get("os") == "unknown" or p.get("architecture") == "unknown")
+
+
+def runnable_entries(index: dict) -> list[dict]:
+    return [d for d in index.get("manifests", []) if not is_attestation(d)]
+
+
+def choose(index: dict, wanted: Platform) -> dict:
+    """The index entry for `wanted`; the error lists the platforms that exist."""
+    entries = runnable_entries(index)
+    exact = [d for d in entries if (p := Platform.of(d)) and p.matches(wanted)]
+    if exact:
+        # Prefer an exact variant match over a variant-less one.
+        exact.sort(key=lambda d: Platform.of(d).variant != wanted.variant)
+        return exact[0]
+    available = sorted({str(p) for d in entries if (p := Platform.of(d))})
+    raise LookupError(f"no image for platform {wanted}; available: {', '.join(available) or 'none'}")

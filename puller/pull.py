@@ -1,0 +1,224 @@
+"""`kura pull`: resolve, choose the platform, download every blob verified, record the image."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+import aiohttp
+
+from ocispec import mediatypes as mt
+from ocispec.digest import Digest, InvalidDigest, new_hasher
+from ocispec.reference import Reference
+
+from .credentials import Credentials
+from .platform import Platform, choose, runnable_entries
+from .progress import Progress, Quiet
+from .registries import Endpoint, Registries
+from .store import Store
+from .transport import RegistryClient, RegistryError
+
+MANIFEST_LIMIT = 4 << 20
+CHUNK = 1 << 20
+RESUME_ATTEMPTS = 5
+
+
+class VerificationError(RegistryError):
+    pass
+
+
+@dataclass
+class PullOptions:
+    platform: Platform = field(default_factory=Platform.host)
+    all_platforms: bool = False
+    jobs: int = 4
+    progress: Progress = field(default_factory=Quiet)
+
+
+@dataclass
+class PullResult:
+    reference: Reference
+    digest: Digest
+    media_type: str
+    descriptor: dict
+    downloaded: int = 0
+    reused: int = 0
+
+
+@dataclass
+class _Manifest:
+    data: bytes
+    media_type: str
+    digest: Digest
+
+    @property
+    def document(self) -> dict:
+        return json.loads(self.data)
+
+    def descriptor(self, **extra) -> dict:
+        return {"mediaType": self.media_type, "digest": str(self.digest), "size": len(self.data), **extra}
+
+
+async def fetch_manifest(client: RegistryClient, reference: str, expected: Digest | None) -> _Manifest:
+    scope = f"repository:{client.endpoint.repository}:pull"
+    async with client.request("GET", client.repo_path(f"manifests/{reference}"), scope=scope,
+                              headers={"Accept": mt.ACCEPT_MANIFESTS}) as r:
+        if r.status == 404:
+            raise RegistryError(f"manifest {reference} not found in {client.endpoint.host}/{client.endpoint.repository}")
+        data = await r.content.read(MANIFEST_LIMIT + 1)
+        if len(data) > MANIFEST_LIMIT:
+            raise VerificationError(f"manifest {reference} is larger than {MANIFEST_LIMIT} bytes")
+        media_type = mt.strip_parameters(r.headers.get("Content-Type", ""))
+        header_digest = r.headers.get("Docker-Content-Digest")
+    try:
+        document = json.loads(data)
+    except ValueError:
+        raise VerificationError(f"manifest {reference} is not JSON") from None
+    if media_type not in mt.MANIFESTS:
+        media_type = document.get("mediaType") or ("application/vnd.oci.image.index.v1+json"
+                                                    if "manifests" in document else mt.OCI_MANIFEST)
+    if media_type in mt.SCHEMA1 or document.get("schemaVersion") == 1:
+        raise RegistryError(f"{reference} is a Docker schema 1 image, which Kura does not support")
+    algorithm = expected.algorithm if expected else "sha256"
+    digest = Digest.of_bytes(data, algorithm)
+    if expected is not None and digest != expected:
+        raise VerificationError(f"manifest digest mismatch: expected {expected}, got {digest}")
+    if header_digest:
+        try:
+            claimed = Digest.parse(header_digest)
+        except InvalidDigest:
+            claimed = None
+        if claimed and Digest.of_bytes(data, claimed.algorithm) != claimed:
+            raise VerificationError(f"manifest digest mismatch: registry says {claimed}, content is {digest}")
+    return _Manifest(data, media_type, digest)
+
+
+async def download_blob(client: RegistryClient, descriptor: dict, store: Store, progress: Progress) -> bool:
+    """Fetch one blob into the store; False when it was already there. Verifies size and
+    digest while streaming; resumes with Range after a broken transfer."""
+    digest = Digest.parse(descriptor["digest"])
+    size = descriptor["size"]
+    name = str(digest).split(":", 1)[1][:12]
+    if store.has_blob(digest, size):
+        progress.done(name, "already in store")
+        return False
+    progress.start(name, size)
+    temp = store.temp_path()
+    scope = f"repository:{client.endpoint.repository}:pull"
+    try:
+        with open(temp, "wb") as out:
+            hasher = new_hasher(digest.algorithm)
+            written = 0
+            for attempt in range(RESUME_ATTEMPTS):
+                headers = {"Range": f"bytes={written}-"} if written else {}
+                try:
+                    async with client.request("GET", client.repo_path(f"blobs/{digest}"), scope=scope,
+                                              headers=headers, ok=(200, 206)) as r:
+                        if r.status == 404:
+                            raise RegistryError(f"blob {digest} not found in {client.endpoint.host}/"
+                                                f"{client.endpoint.repository}")
+                        if written and r.status == 200:  # the server ignored Range: start over
+                            out.seek(0)
+                            out.truncate()
+                            progress.advance(name, -written)
+                            hasher, written = new_hasher(digest.algorithm), 0
+                        async for chunk in r.content.iter_chunked(CHUNK):
+                            written += len(chunk)
+                            if written > size:
+                                raise VerificationError(f"blob {digest} is larger than the {size} bytes "
+                                                        "its descriptor promises")
+                            await asyncio.to_thread(_write_and_hash, out, hasher, chunk)
+                            progress.advance(name, len(chunk))
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError):
+                    pass  # resume below from `written`
+                if written == size:
+                    break
+                await asyncio.sleep(0.2 * (attempt + 1))
+            else:
+                raise RegistryError(f"blob {digest}: transfer kept breaking at {written} of {size} bytes")
+        actual = f"{digest.algorithm}:{hasher.hexdigest()}"
+        if actual != str(digest):
+            raise VerificationError(f"digest mismatch for blob: expected {digest}, got {actual}")
+        store.install(temp, digest)
+        progress.done(name, "downloaded")
+        return True
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _write_and_hash(out, hasher, chunk: bytes) -> None:
+    out.write(chunk)
+    hasher.update(chunk)
+
+
+async def pull(reference: Reference, store: Store, registries: Registries,
+               credentials: Callable[[str], Credentials | None], options: PullOptions) -> PullResult:
+    endpoints = registries.endpoints(reference)
+    last_error: Exception | None = None
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
+        for endpoint in endpoints:
+            client = RegistryClient(session, endpoint, credentials(endpoint.host),
+                                    on_rate_limit=options.progress.message)
+            try:
+                return await _pull_from(client, reference, store, options)
+            except RegistryError as exc:
+                last_error = exc
+                if endpoint is not endpoints[-1]:
+                    options.progress.message(f"mirror {endpoint.host} failed ({exc}); trying the next source")
+    raise last_error
+
+
+async def _pull_from(client: RegistryClient, reference: Reference, store: Store, options: PullOptions) -> PullResult:
+    top = await fetch_manifest(client, reference.reference, reference.digest)
+    manifests = [top]
+    recorded = top
+    if top.media_type in mt.INDEXES:
+        if options.all_platforms:
+            entries = runnable_entries(top.document)
+        else:
+            try:
+                entries = [choose(top.document, options.platform)]
+            except LookupError as exc:
+                raise RegistryError(str(exc)) from None
+        children = [await fetch_manifest(client, e["digest"], Digest.parse(e["digest"])) for e in entries]
+        manifests += children
+        if not options.all_platforms:
+            recorded = children[0]
+            manifests = children
+    blobs: dict[str, dict] = {}
+    for manifest in manifests:
+        document = manifest.document
+        if manifest.media_type in mt.IMAGE_MANIFESTS:
+            for descriptor in [document["config"], *document.get("layers", [])]:
+                blobs.setdefault(descriptor["digest"], descriptor)
+
+    semaphore = asyncio.Semaphore(max(1, options.jobs))
+
+    async def fetch(descriptor: dict) -> bool:
+        async with semaphore:
+            return await download_blob(client, descriptor, store, options.progress)
+
+    results = await asyncio.gather(*[fetch(d) for d in blobs.values()])
+    for manifest in manifests:
+        store.put_bytes(manifest.data, manifest.digest)
+    pinned = reference.with_tag(reference.tag, reference.digest)
+    descriptor = recorded.descriptor()
+    if recorded is not top and (platform := _platform_of(top, recorded)):
+        descriptor["platform"] = platform
+    store.add(str(pinned), descriptor)
+    options.progress.close()
+    return PullResult(reference, recorded.digest, recorded.media_type, descriptor,
+                      downloaded=sum(results), reused=len(results) - sum(results))
+
+
+def _platform_of(index: _Manifest, child: _Manifest) -> dict | None:
+    for entry in index.document.get("manifests", []):
+        if entry.get("digest") == str(child.digest):
+            return entry.get("platform")
+    return None
+
+
+__all__ = ["PullOptions", "PullResult", "pull", "fetch_manifest", "download_blob", "Endpoint"]

@@ -1,0 +1,161 @@
+"""The local image store: an OCI image layout (`oci-layout`, `index.json`, `blobs/<alg>/<hex>`).
+
+Images are `index.json` entries annotated with `org.opencontainers.image.ref.name` = the full
+normalised reference. Blobs are stored once, written to a temp file, verified, then renamed.
+`index.json` changes under an exclusive flock and are written atomically, so concurrent
+`kura pull`s into one store cannot corrupt it. Kura's own scratch space is `.kura/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ocispec import mediatypes as mt
+from ocispec.digest import Digest
+
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+class StoreError(ValueError):
+    pass
+
+
+def default_store() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "kura" / "store"
+
+
+@dataclass(frozen=True)
+class Image:
+    reference: str
+    descriptor: dict
+
+
+class Store:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.scratch = self.root / ".kura"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        layout = self.root / "oci-layout"
+        if not layout.exists():
+            _write_atomic(layout, b'{"imageLayoutVersion": "1.0.0"}', self.scratch)
+        if not (self.root / "index.json").exists():
+            with self.locked():
+                if not (self.root / "index.json").exists():
+                    self._write_index({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": []})
+
+    # -- blobs ------------------------------------------------------------------------
+    def blob_path(self, digest: Digest) -> Path:
+        Digest.parse(str(digest))  # no path tricks through a hand-made Digest
+        return self.root / "blobs" / digest.algorithm / digest.encoded
+
+    def has_blob(self, digest: Digest, size: int | None = None) -> bool:
+        try:
+            return size is None or self.blob_path(digest).stat().st_size == size
+        except FileNotFoundError:
+            return False
+
+    def temp_path(self) -> Path:
+        return self.scratch / f"{uuid.uuid4().hex}.partial"
+
+    def install(self, temp: Path, digest: Digest) -> None:
+        """Move a fully verified temp file into place as blob `digest`."""
+        target = self.blob_path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+
+    def put_bytes(self, data: bytes, digest: Digest) -> None:
+        if Digest.of_bytes(data, digest.algorithm) != digest:
+            raise StoreError(f"refusing to store bytes that do not match {digest}")
+        if not self.has_blob(digest, len(data)):
+            target = self.blob_path(digest)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(target, data, self.scratch)
+
+    def read_blob(self, digest: Digest) -> bytes:
+        return self.blob_path(digest).read_bytes()
+
+    # -- index ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self):
+        fd = os.open(self.scratch / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read_index(self) -> dict:
+        try:
+            return json.loads((self.root / "index.json").read_text())
+        except (FileNotFoundError, ValueError) as exc:
+            raise StoreError(f"{self.root}/index.json is unreadable: {exc}") from None
+
+    def _write_index(self, index: dict) -> None:
+        _write_atomic(self.root / "index.json", json.dumps(index, indent=2).encode(), self.scratch)
+
+    def images(self) -> list[Image]:
+        return [Image(m.get("annotations", {}).get(REF_NAME, ""), m) for m in self._read_index()["manifests"]]
+
+    def find(self, reference: str) -> Image | None:
+        return next((i for i in self.images() if i.reference == reference), None)
+
+    def add(self, reference: str, descriptor: dict) -> None:
+        entry = dict(descriptor)
+        entry["annotations"] = {**descriptor.get("annotations", {}), REF_NAME: reference}
+        with self.locked():
+            index = self._read_index()
+            index["manifests"] = [m for m in index["manifests"]
+                                  if m.get("annotations", {}).get(REF_NAME) != reference] + [entry]
+            self._write_index(index)
+
+    def remove(self, reference: str) -> list[Digest]:
+        """Drop a reference, then every blob no remaining image needs; returns those removed."""
+        with self.locked():
+            index = self._read_index()
+            kept = [m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) != reference]
+            if len(kept) == len(index["manifests"]):
+                raise StoreError(f"no image {reference} in the store")
+            index["manifests"] = kept
+            self._write_index(index)
+            needed = set()
+            for entry in kept:
+                needed |= self.reachable(Digest.parse(entry["digest"]))
+            removed = []
+            for algorithm_dir in (self.root / "blobs").iterdir():
+                for path in algorithm_dir.iterdir():
+                    digest = Digest.parse(f"{algorithm_dir.name}:{path.name}")
+                    if digest not in needed:
+                        path.unlink()
+                        removed.append(digest)
+            return removed
+
+    def reachable(self, digest: Digest) -> set[Digest]:
+        """A manifest or index and everything it references that is in the store."""
+        found = {digest}
+        try:
+            document = json.loads(self.read_blob(digest))
+        except (FileNotFoundError, ValueError):
+            return found
+        for child in document.get("manifests", []):
+            found |= self.reachable(Digest.parse(child["digest"]))
+        for descriptor in ([document["config"]] if "config" in document else []) + document.get("layers", []):
+            found.add(Digest.parse(descriptor["digest"]))
+        return found
+
+
+def _write_atomic(path: Path, data: bytes, scratch: Path) -> None:
+    tmp = scratch / f"{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

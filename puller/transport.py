@@ -1,0 +1,236 @@
+"""HTTP to one registry endpoint: auth challenges (Bearer token flow, Basic), token cache,
+retries with backoff, redirects that never carry credentials to another host."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from .credentials import Credentials
+from .registries import Endpoint
+
+log = logging.getLogger("kura.client")
+
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+MAX_ATTEMPTS = 5
+MAX_REDIRECTS = 5
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+class RegistryError(Exception):
+    """A failure to tell the user about in one line."""
+
+
+class AuthError(RegistryError):
+    pass
+
+
+class RateLimited(RegistryError):
+    pass
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+              for m in _CHALLENGE_PARAM.finditer(rest)}
+    return scheme.lower(), params
+
+
+@dataclass
+class _Token:
+    value: str
+    expires: float
+
+
+@dataclass
+class RegistryClient:
+    session: aiohttp.ClientSession
+    endpoint: Endpoint
+    credentials: Credentials | None = None
+    on_rate_limit: Callable[[str], None] | None = None
+    _scheme: str | None = None
+    _challenge: tuple[str, dict] | None = None
+    _tokens: dict[str, _Token] = field(default_factory=dict)
+    _token_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    # -- addressing -------------------------------------------------------------------
+    async def base_url(self) -> str:
+        if self._scheme is None:
+            self._scheme = await self._probe_scheme()
+        return f"{self._scheme}://{self.endpoint.api_host}"
+
+    async def _probe_scheme(self) -> str:
+        """HTTPS unless only plain HTTP answers on a host where that is allowed."""
+        host = self.endpoint.api_host
+        if not self.endpoint.plain_http_allowed:
+            return "https"
+        for scheme in ("https", "http"):
+            try:
+                async with self.session.get(f"{scheme}://{host}/v2/", ssl=False if self.endpoint.insecure else None,
+                                            allow_redirects=False,
+                                            timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    self._note_challenge(r)
+                    return scheme
+            except (aiohttp.ClientConnectorError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientSSLError, asyncio.TimeoutError):
+                continue
+        raise RegistryError(f"cannot reach registry {host} (tried HTTPS and HTTP)")
+
+    def repo_path(self, suffix: str) -> str:
+        return f"/v2/{self.endpoint.repository}/{suffix}"
+
+    # -- auth -------------------------------------------------------------------------
+    def _note_challenge(self, response: aiohttp.ClientResponse) -> None:
+        if response.status == 401 and "WWW-Authenticate" in response.headers:
+            self._challenge = parse_challenge(response.headers["WWW-Authenticate"])
+
+    async def _auth_header(self, scope: str) -> dict[str, str]:
+        if self._challenge is None:
+            return {}
+        scheme, params = self._challenge
+        if scheme == "basic":
+            return self._basic() if self.credentials else {}
+        if scheme != "bearer":
+            raise AuthError(f"registry {self.endpoint.host} asks for unsupported auth scheme {scheme!r}")
+        token = await self._token(params, scope)
+        return {"Authorization": f"Bearer {token}"}
+
+    def _basic(self) -> dict[str, str]:
+        raw = f"{self.credentials.username}:{self.credentials.password}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+    async def _token(self, params: dict, scope: str) -> str:
+        async with self._token_lock:
+            cached = self._tokens.get(scope)
+            if cached and cached.expires > time.monotonic():
+                return cached.value
+            realm = params.get("realm")
+            if not realm:
+                raise AuthError(f"registry {self.endpoint.host} sent a Bearer challenge without a realm")
+            body = await self._fetch_token(realm, params.get("service"), scope)
+            token = body.get("token") or body.get("access_token")
+            if not token:
+                raise AuthError(f"the token service at {realm} answered without a token")
+            lifetime = int(body.get("expires_in") or 60)
+            self._tokens[scope] = _Token(token, time.monotonic() + max(lifetime - 10, 1))
+            return token
+
+    async def _fetch_token(self, realm: str, service: str | None, scope: str) -> dict:
+        """OAuth2 POST first when we have a password (as containerd does), GET as fallback."""
+        if self.credentials is not None:
+            form = {"grant_type": "password", "username": self.credentials.username,
+                    "password": self.credentials.password, "client_id": "kura", "scope": scope}
+            if service:
+                form["service"] = service
+            async with self.session.post(realm, data=form, allow_redirects=False) as r:
+                if r.status == 200:
+                    return await r.json(content_type=None)
+                if r.status in (401, 403):
+                    raise AuthError(f"login to {self.endpoint.host} failed: invalid username or password")
+                # 404/405/400: an issuer that only knows the GET form.
+        params = [("scope", scope)] if scope else []
+        if service:
+            params.append(("service", service))
+        headers = self._basic() if self.credentials else {}
+        async with self.session.get(realm, params=params, headers=headers, allow_redirects=False) as r:
+            if r.status in (401, 403):
+                raise AuthError(f"login to {self.endpoint.host} failed: invalid username or password"
+                                if self.credentials else f"{self.endpoint.host} requires a login (kura login)")
+            if r.status == 429:
+                raise RateLimited(_rate_limit_message(self.endpoint.host, r))
+            if r.status != 200:
+                raise AuthError(f"token service at {realm} answered {r.status}")
+            return await r.json(content_type=None)
+
+    # -- requests ---------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def request(self, method: str, path: str, *, scope: str, headers: dict | None = None,
+                      ok: tuple[int, ...] = (200,)) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A request with auth, retries and safe redirects. Yields the final response (its
+        status is one of `ok`, or 404); raises RegistryError otherwise."""
+        url = (await self.base_url()) + path
+        delay = 0.5
+        refreshed = False
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                response = await self._send(method, url, scope, headers or {})
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                if attempt == MAX_ATTEMPTS:
+                    raise RegistryError(f"{self.endpoint.api_host}: {exc or type(exc).__name__}") from None
+                await asyncio.sleep(delay)
+                delay *= 2
+                continue
+            if response.status == 401 and not refreshed:
+                self._note_challenge(response)
+                self._tokens.pop(scope, None)
+                response.release()
+                refreshed = True
+                continue
+            if response.status in RETRY_STATUSES and attempt < MAX_ATTEMPTS:
+                wait = _retry_after(response) if response.status == 429 else delay
+                if response.status == 429 and self.on_rate_limit:
+                    self.on_rate_limit(_rate_limit_message(self.endpoint.host, response))
+                response.release()
+                await asyncio.sleep(min(wait, 30))
+                delay *= 2
+                continue
+            try:
+                if response.status == 429:
+                    raise RateLimited(_rate_limit_message(self.endpoint.host, response))
+                if response.status == 401:
+                    raise AuthError(f"{self.endpoint.host} refused access to {self.endpoint.repository}"
+                                    + ("" if self.credentials else " (no credentials; kura login?)"))
+                if response.status not in ok and response.status != 404:
+                    raise RegistryError(f"{method} {path} on {self.endpoint.api_host}: HTTP {response.status} "
+                                        f"{await _error_text(response)}")
+                yield response
+            finally:
+                response.release()
+            return
+
+    async def _send(self, method: str, url: str, scope: str, headers: dict) -> aiohttp.ClientResponse:
+        """Follow redirects by hand: credentials go only to the registry's own host."""
+        origin = urlsplit(url).netloc
+        ssl = False if self.endpoint.insecure else None
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = dict(headers)
+            if urlsplit(url).netloc == origin:
+                sent.update(await self._auth_header(scope))
+            response = await self.session.request(method, url, headers=sent, allow_redirects=False, ssl=ssl)
+            if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
+                url = urljoin(url, response.headers["Location"])
+                response.release()
+                continue
+            return response
+        raise RegistryError(f"too many redirects from {origin}")
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> float:
+    try:
+        return float(response.headers.get("Retry-After", "1"))
+    except ValueError:
+        return 1.0
+
+
+def _rate_limit_message(host: str, response: aiohttp.ClientResponse) -> str:
+    limit = response.headers.get("ratelimit-limit", "unknown")
+    retry = response.headers.get("Retry-After", "unknown")
+    return f"{host} rate limit reached (limit {limit}); retry after {retry} seconds"
+
+
+async def _error_text(response: aiohttp.ClientResponse) -> str:
+    try:
+        body = await response.json(content_type=None)
+        errors = body.get("errors") or []
+        return "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or ""
+    except (ValueError, aiohttp.ContentTypeError, AttributeError):
+        return ""
