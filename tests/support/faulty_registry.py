@@ -1,0 +1,109 @@
+"""A deliberately misbehaving registry for the client's failure tests (in-process aiohttp).
+
+It serves one image (a manifest, a config and one layer) and can be told to lie about a
+digest, send more bytes than promised, drop the connection half-way through a blob (and
+honour Range on the retry), answer 404, demand credentials, or rate-limit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Faults:
+    corrupt_layer: bool = False        # serve other bytes of the same length
+    oversize_layer: bool = False       # append bytes past the descriptor's size
+    drop_after: int | None = None      # close the connection after this many layer bytes, once
+    missing_layer: bool = False        # 404 for the layer
+    require_password: str | None = None  # Basic auth "user:password"
+    rate_limit_always: bool = False    # 429 on every blob request
+    rate_limit_once: bool = False      # 429 once, then serve
+    requests: list[str] = field(default_factory=list)
+
+
+def image(layer: bytes) -> tuple[bytes, bytes, bytes]:
+    config = b'{"architecture":"amd64","os":"linux","config":{"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":[]}}'
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256(layer),
+                    "size": len(layer)}]}).encode()
+    return manifest, config, layer
+
+
+def make_app(layer: bytes, faults: Faults) -> web.Application:
+    manifest, config, _ = image(layer)
+    blobs = {sha256(config): config, sha256(layer): layer}
+
+    def authorized(request: web.Request) -> bool:
+        if not faults.require_password:
+            return True
+        import base64
+        expected = "Basic " + base64.b64encode(faults.require_password.encode()).decode()
+        return request.headers.get("Authorization") == expected
+
+    def challenge() -> web.Response:
+        return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401,
+                                 headers={"WWW-Authenticate": 'Basic realm="faulty"'})
+
+    async def version(request):
+        faults.requests.append("GET /v2/")
+        return web.json_response({}) if authorized(request) else challenge()
+
+    async def get_manifest(request):
+        faults.requests.append(f"GET manifest {request.match_info['ref']}")
+        if not authorized(request):
+            return challenge()
+        return web.Response(body=manifest, content_type=OCI_MANIFEST,
+                            headers={"Docker-Content-Digest": sha256(manifest)})
+
+    async def get_blob(request):
+        digest = request.match_info["digest"]
+        faults.requests.append(f"GET blob {digest[:15]} range={request.headers.get('Range')}")
+        if not authorized(request):
+            return challenge()
+        if faults.rate_limit_always or faults.rate_limit_once:
+            faults.rate_limit_once = False
+            return web.json_response({"errors": [{"code": "TOOMANYREQUESTS"}]}, status=429,
+                                     headers={"Retry-After": "0", "ratelimit-limit": "100;w=21600"})
+        if digest not in blobs or (faults.missing_layer and blobs[digest] == layer):
+            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+        body = blobs[digest]
+        if body == layer:
+            if faults.corrupt_layer:
+                body = bytes(reversed(body))
+            if faults.oversize_layer:
+                body = body + b"extra bytes"
+        start = 0
+        if request.headers.get("Range", "").startswith("bytes="):
+            start = int(request.headers["Range"][6:].split("-")[0])
+        status = 206 if start else 200
+        response = web.StreamResponse(status=status)
+        response.content_length = len(body) - start
+        await response.prepare(request)
+        if body == layer and faults.drop_after is not None and start == 0:
+            cut = faults.drop_after
+            faults.drop_after = None
+            await response.write(body[:cut])
+            request.transport.close()  # the connection dies mid-body
+            return response
+        await response.write(body[start:])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v2/", version)
+    app.router.add_get("/v2/{name:.+}/manifests/{ref}", get_manifest)
+    app.router.add_get("/v2/{name:.+}/blobs/{digest}", get_blob)
+    return app

@@ -1,0 +1,105 @@
+"""The client against a misbehaving registry: every failure is a clear error or a recovery,
+and nothing unverified ever lands in the store."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from ocispec.reference import Reference
+from puller.credentials import Credentials
+from puller.pull import PullOptions, VerificationError, pull
+from puller.registries import Registries
+from puller.store import Store
+from puller.transport import AuthError, RateLimited, RegistryError
+from tests.support.faulty_registry import Faults, image, make_app, sha256
+
+LAYER = os.urandom(3 * 1024 * 1024 + 17)
+
+
+@pytest.fixture
+async def faulty(aiohttp_server):
+    async def start(faults: Faults) -> TestServer:
+        return await aiohttp_server(make_app(LAYER, faults))
+    return start
+
+
+async def run_pull(server, store, credentials=None):
+    ref = Reference.parse(f"127.0.0.1:{server.port}/app:v1")
+    return await pull(ref, store, Registries(), lambda host: credentials, PullOptions(jobs=2))
+
+
+def blob_files(store: Store) -> set[str]:
+    return {p.name for p in (store.root / "blobs").rglob("*") if p.is_file()}
+
+
+def no_partial_files(store: Store) -> bool:
+    return not list(store.scratch.glob("*.partial"))
+
+
+async def test_clean_pull(faulty, tmp_path):
+    store = Store(tmp_path / "store")
+    result = await run_pull(await faulty(Faults()), store)
+    manifest, config, _ = image(LAYER)
+    assert str(result.digest) == sha256(manifest)
+    assert blob_files(store) == {sha256(x)[7:] for x in (manifest, config, LAYER)}
+    assert store.find(str(result.reference)).descriptor["digest"] == sha256(manifest)
+
+
+async def test_digest_mismatch_refused(faulty, tmp_path):
+    store = Store(tmp_path / "store")
+    with pytest.raises(VerificationError, match=f"expected {sha256(LAYER)}, got sha256:"):
+        await run_pull(await faulty(Faults(corrupt_layer=True)), store)
+    assert sha256(LAYER)[7:] not in blob_files(store)
+    assert no_partial_files(store) and store.images() == []
+
+
+async def test_size_overrun_refused(faulty, tmp_path):
+    store = Store(tmp_path / "store")
+    with pytest.raises(VerificationError, match="larger than"):
+        await run_pull(await faulty(Faults(oversize_layer=True)), store)
+    assert sha256(LAYER)[7:] not in blob_files(store) and no_partial_files(store)
+
+
+async def test_dropped_connection_resumes_with_range(faulty, tmp_path):
+    faults = Faults(drop_after=1024 * 1024)
+    store = Store(tmp_path / "store")
+    await run_pull(await faulty(faults), store)
+    layer_requests = [r for r in faults.requests if r.startswith(f"GET blob {sha256(LAYER)[:15]}")]
+    assert layer_requests[0].endswith("range=None")
+    assert layer_requests[-1].startswith(f"GET blob {sha256(LAYER)[:15]} range=bytes=") and \
+        not layer_requests[-1].endswith("bytes=0-")
+    assert (store.root / "blobs" / "sha256" / sha256(LAYER)[7:]).read_bytes() == LAYER
+
+
+async def test_missing_blob(faulty, tmp_path):
+    store = Store(tmp_path / "store")
+    with pytest.raises(RegistryError, match="not found"):
+        await run_pull(await faulty(Faults(missing_layer=True)), store)
+    assert store.images() == []
+
+
+async def test_bad_credentials(faulty, tmp_path):
+    server = await faulty(Faults(require_password="bob:right"))
+    with pytest.raises(AuthError, match="refused access"):
+        await run_pull(server, Store(tmp_path / "store"), Credentials("bob", "wrong"))
+    await run_pull(server, Store(tmp_path / "store"), Credentials("bob", "right"))
+
+
+async def test_rate_limit(faulty, tmp_path):
+    await run_pull(await faulty(Faults(rate_limit_once=True)), Store(tmp_path / "a"))  # recovers
+    with pytest.raises(RateLimited, match=r"rate limit reached \(limit 100;w=21600\); retry after 0"):
+        await run_pull(await faulty(Faults(rate_limit_always=True)), Store(tmp_path / "b"))
+
+
+async def test_already_stored_blobs_are_not_downloaded_again(faulty, tmp_path):
+    faults = Faults()
+    server = await faulty(faults)
+    store = Store(tmp_path / "store")
+    await run_pull(server, store)
+    faults.requests.clear()
+    result = await run_pull(server, store)
+    assert result.downloaded == 0 and result.reused == 2
+    assert not [r for r in faults.requests if r.startswith("GET blob")]
