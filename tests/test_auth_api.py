@@ -208,6 +208,44 @@ async def test_failed_logins_are_slowed_down(make_auth_client):
     r = await client.post("/auth/token", data={"grant_type": "password", "username": "bob",
                                                "password": PASSWORDS["bob"]})
     assert r.status == 429
+    # Guessing at bob's password does not lock alice out.
+    r = await client.get("/auth/token", params={"service": "kura"}, headers=basic("alice"))
+    assert r.status == 200
+
+
+async def test_parallel_guesses_are_counted(make_auth_client):
+    client = await make_auth_client("token", login_attempts=5)
+    responses = await asyncio.gather(*[client.get("/auth/token", params={"service": "kura"},
+                                                  headers=basic("bob", f"guess-{i}")) for i in range(30)])
+    statuses = [r.status for r in responses]
+    assert statuses.count(401) == 5 and statuses.count(429) == 25
+
+
+async def test_own_login_does_not_reset_someone_elses_count(make_auth_client):
+    client = await make_auth_client("token", login_attempts=3)
+    for _ in range(3):
+        assert (await client.get("/auth/token", headers=basic("bob", "wrong"))).status == 401
+        assert (await client.get("/auth/token", headers=basic("carol"))).status == 200
+    assert (await client.get("/auth/token", headers=basic("bob", "wrong"))).status == 429
+
+
+async def test_overlong_password_is_a_failed_login(make_auth_client):
+    client = await make_auth_client("token")
+    r = await client.get("/auth/token", headers=basic("bob", "x" * 100))
+    assert r.status == 401
+
+
+async def test_refresh_token_dies_with_the_password(make_auth_client, config):
+    client = await make_auth_client("token")
+    r = await client.post("/auth/token", data={"grant_type": "password", "username": "bob",
+                                               "password": PASSWORDS["bob"], "access_type": "offline"})
+    refresh = (await r.json())["refresh_token"]
+    form = {"grant_type": "refresh_token", "refresh_token": refresh, "access_type": "offline"}
+    r = await client.post("/auth/token", data=form)
+    assert r.status == 200 and "refresh_token" not in await r.json()  # not renewable by itself
+    htpasswd.set_user(config.root / "auth" / "htpasswd", "bob", "a-new-password", cost=4)
+    r = await client.post("/auth/token", data=form)
+    assert r.status == 401
 
 
 async def test_slow_login_does_not_stall_other_requests(make_auth_client, config):
@@ -268,6 +306,15 @@ async def test_reverse_proxy_headers_shape_the_realm(make_auth_client):
     r = await client.get("/v2/", headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "registry.example",
                                           "X-Forwarded-Prefix": "/kura"})
     assert r.headers["WWW-Authenticate"].startswith('Bearer realm="https://registry.example/kura/auth/token"')
+
+
+async def test_forwarded_headers_ignored_from_untrusted_clients(make_auth_client):
+    client = await make_auth_client("token", trusted_proxies=[])
+    r = await client.get("/v2/", headers={"X-Forwarded-Host": 'evil.example/x",service="evil'})
+    assert r.headers["WWW-Authenticate"].startswith(f'Bearer realm="http://{client.host}:{client.port}/auth/token"')
+    trusting = await make_auth_client("token")
+    r = await trusting.get("/v2/", headers={"X-Forwarded-Host": 'evil.example/x",service="evil'})
+    assert "evil" not in r.headers["WWW-Authenticate"]  # a trusted proxy still cannot inject quotes
 
 
 async def test_configured_realm_wins(make_auth_client):

@@ -56,14 +56,23 @@ def test_default_rules():
 
 @pytest.mark.parametrize("section, message", [
     ({"mode": "ldap"}, "auth.mode"),
-    ({"bogus": 1}, "unknown option auth.bogus"),
-    ({"rules": [{"repositories": ["x"], "users": ["a"], "actions": ["fly"]}]}, "actions"),
-    ({"rules": [{"repositories": ["x"], "actions": ["pull"]}]}, "applies to nobody"),
-    ({"rules": [{"users": ["a"], "actions": ["pull"]}]}, "repositories or set catalog"),
-    ({"rules": [{"repositories": "x", "users": ["a"], "actions": ["pull"]}]}, "list of strings"),
-    ({"groups": {"team": "alice"}}, "auth.groups"),
-    ({"external": {"realm": "https://x/token", "service": "s", "issuer": "i"}}, "certificate or jwks"),
-    ({"algorithm": "HS256"}, "ES256 or RS256"),
+    ({"mode": "token", "bogus": 1}, "unknown option auth.bogus"),
+    ({"mode": "token", "rules": [{"repositories": ["x"], "users": ["a"], "actions": ["fly"]}]}, "actions"),
+    ({"mode": "token", "rules": [{"repositories": ["x"], "actions": ["pull"]}]}, "applies to nobody"),
+    ({"mode": "token", "rules": [{"users": ["a"], "actions": ["pull"]}]}, "repositories or set catalog"),
+    ({"mode": "token", "rules": [{"repositories": "x", "users": ["a"], "actions": ["pull"]}]}, "list of strings"),
+    ({"mode": "token", "groups": {"team": "alice"}}, "auth.groups"),
+    ({"mode": "token", "external": {"realm": "https://x/token", "service": "s", "issuer": "i"}},
+     "certificate or jwks"),
+    ({"mode": "token", "algorithm": "HS256"}, "ES256 or RS256"),
+    # Settings that would silently fail open or be ignored:
+    ({"rules": [{"repositories": ["x"], "users": ["a"], "actions": ["pull"]}]}, "auth.mode is not"),
+    ({"mode": "htpasswd", "external": {"realm": "r", "service": "s", "issuer": "i", "certificate": "c"}},
+     "only applies with mode"),
+    ({"mode": "token", "external": {"realm": "r", "service": "s", "issuer": "i", "certificate": "c"},
+      "rules": [{"repositories": ["x"], "users": ["a"], "actions": ["pull"]}]}, "external issuer decides"),
+    ({"mode": "token", "rules": [{"catalog": True, "users": ["a"], "actions": ["pull"]}]}, "catalog is granted"),
+    ({"mode": "token", "trusted_proxies": "127.0.0.1"}, "list of strings"),
 ])
 def test_invalid_sections(section, message):
     with pytest.raises(ConfigError, match=message):

@@ -38,6 +38,7 @@ class AuthConfig:
     signing_certificate: Path | None = None
     login_attempts: int = 5
     login_window_seconds: int = 60
+    trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"})
     external: ExternalIssuer | None = None
     rules: AccessRules = AccessRules.default()
 
@@ -49,6 +50,7 @@ class AuthConfig:
                 self.signing_certificate or root / "auth" / "token-signing.crt")
 
 
+_LISTS = {"trusted_proxies"}
 _SIMPLE = {
     "mode": str, "htpasswd": str, "realm": str, "service": str, "issuer": str,
     "token_ttl_seconds": int, "refresh_ttl_seconds": int, "algorithm": str,
@@ -64,6 +66,11 @@ def parse(section: dict | None) -> AuthConfig:
     groups = section.pop("groups", {})
     rules = section.pop("rules", None)
     external = section.pop("external", None)
+    for key in _LISTS & set(section):
+        value = section.pop(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"auth.{key} must be a list of strings")
+        values[key] = frozenset(value)
     for key, value in section.items():
         kind = _SIMPLE.get(key)
         if kind is None:
@@ -80,7 +87,15 @@ def parse(section: dict | None) -> AuthConfig:
     for key in ("token_ttl_seconds", "refresh_ttl_seconds", "login_attempts", "login_window_seconds"):
         if key in values and values[key] <= 0:
             raise ConfigError(f"auth.{key} must be positive")
+    mode = values.get("mode")
+    if mode is None and (section or rules is not None or groups or external is not None):
+        raise ConfigError("[auth] is set but auth.mode is not: set mode = \"token\", \"htpasswd\" or \"none\"")
     if external is not None:
+        if mode != "token":
+            raise ConfigError("auth.external only applies with mode = \"token\"")
+        if rules is not None or groups:
+            raise ConfigError("with auth.external the external issuer decides access; "
+                              "auth.rules and auth.groups would be ignored, so remove them")
         values["external"] = _parse_external(external)
     if rules is not None or groups:
         values["rules"] = AccessRules(tuple(_parse_rule(r, i) for i, r in enumerate(rules or [])),
@@ -111,6 +126,8 @@ def _parse_rule(rule, index: int) -> Rule:
     unknown = actions - set(ACTIONS) - {"*"}
     if not actions or unknown:
         raise ConfigError(f"{where}.actions must be a non-empty list of pull, push, delete or *")
+    if rule.get("catalog") and "*" not in actions:
+        raise ConfigError(f"{where}: the catalog is granted with actions = [\"*\"]")
     if not (rule.get("users") or rule.get("groups") or rule.get("anonymous")):
         raise ConfigError(f"{where} applies to nobody: set users, groups or anonymous = true")
     return Rule.create(repositories=tuple(rule.get("repositories", ())), catalog=rule.get("catalog", False),

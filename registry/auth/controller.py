@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from aiohttp import web
 from ..errors import Denied, RegistryError, TooManyRequests, Unauthorized
 from . import jwt
 from .config import AuthConfig
-from .htpasswd import Htpasswd
+from .htpasswd import Htpasswd, LoginsBusy
 from .keys import SigningKey, load_or_create, load_trusted_keys
 from .ratelimit import LoginLimiter
 from .rules import AccessRules
@@ -76,16 +77,29 @@ def _detail(needed: list[Access]) -> list[dict]:
     return [{"Type": a.type, "Name": a.name, "Action": action} for a in needed for action in sorted(a.actions)]
 
 
-def public_base(request: web.Request) -> str:
-    """The URL clients reach us at, as a reverse proxy tells it (X-Forwarded-*)."""
-    proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
-    host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
-    prefix = request.headers.get("X-Forwarded-Prefix", "").rstrip("/")
+_SAFE_PROTO = re.compile(r"https?")
+_SAFE_HOST = re.compile(r"[A-Za-z0-9.\-]+(?::[0-9]+)?|\[[0-9A-Fa-f:.]+\](?::[0-9]+)?")
+_SAFE_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~\-]+)*")
+
+
+def public_base(request: web.Request, trusted_proxies: frozenset[str]) -> str:
+    """The URL clients reach us at. X-Forwarded-Proto/-Host/-Prefix count only when the
+    request comes from a trusted proxy, and only values of a plain shape (no quotes)."""
+    proto, host, prefix = request.scheme, request.host, ""
+    if (request.remote or "") in trusted_proxies:
+        def forwarded(name: str, pattern: re.Pattern, default: str) -> str:
+            value = request.headers.get(name, "").split(",")[-1].strip()  # the nearest proxy's word
+            return value if value and pattern.fullmatch(value) else default
+        proto = forwarded("X-Forwarded-Proto", _SAFE_PROTO, proto)
+        host = forwarded("X-Forwarded-Host", _SAFE_HOST, host)
+        prefix = forwarded("X-Forwarded-Prefix", _SAFE_PREFIX, "").rstrip("/")
+    if not _SAFE_HOST.fullmatch(host):
+        host = "localhost"
     return f"{proto}://{host}{prefix}"
 
 
 class Credentials:
-    """Checks Basic credentials against the htpasswd file, with failed-login slow-down."""
+    """Checks passwords against the htpasswd file, with failed-login slow-down."""
 
     def __init__(self, htpasswd: Htpasswd, limiter: LoginLimiter):
         self.htpasswd = htpasswd
@@ -101,23 +115,24 @@ class Credentials:
             user, sep, password = "", "", "invalid"
         if not user and not password:
             return None
-        address = request.remote or "unknown"
-        wait = self.limiter.retry_after(address)
-        if wait:
-            raise TooManyRequests("too many failed logins; try again later", headers={"Retry-After": str(wait)})
-        if sep and user and await self.check(address, user, password):
+        if await self.check(request.remote or "unknown", user, password):
             return user
-        if not (sep and user):
-            self.limiter.failed(address)
         raise Unauthorized("invalid username or password", headers=challenge)
 
     async def check(self, address: str, user: str, password: str) -> bool:
-        if await self.htpasswd.check(user, password):
-            self.limiter.succeeded(address)
-            return True
-        self.limiter.failed(address)
-        log.info("failed login for user %r from %s", user, address)
-        return False
+        """True for a right password; False for a wrong one; 429 while slowed down."""
+        wait = self.limiter.begin(address, user)
+        if wait:
+            raise TooManyRequests("too many failed logins; try again later", headers={"Retry-After": str(wait)})
+        try:
+            ok = bool(user) and await self.htpasswd.check(user, password)
+        except LoginsBusy:
+            raise TooManyRequests("too many logins at once; try again shortly", headers={"Retry-After": "1"}) from None
+        if ok:
+            self.limiter.succeeded(address, user)
+        else:
+            log.info("failed login from %s", address)
+        return ok
 
 
 class Controller:
@@ -151,15 +166,16 @@ class BasicAuth(Controller):
 
 class TokenAuth(Controller):
     def __init__(self, public_keys: dict, service: str, issuer: str, realm: str | None,
-                 rules: AccessRules | None):
+                 rules: AccessRules | None, trusted_proxies: frozenset[str] = frozenset()):
         self.public_keys = public_keys
         self.service = service
         self.issuer = issuer
         self.realm = realm
         self.rules = rules
+        self.trusted_proxies = trusted_proxies
 
     def challenge(self, request: web.Request, needed: list[Access], error: str | None = None) -> dict[str, str]:
-        realm = self.realm or f"{public_base(request)}/auth/token"
+        realm = self.realm or f"{public_base(request, self.trusted_proxies)}/auth/token"
         value = f'Bearer realm="{realm}",service="{self.service}"'
         if needed:
             value += f',scope="{" ".join(a.scope() for a in needed)}"'
@@ -207,7 +223,8 @@ def build(config: AuthConfig, root: Path) -> AuthState:
         return AuthState(TokenAuth(keys, ext.service, ext.issuer, ext.realm, None), config=config)
     key_path, cert_path = config.key_paths(root)
     signing_key = load_or_create(key_path, cert_path, config.algorithm, config.issuer)
-    controller = TokenAuth(signing_key.public_keys, config.service, config.issuer, config.realm, config.rules)
+    controller = TokenAuth(signing_key.public_keys, config.service, config.issuer, config.realm, config.rules,
+                           config.trusted_proxies)
     return AuthState(controller, credentials, signing_key, config)
 
 

@@ -1,18 +1,21 @@
 """Accounts in an Apache htpasswd file with bcrypt entries (`htpasswd -B` compatible).
 
-bcrypt is the only accepted hash: it is deliberately slow, so checks run in a worker
-thread, and unknown users are checked against a dummy hash so that timing does not tell
-which user names exist. The file is re-read when it changes, so `kura user add` takes
-effect without a restart.
+bcrypt is the only accepted hash: it is deliberately slow, so checks run in a small pool
+of their own (never the event loop, never the threads storage uses), with a bound on how
+many may wait. Unknown users are checked against a dummy hash as costly as the costliest
+entry, so timing does not tell which user names exist. The file is re-read when it
+changes, so `kura user add` takes effect without a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bcrypt
@@ -21,8 +24,18 @@ log = logging.getLogger("kura.auth")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 _BCRYPT = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
-_DUMMY = bcrypt.hashpw(b"kura-dummy-password", bcrypt.gensalt(10))
 DEFAULT_COST = 10
+CHECK_THREADS = 2
+MAX_PENDING_CHECKS = 32
+_BCRYPT_MAX_BYTES = 72
+
+
+class LoginsBusy(Exception):
+    """More password checks are waiting than the pool should queue."""
+
+
+def _cost(hashed: bytes) -> int:
+    return int(hashed[4:6])
 
 
 class HtpasswdError(ValueError):
@@ -52,6 +65,9 @@ class Htpasswd:
         self.path = Path(path)
         self._users: dict[str, bytes] = {}
         self._stamp: tuple[int, int] | None = None
+        self._dummies: dict[int, bytes] = {}
+        self._pool = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="bcrypt")
+        self._pending = 0
 
     def users(self) -> dict[str, bytes]:
         try:
@@ -68,11 +84,31 @@ class Htpasswd:
     def exists(self, name: str) -> bool:
         return name in self.users()
 
+    def _dummy(self) -> bytes:
+        cost = max((_cost(h) for h in self.users().values()), default=DEFAULT_COST)
+        if cost not in self._dummies:
+            self._dummies[cost] = bcrypt.hashpw(b"kura-dummy-password", bcrypt.gensalt(cost))
+        return self._dummies[cost]
+
     async def check(self, name: str, password: str) -> bool:
         hashed = self.users().get(name)
         candidate = password.encode()
-        ok = await asyncio.to_thread(bcrypt.checkpw, candidate, hashed or _DUMMY)
+        if len(candidate) > _BCRYPT_MAX_BYTES:  # bcrypt cannot have set it; spend the same time anyway
+            hashed, candidate = None, candidate[:_BCRYPT_MAX_BYTES]
+        if self._pending >= MAX_PENDING_CHECKS:
+            raise LoginsBusy()
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(self._pool, bcrypt.checkpw, candidate, hashed or self._dummy())
+        finally:
+            self._pending -= 1
         return ok and hashed is not None
+
+    def fingerprint(self, name: str) -> str | None:
+        """A short value that changes whenever the user's password does (None: no such user)."""
+        hashed = self.users().get(name)
+        return hashlib.sha256(hashed).hexdigest()[:16] if hashed else None
 
 
 def hash_password(password: str, cost: int = DEFAULT_COST) -> str:

@@ -14,7 +14,7 @@ import uuid
 
 from aiohttp import web
 
-from ..errors import RegistryError, TooManyRequests, Unauthorized
+from ..errors import RegistryError, Unauthorized
 from . import jwt
 from .controller import AUTH, AuthState
 from .scopes import Access, parse_scopes
@@ -29,6 +29,7 @@ class TokenRequestInvalid(RegistryError):
 
 
 def _issue(state: AuthState, user: str | None, requested: list[Access], offline: bool) -> dict:
+    """An access token (and, when `offline`, a refresh token tied to the current password)."""
     config = state.config
     rules = config.rules
     granted = []
@@ -53,6 +54,7 @@ def _issue(state: AuthState, user: str | None, requested: list[Access], offline:
         body["refresh_token"] = jwt.sign({
             "iss": config.issuer, "sub": user, "aud": f"{config.service}:{REFRESH}",
             "exp": now + config.refresh_ttl_seconds, "nbf": now - 1, "iat": now, "jti": uuid.uuid4().hex,
+            "pwd": state.credentials.htpasswd.fingerprint(user),
         }, key.private_key, kid=key.kid)
     return body
 
@@ -86,17 +88,15 @@ async def post_token(request: web.Request) -> web.Response:
     grant_type = form.get("grant_type")
     address = request.remote or "unknown"
     if grant_type == "password":
-        user, password = form.get("username"), form.get("password")
-        wait = state.credentials.limiter.retry_after(address)
-        if wait:
-            raise TooManyRequests("too many failed logins; try again later", headers={"Retry-After": str(wait)})
+        user, password = form.get("username") or "", form.get("password")
         if not user or password is None or not await state.credentials.check(address, user, password):
             raise Unauthorized("invalid username or password")
     elif grant_type == "refresh_token":
         user = _refresh_subject(state, form.get("refresh_token") or "")
     else:
         raise TokenRequestInvalid("grant_type must be password or refresh_token")
-    offline = form.get("access_type") == "offline"
+    # A refresh token is not renewed by itself: its lifetime is the most a stolen one buys.
+    offline = form.get("access_type") == "offline" and grant_type == "password"
     return _response(_issue(state, user, parse_scopes(form.getall("scope", [])), offline))
 
 
@@ -108,8 +108,9 @@ def _refresh_subject(state: AuthState, token: str) -> str:
     except jwt.TokenError as exc:
         raise Unauthorized(f"invalid refresh token: {exc}") from None
     user = claims.get("sub")
-    if not isinstance(user, str) or not state.credentials.htpasswd.exists(user):
-        raise Unauthorized("the refresh token's user no longer exists")
+    if not isinstance(user, str) or claims.get("pwd") is None \
+            or claims.get("pwd") != state.credentials.htpasswd.fingerprint(user):
+        raise Unauthorized("the refresh token is no longer valid; log in again")
     return user
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import time
 
 from cryptography import x509
@@ -111,10 +112,10 @@ def verify(token: str, public_keys: dict[str, object], *, audience: str, issuer:
            now: float | None = None) -> dict:
     claims = verify_signature(token, public_keys)
     now = time.time() if now is None else now
-    exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat"))
-    if not isinstance(exp, (int, float)) or now > exp + LEEWAY_SECONDS:
+    exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat", 0))
+    if not _finite(exp) or now > exp + LEEWAY_SECONDS:
         raise TokenError("token has expired")
-    if isinstance(nbf, (int, float)) and now + LEEWAY_SECONDS < nbf:
+    if not _finite(nbf) or now + LEEWAY_SECONDS < nbf:
         raise TokenError("token is not valid yet")
     aud = claims.get("aud")
     if audience not in (aud if isinstance(aud, list) else [aud]):
@@ -122,3 +123,7 @@ def verify(token: str, public_keys: dict[str, object], *, audience: str, issuer:
     if claims.get("iss") != issuer:
         raise TokenError("token comes from an untrusted issuer")
     return claims
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

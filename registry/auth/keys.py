@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from .jwt import b64url_decode, libtrust_key_id
+from .jwt import algorithm_for, b64url_decode, libtrust_key_id
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,11 @@ def load_trusted_keys(certificate: Path | None, jwks: Path | None) -> dict[str, 
         for entry in json.loads(jwks.read_text()).get("keys", []):
             key = _jwk_public_key(entry)
             keys[entry.get("kid") or libtrust_key_id(key)] = key
+    for kid, key in keys.items():
+        try:
+            algorithm_for(key)
+        except ValueError as exc:
+            raise ValueError(f"trusted key {kid}: {exc}") from None
     return keys
 
 

@@ -55,7 +55,7 @@ def required_access(request: web.Request) -> list[Access]:
         return []
     if request.method in ("GET", "HEAD"):
         actions = {"pull"}
-    elif request.method == "DELETE" and "/blobs/uploads/" not in request.path:
+    elif request.method == "DELETE" and "uuid" not in request.match_info:  # cancelling an upload is a push
         actions = {"delete"}
     else:
         actions = {"pull", "push"}
