@@ -130,6 +130,14 @@ async def test_delete_needs_delete_action(make_auth_client):
     assert (await client.delete(f"/v2/team/app/manifests/{digest}", headers=bearer(token))).status == 202
 
 
+async def test_delete_in_repository_named_like_an_upload_path(make_auth_client):
+    client = await make_auth_client("token")
+    bob = await token_for(client, "repository:team/blobs/uploads/x:pull,push,delete", user="bob")
+    digest = await push_with(client, bearer(bob), repo="team/blobs/uploads/x")
+    r = await client.delete(f"/v2/team/blobs/uploads/x/manifests/{digest}", headers=bearer(bob))
+    assert r.status == 401 and 'error="insufficient_scope"' in r.headers["WWW-Authenticate"]
+
+
 async def test_forged_tokens_refused(make_auth_client, tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     client = await make_auth_client("token")
