@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 SERVER_COMMANDS = ("serve", "fsck", "user")
-CLIENT_COMMANDS = ("pull", "images", "rmi")
+CLIENT_COMMANDS = ("pull", "images", "rmi", "unpack")
 
 USAGE = """usage: kura COMMAND [ARGS]
 
@@ -21,6 +21,7 @@ client commands:
   pull      pull an image into the local store (kura pull redis)
   images    list images in the local store
   rmi       remove an image from the local store
+  unpack    unpack a stored image into an OCI runtime bundle (rootfs + config.json)
 """
 
 

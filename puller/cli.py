@@ -11,7 +11,12 @@ from pathlib import Path
 
 from ocispec.reference import InvalidReference, Reference
 
+from ocispec.digest import Digest
+
 from . import credentials as creds
+from .bundle import BundleError, unpack_image
+from .layers import LayerError
+from .unpack import UnsafeLayer
 from .export import export_oci, parse_oci_target
 from .platform import Platform
 from .progress import for_terminal
@@ -20,12 +25,18 @@ from .registries import Registries, RegistriesConfError
 from .store import Store, StoreError, default_store
 from .transport import RegistryError
 
-COMMANDS = ("pull", "images", "rmi")
+COMMANDS = ("pull", "images", "rmi", "unpack")
 
 
 def _store_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", type=Path, default=None,
                         help="local image store (default $XDG_DATA_HOME/kura/store)")
+
+
+def _unpack_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-devices", action="store_true", help="create device nodes (root only)")
+    parser.add_argument("--max-layer-bytes", type=int, default=16 << 30,
+                        help="refuse a layer that decompresses to more (default 16 GiB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=4, help="blobs downloaded at once (default 4)")
     p.add_argument("--registries-conf", type=Path, help="containers-registries.conf(5) file")
     p.add_argument("--output", help="also write the image to oci:DIR[:TAG]")
+    p.add_argument("--unpack", type=Path, metavar="BUNDLE_DIR", help="also unpack it into an OCI runtime bundle")
+    _unpack_arguments(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.add_argument("--verbose", "-v", action="store_true", help="show registry rate limits and requests")
     _store_argument(p)
+
+    u = commands.add_parser("unpack", help="unpack a stored image into an OCI runtime bundle",
+                            description="Example: kura unpack redis ./redis-bundle && runc run -b ./redis-bundle r1")
+    u.add_argument("reference")
+    u.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    _unpack_arguments(u)
+    _store_argument(u)
 
     i = commands.add_parser("images", help="list images in the local store", description="Example: kura images")
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -64,9 +84,11 @@ def main(argv: list[str]) -> int:
             return _pull(args, store)
         if args.command == "images":
             return _images(args, store)
+        if args.command == "unpack":
+            return _unpack(args, store)
         return _rmi(args, store)
     except (RegistryError, InvalidReference, RegistriesConfError, creds.CredentialsError, StoreError,
-            ValueError, OSError) as exc:
+            BundleError, UnsafeLayer, LayerError, ValueError, OSError) as exc:
         print(f"kura: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -86,9 +108,28 @@ def _pull(args, store: Store) -> int:
     if args.output:
         directory, tag = parse_oci_target(args.output)
         export_oci(store, result.descriptor, directory, tag or reference.tag or "latest")
+    if args.unpack:
+        _unpack_into(store, result.digest, args.unpack, args)
     if not args.quiet:
         print(f"{reference}: {result.digest} ({result.downloaded} downloaded, {result.reused} already stored)")
     return 0
+
+
+def _unpack(args, store: Store) -> int:
+    reference = str(Reference.parse(args.reference))
+    image = store.find(reference)
+    if image is None:
+        raise StoreError(f"no image {reference} in the store; kura pull it first")
+    _unpack_into(store, Digest.parse(image.descriptor["digest"]), args.bundle, args)
+    return 0
+
+
+def _unpack_into(store: Store, digest, bundle: Path, args) -> None:
+    options = unpack_image(store, digest, bundle, allow_devices=args.allow_devices,
+                           max_layer_bytes=args.max_layer_bytes)
+    for note in options.notes:
+        print(f"kura: note: {note}", file=sys.stderr)
+    print(f"unpacked into {bundle} (rootfs/ and config.json)")
 
 
 def _images(args, store: Store) -> int:
@@ -110,7 +151,6 @@ def _images(args, store: Store) -> int:
 
 
 def _image_size(store: Store, descriptor: dict) -> int:
-    from ocispec.digest import Digest
     total = 0
     for digest in store.reachable(Digest.parse(descriptor["digest"])):
         path = store.blob_path(digest)

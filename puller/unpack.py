@@ -1,0 +1,267 @@
+"""Apply image layers to a root filesystem as if every layer were hostile.
+
+Every path is resolved component by component from an open descriptor of the root, with
+O_NOFOLLOW, so nothing outside the rootfs is ever created, changed or removed: a symlink met
+as a parent is followed *inside* the root (an absolute target starts again at the root and
+`..` stops there, as under chroot), and the entry's own final component is never followed.
+Entry names with `..` or absolute paths are refused with an error naming the entry. Changes
+follow the image-spec: `.wh.NAME` removes NAME from lower layers, `.wh..wh..opq` empties a
+directory of what lower layers put there, hardlinks point inside the root, modes (with
+setuid/setgid/sticky), mtimes, owners (as root) and xattrs (where allowed) are kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import tarfile
+from dataclasses import dataclass, field
+
+from .layers import CHUNK, DecompressedLayer
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+MAX_LINK_HOPS = 40
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafeLayer(ValueError):
+    """A layer entry that would reach outside the rootfs, or cannot be applied safely."""
+
+
+@dataclass
+class UnpackOptions:
+    allow_devices: bool = False
+    as_root: bool = field(default_factory=lambda: os.geteuid() == 0)
+    notes: list[str] = field(default_factory=list)
+
+    def note_once(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+
+def clean_name(name: str) -> list[str]:
+    """An entry name as components inside the root; refuses absolute and `..` names."""
+    if name.startswith("/"):
+        raise UnsafeLayer(f"entry {name!r}: absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise UnsafeLayer(f"entry {name!r}: contains '..'")
+    if "\x00" in name:
+        raise UnsafeLayer(f"entry {name!r}: NUL byte in name")
+    return parts
+
+
+class Root:
+    """Operations on paths inside a rootfs directory, never leaving it."""
+
+    def __init__(self, path: str):
+        os.makedirs(path, exist_ok=True)
+        self.fd = os.open(path, _DIR_FLAGS)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def walk(self, parts: list[str], create: bool, entry: str) -> int:
+        """An fd of the directory at `parts`, following symlinks only inside the root."""
+        stack = [os.dup(self.fd)]
+        pending = list(parts)
+        hops = 0
+        try:
+            while pending:
+                comp = pending.pop(0)
+                if comp in ("", "."):
+                    continue
+                if comp == "..":
+                    if len(stack) > 1:
+                        os.close(stack.pop())
+                    continue
+                try:
+                    stack.append(os.open(comp, _DIR_FLAGS, dir_fd=stack[-1]))
+                    continue
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(comp, 0o755, dir_fd=stack[-1])
+                    stack.append(os.open(comp, _DIR_FLAGS, dir_fd=stack[-1]))
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                st = os.stat(comp, dir_fd=stack[-1], follow_symlinks=False)
+                if not stat.S_ISLNK(st.st_mode):
+                    raise UnsafeLayer(f"entry {entry!r}: {comp!r} in its path is not a directory")
+                hops += 1
+                if hops > MAX_LINK_HOPS:
+                    raise UnsafeLayer(f"entry {entry!r}: too many symlinks in its path")
+                target = os.readlink(comp, dir_fd=stack[-1])
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                pending = target.split("/") + pending
+            result = stack.pop()
+            return result
+        finally:
+            for fd in stack:
+                os.close(fd)
+
+    def remove(self, parent: int, name: str) -> None:
+        """Remove whatever is at `name` (a directory with all it holds), never following links."""
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=parent)
+        else:
+            os.unlink(name, dir_fd=parent)
+
+
+def apply_layer(root: Root, tar_stream: DecompressedLayer, options: UnpackOptions) -> None:
+    created: set[tuple[str, ...]] = set()  # what this layer made: whiteouts do not touch it
+    directories: list[tuple[tuple[str, ...], tarfile.TarInfo]] = []
+    with tarfile.open(fileobj=tar_stream, mode="r|", errorlevel=2) as archive:
+        for member in archive:
+            parts = clean_name(member.name)
+            if not parts:
+                continue  # the root itself: "./"
+            base = parts[-1]
+            if base == OPAQUE:
+                _opaque(root, parts[:-1], created, member.name)
+                continue
+            if base.startswith(WHITEOUT):
+                target = base[len(WHITEOUT):]
+                if target in ("", ".", ".."):
+                    raise UnsafeLayer(f"entry {member.name!r}: whiteout of {target!r}")
+                _whiteout(root, parts[:-1], target, created, member.name)
+                continue
+            _apply_member(root, archive, member, parts, options)
+            created.add(tuple(parts))
+            if member.isdir():
+                directories.append((tuple(parts), member))
+    # Directory metadata last: adding children would change their mtimes.
+    for parts, member in reversed(directories):
+        parent = root.walk(list(parts[:-1]), create=False, entry=member.name)
+        try:
+            _set_metadata(parent, parts[-1], member, options, is_link=False)
+        finally:
+            os.close(parent)
+    tar_stream.drain()
+
+
+def _opaque(root: Root, dir_parts: list[str], created: set, entry: str) -> None:
+    try:
+        fd = root.walk(dir_parts, create=True, entry=entry)
+    except FileNotFoundError:
+        return
+    try:
+        for name in os.listdir(fd):
+            if tuple(dir_parts + [name]) not in created and not _holds_created(created, dir_parts + [name]):
+                root.remove(fd, name)
+    finally:
+        os.close(fd)
+
+
+def _holds_created(created: set, prefix: list[str]) -> bool:
+    n = len(prefix)
+    return any(len(p) > n and list(p[:n]) == prefix for p in created)
+
+
+def _whiteout(root: Root, dir_parts: list[str], target: str, created: set, entry: str) -> None:
+    if tuple(dir_parts + [target]) in created:
+        return  # whiteouts only hide lower layers
+    try:
+        fd = root.walk(dir_parts, create=False, entry=entry)
+    except FileNotFoundError:
+        return
+    try:
+        root.remove(fd, target)
+    finally:
+        os.close(fd)
+
+
+def _apply_member(root: Root, archive: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str],
+                  options: UnpackOptions) -> None:
+    name = parts[-1]
+    parent = root.walk(parts[:-1], create=True, entry=member.name)
+    try:
+        if member.isdir():
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    root.remove(parent, name)
+                    os.mkdir(name, 0o700, dir_fd=parent)
+            except FileNotFoundError:
+                os.mkdir(name, 0o700, dir_fd=parent)
+            return  # metadata once the layer is done
+        root.remove(parent, name)
+        if member.isreg():
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=parent)
+            try:
+                source = archive.extractfile(member)
+                while chunk := source.read(CHUNK):
+                    os.write(fd, chunk)
+            finally:
+                os.close(fd)
+        elif member.issym():
+            os.symlink(member.linkname, name, dir_fd=parent)  # stored as-is, never resolved here
+        elif member.islnk():
+            try:
+                link_parts = clean_name(member.linkname)
+            except UnsafeLayer as exc:
+                raise UnsafeLayer(f"entry {member.name!r}: hardlink target {exc}") from None
+            if not link_parts:
+                raise UnsafeLayer(f"entry {member.name!r}: hardlink to the root")
+            try:
+                source_dir = root.walk(link_parts[:-1], create=False, entry=member.name)
+            except FileNotFoundError:
+                raise UnsafeLayer(f"entry {member.name!r}: hardlink target {member.linkname!r} does not exist") from None
+            try:
+                source_stat = os.stat(link_parts[-1], dir_fd=source_dir, follow_symlinks=False)
+                if stat.S_ISDIR(source_stat.st_mode):
+                    raise UnsafeLayer(f"entry {member.name!r}: hardlink to a directory")
+                os.link(link_parts[-1], name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                raise UnsafeLayer(f"entry {member.name!r}: hardlink target {member.linkname!r} does not exist") from None
+            finally:
+                os.close(source_dir)
+            return  # a hardlink shares its target's metadata
+        elif member.isfifo():
+            os.mkfifo(name, 0o600, dir_fd=parent)
+        elif member.ischr() or member.isblk():
+            if not (options.allow_devices and options.as_root):
+                options.note_once("device nodes skipped (use --allow-devices, as root)")
+                return
+            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            os.mknod(name, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=parent)
+        else:
+            options.note_once(f"skipped entries of unsupported tar type {member.type!r}")
+            return
+        _set_metadata(parent, name, member, options, is_link=member.issym())
+    finally:
+        os.close(parent)
+
+
+def _set_metadata(parent: int, name: str, member: tarfile.TarInfo, options: UnpackOptions, is_link: bool) -> None:
+    if options.as_root:
+        os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
+    else:
+        options.note_once("not running as root: files are owned by the current user, not the image's owners")
+    if member.isfifo() or member.ischr() or member.isblk():
+        os.chmod(name, member.mode & 0o7777, dir_fd=parent)  # just created by us: not a link; never opened
+    elif not is_link:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            os.fchmod(fd, member.mode & 0o7777)  # after chown, which clears setuid/setgid
+            for key, value in (member.pax_headers or {}).items():
+                if key.startswith("SCHILY.xattr."):
+                    try:
+                        os.setxattr(fd, key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape"))
+                    except OSError:
+                        options.note_once("some extended attributes could not be set on this filesystem")
+        finally:
+            os.close(fd)
+    os.utime(name, ns=(int(member.mtime * 1e9),) * 2, dir_fd=parent, follow_symlinks=False)
