@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from . import credentials as creds
 from .bundle import BundleError, unpack_image
 from .layers import LayerError
 from .unpack import UnsafeLayer
-from .export import export_oci, parse_oci_target
+from .export import export_docker_archive, export_oci, parse_oci_target
 from .platform import Platform
 from .progress import for_terminal
 from .pull import PullOptions, pull
@@ -51,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-platforms", action="store_true", help="store every platform of an index")
     p.add_argument("--jobs", type=int, default=4, help="blobs downloaded at once (default 4)")
     p.add_argument("--registries-conf", type=Path, help="containers-registries.conf(5) file")
-    p.add_argument("--output", help="also write the image to oci:DIR[:TAG]")
+    p.add_argument("--output", help="also write the image to oci:DIR[:TAG] or docker-archive:FILE.tar")
     p.add_argument("--unpack", type=Path, metavar="BUNDLE_DIR", help="also unpack it into an OCI runtime bundle")
     _unpack_arguments(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
@@ -97,15 +96,17 @@ def main(argv: list[str]) -> int:
 
 
 def _pull(args, store: Store) -> int:
-    if args.verbose:
-        logging.basicConfig(level=logging.DEBUG, format="%(message)s")
     reference = Reference.parse(args.reference)
     registries = Registries.load(args.registries_conf)
     progress = for_terminal(args.quiet)
     options = PullOptions(platform=Platform.parse(args.platform) if args.platform else Platform.host(),
-                          all_platforms=args.all_platforms, jobs=args.jobs, progress=progress)
+                          all_platforms=args.all_platforms, jobs=args.jobs, progress=progress,
+                          verbose=args.verbose)
     result = asyncio.run(pull(reference, store, registries, creds.lookup, options))
-    if args.output:
+    if args.output and args.output.startswith("docker-archive:"):
+        repo_tag = f"{reference.name}:{reference.tag}" if reference.tag else None
+        export_docker_archive(store, result.descriptor, Path(args.output.split(":", 1)[1]), repo_tag)
+    elif args.output:
         directory, tag = parse_oci_target(args.output)
         export_oci(store, result.descriptor, directory, tag or reference.tag or "latest")
     if args.unpack:

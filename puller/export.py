@@ -1,21 +1,26 @@
-"""`--output oci:DIR[:TAG]`: a standalone OCI image layout that skopeo and umoci read."""
+"""`--output oci:DIR[:TAG]` (a standalone OCI image layout that skopeo and umoci read) and
+`--output docker-archive:FILE.tar` (what `docker save` writes)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 
 from ocispec import mediatypes as mt
 from ocispec.digest import Digest
 
+from .layers import DecompressedLayer
 from .store import REF_NAME, Store
 
 
 def parse_oci_target(target: str) -> tuple[Path, str | None]:
     if not target.startswith("oci:"):
-        raise ValueError(f"unsupported output {target!r}; use oci:DIR[:TAG]")
+        raise ValueError(f"unsupported output {target!r}; use oci:DIR[:TAG] or docker-archive:FILE.tar")
     rest = target[4:]
     directory, sep, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
     if not sep:
@@ -48,3 +53,37 @@ def export_oci(store: Store, descriptor: dict, directory: Path, tag: str) -> Non
     tmp = index_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(index, indent=2))
     os.replace(tmp, index_path)
+
+
+def export_docker_archive(store: Store, descriptor: dict, path: Path, repo_tag: str | None) -> None:
+    """A `docker save` archive: manifest.json, the config as <hex>.json, and each layer
+    uncompressed as <diff_id hex>/layer.tar (what `docker load` and skopeo read)."""
+    manifest = json.loads(store.read_blob(Digest.parse(descriptor["digest"])))
+    if "layers" not in manifest:
+        raise ValueError("docker-archive: pick one platform (the reference is an index)")
+    config_digest = Digest.parse(manifest["config"]["digest"])
+    config_name = f"{config_digest.encoded}.json"
+    layer_names = []
+    tmp = path.with_name(path.name + ".partial")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as archive:
+        archive.add(store.blob_path(config_digest), arcname=config_name)
+        for layer in manifest["layers"]:
+            with tempfile.TemporaryFile(dir=store.scratch) as plain:
+                with open(store.blob_path(Digest.parse(layer["digest"])), "rb") as raw:
+                    stream = DecompressedLayer(raw, layer["mediaType"])
+                    while chunk := stream.read(1 << 20):
+                        plain.write(chunk)
+                name = f"{stream.diff_id.split(':', 1)[1]}/layer.tar"
+                info = tarfile.TarInfo(name)
+                info.size = plain.tell()
+                info.mode = 0o644
+                plain.seek(0)
+                archive.addfile(info, plain)
+                layer_names.append(name)
+        entry = {"Config": config_name, "RepoTags": [repo_tag] if repo_tag else [], "Layers": layer_names}
+        data = json.dumps([entry]).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        info.mode = 0o644
+        archive.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)

@@ -35,6 +35,7 @@ class PullOptions:
     all_platforms: bool = False
     jobs: int = 4
     progress: Progress = field(default_factory=Quiet)
+    verbose: bool = False
 
 
 @dataclass
@@ -61,10 +62,14 @@ class _Manifest:
         return {"mediaType": self.media_type, "digest": str(self.digest), "size": len(self.data), **extra}
 
 
-async def fetch_manifest(client: RegistryClient, reference: str, expected: Digest | None) -> _Manifest:
+async def fetch_manifest(client: RegistryClient, reference: str, expected: Digest | None,
+                         report: Callable[[str], None] | None = None) -> _Manifest:
     scope = f"repository:{client.endpoint.repository}:pull"
     async with client.request("GET", client.repo_path(f"manifests/{reference}"), scope=scope,
                               headers={"Accept": mt.ACCEPT_MANIFESTS}) as r:
+        if report and "ratelimit-limit" in r.headers:
+            report(f"{client.endpoint.host} rate limit: {r.headers.get('ratelimit-remaining', '?')} remaining "
+                   f"of {r.headers['ratelimit-limit']}")
         if r.status == 404:
             raise RegistryError(f"manifest {reference} not found in {client.endpoint.host}/{client.endpoint.repository}")
         data = await r.content.read(MANIFEST_LIMIT + 1)
@@ -172,7 +177,8 @@ async def pull(reference: Reference, store: Store, registries: Registries,
 
 
 async def _pull_from(client: RegistryClient, reference: Reference, store: Store, options: PullOptions) -> PullResult:
-    top = await fetch_manifest(client, reference.reference, reference.digest)
+    report = options.progress.message if options.verbose else None
+    top = await fetch_manifest(client, reference.reference, reference.digest, report)
     manifests = [top]
     recorded = top
     if top.media_type in mt.INDEXES:

@@ -85,6 +85,26 @@ def test_pull_with_oci_output(registry, layout, tag, repo, tmp_path, client_env)
     assert [(i["reference"], i["digest"]) for i in images] == [(f"{registry.host}/{repo}:{tag}", expected)]
 
 
+def test_docker_archive_output(registry, tmp_path, client_env):
+    archive = tmp_path / "redis.tar"
+    result = kura("pull", f"{registry.host}/library/redis:7", "--store", str(tmp_path / "store"), "-q",
+                  "--output", f"docker-archive:{archive}", env=client_env)
+    assert result.returncode == 0, result.stderr
+    import tarfile
+    with tarfile.open(archive) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))
+    assert manifest[0]["RepoTags"] == [f"{registry.host}/library/redis:7"]
+    source = json.loads((IMAGES / "redis" / "blobs" / "sha256" / tag_digest(IMAGES / "redis", "7")[7:]).read_bytes())
+    assert manifest[0]["Config"] == source["config"]["digest"][7:] + ".json"
+    config = json.loads((IMAGES / "redis" / "blobs" / "sha256" / source["config"]["digest"][7:]).read_bytes())
+    assert [layer.split("/")[0] for layer in manifest[0]["Layers"]] == [d[7:] for d in config["rootfs"]["diff_ids"]]
+    # skopeo reads it back, with the image config byte for byte, and can copy it out.
+    raw_config = subprocess.run(["skopeo", "inspect", "--raw", "--config", f"docker-archive:{archive}"],
+                                capture_output=True, timeout=120).stdout
+    assert hashlib.sha256(raw_config).hexdigest() == source["config"]["digest"][7:]
+    skopeo("copy", f"docker-archive:{archive}", f"oci:{tmp_path / 'back'}:7")
+
+
 def test_all_platforms_and_rmi(registry, tmp_path, client_env):
     store = str(tmp_path / "store")
     result = kura("pull", f"{registry.host}/library/busybox", "--all-platforms", "--store", store, env=client_env)

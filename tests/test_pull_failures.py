@@ -14,7 +14,7 @@ from puller.pull import PullOptions, VerificationError, pull
 from puller.registries import Registries
 from puller.store import Store
 from puller.transport import AuthError, RateLimited, RegistryError
-from tests.support.faulty_registry import Faults, image, make_app, sha256
+from tests.support.faulty_registry import Faults, image, make_app, make_cdn, sha256
 
 LAYER = os.urandom(3 * 1024 * 1024 + 17)
 
@@ -103,3 +103,32 @@ async def test_already_stored_blobs_are_not_downloaded_again(faulty, tmp_path):
     result = await run_pull(server, store)
     assert result.downloaded == 0 and result.reused == 2
     assert not [r for r in faults.requests if r.startswith("GET blob")]
+
+
+async def test_redirect_to_another_host_gets_no_credentials(faulty, aiohttp_server, tmp_path):
+    seen: list[dict] = []
+    cdn = await aiohttp_server(make_cdn(LAYER, seen))
+    server = await faulty(Faults(require_password="bob:right", redirect_blobs_to=f"http://127.0.0.1:{cdn.port}"))
+    store = Store(tmp_path / "store")
+    await run_pull(server, store, Credentials("bob", "right"))
+    assert len(seen) == 2  # config and layer, both fetched from the CDN
+    assert all("Authorization" not in headers for headers in seen)
+    assert (store.root / "blobs" / "sha256" / sha256(LAYER)[7:]).read_bytes() == LAYER
+
+
+async def test_verbose_shows_rate_limit(faulty, tmp_path):
+    from puller.progress import Progress
+
+    class Recorder(Progress):
+        def __init__(self):
+            self.messages = []
+
+        def message(self, text):
+            self.messages.append(text)
+
+    recorder = Recorder()
+    server = await faulty(Faults(rate_limit_headers=True))
+    ref = Reference.parse(f"127.0.0.1:{server.port}/app:v1")
+    await pull(ref, Store(tmp_path / "store"), Registries(), lambda host: None,
+               PullOptions(progress=recorder, verbose=True))
+    assert recorder.messages == [f"127.0.0.1:{server.port} rate limit: 76;w=21600 remaining of 100;w=21600"]

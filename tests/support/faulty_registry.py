@@ -28,6 +28,8 @@ class Faults:
     require_password: str | None = None  # Basic auth "user:password"
     rate_limit_always: bool = False    # 429 on every blob request
     rate_limit_once: bool = False      # 429 once, then serve
+    redirect_blobs_to: str | None = None  # 307 every blob GET to this base URL (a "CDN")
+    rate_limit_headers: bool = False   # ratelimit-limit/-remaining on manifests, as Docker Hub sends
     requests: list[str] = field(default_factory=list)
 
 
@@ -65,8 +67,10 @@ def make_app(layer: bytes, faults: Faults) -> web.Application:
         faults.requests.append(f"GET manifest {request.match_info['ref']}")
         if not authorized(request):
             return challenge()
-        return web.Response(body=manifest, content_type=OCI_MANIFEST,
-                            headers={"Docker-Content-Digest": sha256(manifest)})
+        headers = {"Docker-Content-Digest": sha256(manifest)}
+        if faults.rate_limit_headers:
+            headers.update({"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "76;w=21600"})
+        return web.Response(body=manifest, content_type=OCI_MANIFEST, headers=headers)
 
     async def get_blob(request):
         digest = request.match_info["digest"]
@@ -77,6 +81,8 @@ def make_app(layer: bytes, faults: Faults) -> web.Application:
             faults.rate_limit_once = False
             return web.json_response({"errors": [{"code": "TOOMANYREQUESTS"}]}, status=429,
                                      headers={"Retry-After": "0", "ratelimit-limit": "100;w=21600"})
+        if faults.redirect_blobs_to:
+            raise web.HTTPTemporaryRedirect(f"{faults.redirect_blobs_to}/cdn/{digest}")
         if digest not in blobs or (faults.missing_layer and blobs[digest] == layer):
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
         body = blobs[digest]
@@ -106,4 +112,18 @@ def make_app(layer: bytes, faults: Faults) -> web.Application:
     app.router.add_get("/v2/", version)
     app.router.add_get("/v2/{name:.+}/manifests/{ref}", get_manifest)
     app.router.add_get("/v2/{name:.+}/blobs/{digest}", get_blob)
+    return app
+
+
+def make_cdn(layer: bytes, seen_headers: list[dict]) -> web.Application:
+    """Another host serving blobs by digest; it records the headers it was sent."""
+    _, config, _ = image(layer)
+    blobs = {sha256(config): config, sha256(layer): layer}
+
+    async def get(request):
+        seen_headers.append(dict(request.headers))
+        return web.Response(body=blobs[request.match_info["digest"]])
+
+    app = web.Application()
+    app.router.add_get("/cdn/{digest}", get)
     return app
