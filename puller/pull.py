@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Callable
@@ -102,7 +103,8 @@ async def fetch_manifest(client: RegistryClient, reference: str, expected: Diges
 
 async def download_blob(client: RegistryClient, descriptor: dict, store: Store, progress: Progress) -> bool:
     """Fetch one blob into the store; False when it was already there. Verifies size and
-    digest while streaming; resumes with Range after a broken transfer."""
+    digest while streaming; resumes with Range after a broken transfer. A blob the registry
+    does not have is tried at the descriptor's `urls` (without credentials)."""
     digest = Digest.parse(descriptor["digest"])
     size = descriptor["size"]
     name = str(digest).split(":", 1)[1][:12]
@@ -110,39 +112,21 @@ async def download_blob(client: RegistryClient, descriptor: dict, store: Store, 
         progress.done(name, "already in store")
         return False
     progress.start(name, size)
-    temp = store.temp_path()
     scope = f"repository:{client.endpoint.repository}:pull"
+    openers = [lambda headers: client.request("GET", client.repo_path(f"blobs/{digest}"), scope=scope,
+                                              headers=headers, ok=(200, 206))]
+    for url in descriptor.get("urls") or []:
+        if url.startswith(("https://", "http://")):
+            openers.append(lambda headers, url=url: _plain_get(client.session, url, headers))
+    temp = store.temp_path()
     try:
-        with open(temp, "wb") as out:
-            hasher = new_hasher(digest.algorithm)
-            written = 0
-            for attempt in range(RESUME_ATTEMPTS):
-                headers = {"Range": f"bytes={written}-"} if written else {}
-                try:
-                    async with client.request("GET", client.repo_path(f"blobs/{digest}"), scope=scope,
-                                              headers=headers, ok=(200, 206)) as r:
-                        if r.status == 404:
-                            raise RegistryError(f"blob {digest} not found in {client.endpoint.host}/"
-                                                f"{client.endpoint.repository}")
-                        if written and r.status == 200:  # the server ignored Range: start over
-                            out.seek(0)
-                            out.truncate()
-                            progress.advance(name, -written)
-                            hasher, written = new_hasher(digest.algorithm), 0
-                        async for chunk in r.content.iter_chunked(CHUNK):
-                            written += len(chunk)
-                            if written > size:
-                                raise VerificationError(f"blob {digest} is larger than the {size} bytes "
-                                                        "its descriptor promises")
-                            await asyncio.to_thread(_write_and_hash, out, hasher, chunk)
-                            progress.advance(name, len(chunk))
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError):
-                    pass  # resume below from `written`
-                if written == size:
-                    break
-                await asyncio.sleep(0.2 * (attempt + 1))
-            else:
-                raise RegistryError(f"blob {digest}: transfer kept breaking at {written} of {size} bytes")
+        for opener in openers:
+            with open(temp, "wb") as out:
+                hasher = await _receive(opener, out, size, digest, name, progress)
+            if hasher is not None:
+                break
+        else:
+            raise RegistryError(f"blob {digest} not found in {client.endpoint.host}/{client.endpoint.repository}")
         actual = f"{digest.algorithm}:{hasher.hexdigest()}"
         if actual != str(digest):
             raise VerificationError(f"digest mismatch for blob: expected {digest}, got {actual}")
@@ -151,6 +135,46 @@ async def download_blob(client: RegistryClient, descriptor: dict, store: Store, 
         return True
     finally:
         temp.unlink(missing_ok=True)
+
+
+@contextlib.asynccontextmanager
+async def _plain_get(session: aiohttp.ClientSession, url: str, headers: dict):
+    """A foreign-layer URL: another host, so no registry credentials go with it."""
+    async with session.get(url, headers=headers) as r:
+        if r.status not in (200, 206, 404):
+            raise RegistryError(f"GET {url}: HTTP {r.status}")
+        yield r
+
+
+async def _receive(opener, out, size: int, digest: Digest, name: str, progress: Progress):
+    """Stream the blob into `out`, resuming with Range; returns the hasher of what was
+    written, or None when the source has no such blob."""
+    hasher = new_hasher(digest.algorithm)
+    written = 0
+    for attempt in range(RESUME_ATTEMPTS):
+        headers = {"Range": f"bytes={written}-"} if written else {}
+        try:
+            async with opener(headers) as r:
+                if r.status == 404:
+                    progress.advance(name, -written)
+                    return None
+                if written and r.status == 200:  # the server ignored Range: start over
+                    out.seek(0)
+                    out.truncate()
+                    progress.advance(name, -written)
+                    hasher, written = new_hasher(digest.algorithm), 0
+                async for chunk in r.content.iter_chunked(CHUNK):
+                    written += len(chunk)
+                    if written > size:
+                        raise VerificationError(f"blob {digest} is larger than the {size} bytes its descriptor promises")
+                    await asyncio.to_thread(_write_and_hash, out, hasher, chunk)
+                    progress.advance(name, len(chunk))
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError):
+            pass  # resume below from `written`
+        if written == size:
+            return hasher
+        await asyncio.sleep(0.2 * (attempt + 1))
+    raise RegistryError(f"blob {digest}: transfer kept breaking at {written} of {size} bytes")
 
 
 def _write_and_hash(out, hasher, chunk: bytes) -> None:

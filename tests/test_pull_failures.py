@@ -132,3 +132,33 @@ async def test_verbose_shows_rate_limit(faulty, tmp_path):
     await pull(ref, Store(tmp_path / "store"), Registries(), lambda host: None,
                PullOptions(progress=recorder, verbose=True))
     assert recorder.messages == [f"127.0.0.1:{server.port} rate limit: 76;w=21600 remaining of 100;w=21600"]
+
+
+async def test_foreign_layer_urls_are_fetched_without_credentials(aiohttp_server, tmp_path):
+    """A layer the registry does not have comes from its descriptor's `urls`, credential-free."""
+    import json as _json
+
+    from aiohttp import web
+    seen: list[dict] = []
+    cdn = await aiohttp_server(make_cdn(LAYER, seen))
+    manifest, config, _ = image(LAYER)
+    doc = _json.loads(manifest)
+    doc["layers"][0]["urls"] = [f"http://127.0.0.1:{cdn.port}/cdn/{sha256(LAYER)}"]
+    manifest = _json.dumps(doc).encode()
+
+    async def handler(request):
+        if request.headers.get("Authorization") != "Basic Ym9iOnJpZ2h0":
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+        if "/manifests/" in request.path:
+            return web.Response(body=manifest, content_type="application/vnd.oci.image.manifest.v1+json")
+        if request.path.endswith(sha256(config)):
+            return web.Response(body=config)
+        return web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", handler)
+    server = await aiohttp_server(app)
+    store = Store(tmp_path / "store")
+    await run_pull(server, store, Credentials("bob", "right"))
+    assert len(seen) == 1 and "Authorization" not in seen[0]
+    assert (store.root / "blobs" / "sha256" / sha256(LAYER)[7:]).read_bytes() == LAYER
