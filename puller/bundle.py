@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 from ocispec import mediatypes as mt
@@ -78,10 +79,12 @@ def _read_inside(rootfs: Path, relative: str) -> str:
         parts = relative.split("/")
         parent = root.walk(parts[:-1], create=False, entry=relative)
         try:
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=parent)
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=parent)
         finally:
             os.close(parent)
         with os.fdopen(fd, "r", errors="replace") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ""  # a FIFO or device named etc/passwd would block or worse
             return f.read(1 << 20)
     except (FileNotFoundError, NotADirectoryError, OSError, UnsafeLayer):
         return ""

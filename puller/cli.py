@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 from ocispec.reference import InvalidReference, Reference
@@ -22,7 +23,7 @@ from .progress import for_terminal
 from .pull import PullOptions, pull
 from .registries import Registries, RegistriesConfError
 from .store import Store, StoreError, default_store
-from .transport import RegistryError
+from .transport import RegistryError, printable
 
 COMMANDS = ("pull", "images", "rmi", "unpack")
 
@@ -87,8 +88,9 @@ def main(argv: list[str]) -> int:
             return _unpack(args, store)
         return _rmi(args, store)
     except (RegistryError, InvalidReference, RegistriesConfError, creds.CredentialsError, StoreError,
-            BundleError, UnsafeLayer, LayerError, ValueError, OSError) as exc:
-        print(f"kura: {exc}", file=sys.stderr)
+            BundleError, UnsafeLayer, LayerError, ValueError, OSError, tarfile.TarError, KeyError) as exc:
+        text = f"malformed image data: missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        print(f"kura: {printable(text)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("kura: interrupted", file=sys.stderr)

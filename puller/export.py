@@ -37,8 +37,8 @@ def export_oci(store: Store, descriptor: dict, directory: Path, tag: str) -> Non
     for digest in store.reachable(Digest.parse(descriptor["digest"])):
         source = store.blob_path(digest)
         target = directory / "blobs" / digest.algorithm / digest.encoded
-        if target.exists():
-            continue
+        if target.exists() or not source.exists():
+            continue  # an index's attestation entries are not pulled
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(source, target)

@@ -73,20 +73,22 @@ async def fetch_manifest(client: RegistryClient, reference: str, expected: Diges
                    f"of {r.headers['ratelimit-limit']}")
         if r.status == 404:
             raise RegistryError(f"manifest {reference} not found in {client.endpoint.host}/{client.endpoint.repository}")
-        data = await r.content.read(MANIFEST_LIMIT + 1)
-        if len(data) > MANIFEST_LIMIT:
-            raise VerificationError(f"manifest {reference} is larger than {MANIFEST_LIMIT} bytes")
-        media_type = mt.strip_parameters(r.headers.get("Content-Type", ""))
+        data = await read_limited(r, MANIFEST_LIMIT, f"manifest {reference}")
+        header_type = mt.strip_parameters(r.headers.get("Content-Type", ""))
         header_digest = r.headers.get("Docker-Content-Digest")
+    if header_type in mt.SCHEMA1:
+        raise RegistryError(f"{reference} is a Docker schema 1 image, which Kura does not support")
     try:
         document = json.loads(data)
     except ValueError:
         raise VerificationError(f"manifest {reference} is not JSON") from None
-    if media_type not in mt.MANIFESTS:
-        media_type = document.get("mediaType") or ("application/vnd.oci.image.index.v1+json"
-                                                    if "manifests" in document else mt.OCI_MANIFEST)
-    if media_type in mt.SCHEMA1 or document.get("schemaVersion") == 1:
-        raise RegistryError(f"{reference} is a Docker schema 1 image, which Kura does not support")
+    if not isinstance(document, dict) or document.get("schemaVersion") == 1:
+        raise RegistryError(f"{reference} is not a schema 2 / OCI manifest, which is all Kura supports")
+    # The document's own mediaType is covered by the digest; the header is not.
+    media_type = document.get("mediaType") or (header_type if header_type in mt.MANIFESTS else None) \
+        or (mt.OCI_INDEX if "manifests" in document else mt.OCI_MANIFEST)
+    if ("manifests" in document) != (media_type in mt.INDEXES) or media_type not in mt.MANIFESTS:
+        raise VerificationError(f"manifest {reference}: media type {media_type} does not fit its content")
     algorithm = expected.algorithm if expected else "sha256"
     digest = Digest.of_bytes(data, algorithm)
     if expected is not None and digest != expected:
@@ -99,6 +101,18 @@ async def fetch_manifest(client: RegistryClient, reference: str, expected: Diges
         if claimed and Digest.of_bytes(data, claimed.algorithm) != claimed:
             raise VerificationError(f"manifest digest mismatch: registry says {claimed}, content is {digest}")
     return _Manifest(data, media_type, digest)
+
+
+async def read_limited(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The whole body, refusing more than `limit` bytes (without reading them)."""
+    if response.content_length is not None and response.content_length > limit:
+        raise VerificationError(f"{what} is larger than {limit} bytes")
+    data = bytearray()
+    while chunk := await response.content.read(65536):
+        data += chunk
+        if len(data) > limit:
+            raise VerificationError(f"{what} is larger than {limit} bytes")
+    return bytes(data)
 
 
 async def download_blob(client: RegistryClient, descriptor: dict, store: Store, progress: Progress) -> bool:
@@ -115,9 +129,10 @@ async def download_blob(client: RegistryClient, descriptor: dict, store: Store, 
     scope = f"repository:{client.endpoint.repository}:pull"
     openers = [lambda headers: client.request("GET", client.repo_path(f"blobs/{digest}"), scope=scope,
                                               headers=headers, ok=(200, 206))]
-    for url in descriptor.get("urls") or []:
-        if url.startswith(("https://", "http://")):
-            openers.append(lambda headers, url=url: _plain_get(client.session, url, headers))
+    if descriptor.get("mediaType") in FOREIGN_LAYERS:
+        for url in descriptor.get("urls") or []:
+            if _allowed_url(url):
+                openers.append(lambda headers, url=url: _plain_get(client.session, url, headers))
     temp = store.temp_path()
     try:
         for opener in openers:
@@ -135,6 +150,17 @@ async def download_blob(client: RegistryClient, descriptor: dict, store: Store, 
         return True
     finally:
         temp.unlink(missing_ok=True)
+
+
+FOREIGN_LAYERS = {mt.DOCKER_FOREIGN_LAYER, "application/vnd.oci.image.layer.nondistributable.v1.tar",
+                  "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                  "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"}
+
+
+def _allowed_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1"))
 
 
 @contextlib.asynccontextmanager
@@ -221,7 +247,7 @@ async def _pull_from(client: RegistryClient, reference: Reference, store: Store,
     blobs: dict[str, dict] = {}
     for manifest in manifests:
         document = manifest.document
-        if manifest.media_type in mt.IMAGE_MANIFESTS:
+        if "manifests" not in document:  # by structure: the digest covers it, not a header
             for descriptor in [document["config"], *document.get("layers", [])]:
                 blobs.setdefault(descriptor["digest"], descriptor)
 
@@ -231,14 +257,17 @@ async def _pull_from(client: RegistryClient, reference: Reference, store: Store,
         async with semaphore:
             return await download_blob(client, descriptor, store, options.progress)
 
-    results = await asyncio.gather(*[fetch(d) for d in blobs.values()])
-    for manifest in manifests:
-        store.put_bytes(manifest.data, manifest.digest)
-    pinned = reference.with_tag(reference.tag, reference.digest)
-    descriptor = recorded.descriptor()
-    if recorded is not top and (platform := _platform_of(top, recorded)):
-        descriptor["platform"] = platform
-    store.add(str(pinned), descriptor)
+    with store.pinned():
+        results = await asyncio.gather(*[fetch(d) for d in blobs.values()])
+        for manifest in manifests:
+            store.put_bytes(manifest.data, manifest.digest)
+        missing = [d for d in blobs if not store.has_blob(Digest.parse(d), blobs[d]["size"])]
+        if missing:
+            raise VerificationError(f"blobs missing after the pull: {', '.join(missing)}")
+        descriptor = recorded.descriptor()
+        if recorded is not top and (platform := _platform_of(top, recorded)):
+            descriptor["platform"] = platform
+        store.add(str(reference), descriptor)
     options.progress.close()
     return PullResult(reference, recorded.digest, recorded.media_type, descriptor,
                       downloaded=sum(results), reused=len(results) - sum(results))

@@ -57,9 +57,10 @@ class Store:
 
     def has_blob(self, digest: Digest, size: int | None = None) -> bool:
         try:
-            return size is None or self.blob_path(digest).stat().st_size == size
+            actual = self.blob_path(digest).stat().st_size
         except FileNotFoundError:
             return False
+        return size is None or actual == size
 
     def temp_path(self) -> Path:
         return self.scratch / f"{uuid.uuid4().hex}.partial"
@@ -86,12 +87,16 @@ class Store:
     # -- index ------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self):
-        fd = os.open(self.scratch / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        """Exclusive: index.json is being read-modified-written."""
+        with _flocked(self.scratch / "lock", fcntl.LOCK_EX):
             yield
-        finally:
-            os.close(fd)
+
+    @contextlib.contextmanager
+    def pinned(self):
+        """Shared, held by a pull from its first blob to its index entry: blobs it has
+        stored but not yet recorded must not look unused to a concurrent `rmi`."""
+        with _flocked(self.scratch / "gc.lock", fcntl.LOCK_SH):
+            yield
 
     def _read_index(self) -> dict:
         try:
@@ -119,7 +124,7 @@ class Store:
 
     def remove(self, reference: str) -> list[Digest]:
         """Drop a reference, then every blob no remaining image needs; returns those removed."""
-        with self.locked():
+        with _flocked(self.scratch / "gc.lock", fcntl.LOCK_EX), self.locked():
             index = self._read_index()
             kept = [m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) != reference]
             if len(kept) == len(index["manifests"]):
@@ -150,6 +155,16 @@ class Store:
         for descriptor in ([document["config"]] if "config" in document else []) + document.get("layers", []):
             found.add(Digest.parse(descriptor["digest"]))
         return found
+
+
+@contextlib.contextmanager
+def _flocked(path: Path, mode: int):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: Path, data: bytes, scratch: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import re
 import time
@@ -21,6 +22,8 @@ from .registries import Endpoint
 log = logging.getLogger("kura.client")
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+TOKEN_LIMIT = 1 << 20
+ERROR_LIMIT = 64 << 10
 MAX_ATTEMPTS = 5
 MAX_REDIRECTS = 5
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
@@ -116,6 +119,8 @@ class RegistryClient:
             realm = params.get("realm")
             if not realm:
                 raise AuthError(f"registry {self.endpoint.host} sent a Bearer challenge without a realm")
+            if self._scheme == "https" and realm.startswith("http:") and not self.endpoint.insecure:
+                raise AuthError(f"registry {self.endpoint.host} wants credentials sent to a plain-HTTP realm {realm}")
             body = await self._fetch_token(realm, params.get("service"), scope)
             token = body.get("token") or body.get("access_token")
             if not token:
@@ -133,7 +138,7 @@ class RegistryClient:
                 form["service"] = service
             async with self.session.post(realm, data=form, allow_redirects=False) as r:
                 if r.status == 200:
-                    return await r.json(content_type=None)
+                    return await _json_body(r, TOKEN_LIMIT, "token response")
                 if r.status in (401, 403):
                     raise AuthError(f"login to {self.endpoint.host} failed: invalid username or password")
                 # 404/405/400: an issuer that only knows the GET form.
@@ -149,7 +154,7 @@ class RegistryClient:
                 raise RateLimited(_rate_limit_message(self.endpoint.host, r))
             if r.status != 200:
                 raise AuthError(f"token service at {realm} answered {r.status}")
-            return await r.json(content_type=None)
+            return await _json_body(r, TOKEN_LIMIT, "token response")
 
     # -- requests ---------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -170,6 +175,10 @@ class RegistryClient:
                 delay *= 2
                 continue
             if response.status == 401 and not refreshed:
+                if _origin(str(response.url)) != _origin(url):
+                    response.release()
+                    raise AuthError(f"{urlsplit(str(response.url)).netloc}, where {self.endpoint.host} redirected "
+                                    "us, asks for credentials; Kura sends them only to the registry itself")
                 self._note_challenge(response)
                 self._tokens.pop(scope, None)
                 response.release()
@@ -199,11 +208,11 @@ class RegistryClient:
 
     async def _send(self, method: str, url: str, scope: str, headers: dict) -> aiohttp.ClientResponse:
         """Follow redirects by hand: credentials go only to the registry's own host."""
-        origin = urlsplit(url).netloc
+        origin = _origin(url)
         ssl = False if self.endpoint.insecure else None
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
-            if urlsplit(url).netloc == origin:
+            if _origin(url) == origin:  # scheme too: never credentials over a downgrade
                 sent.update(await self._auth_header(scope))
             response = await self.session.request(method, url, headers=sent, allow_redirects=False, ssl=ssl)
             if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
@@ -211,7 +220,12 @@ class RegistryClient:
                 response.release()
                 continue
             return response
-        raise RegistryError(f"too many redirects from {origin}")
+        raise RegistryError(f"too many redirects from {origin[1]}")
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
 
 
 def _retry_after(response: aiohttp.ClientResponse) -> float:
@@ -222,15 +236,37 @@ def _retry_after(response: aiohttp.ClientResponse) -> float:
 
 
 def _rate_limit_message(host: str, response: aiohttp.ClientResponse) -> str:
-    limit = response.headers.get("ratelimit-limit", "unknown")
-    retry = response.headers.get("Retry-After", "unknown")
+    limit = printable(response.headers.get("ratelimit-limit", "unknown"))[:100]
+    retry = printable(response.headers.get("Retry-After", "unknown"))[:100]
     return f"{host} rate limit reached (limit {limit}); retry after {retry} seconds"
+
+
+async def _json_body(response: aiohttp.ClientResponse, limit: int, what: str) -> dict:
+    if response.content_length is not None and response.content_length > limit:
+        raise RegistryError(f"{what} is larger than {limit} bytes")
+    data = bytearray()
+    while chunk := await response.content.read(65536):
+        data += chunk
+        if len(data) > limit:
+            raise RegistryError(f"{what} is larger than {limit} bytes")
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise RegistryError(f"{what} is not JSON") from None
+    if not isinstance(body, dict):
+        raise RegistryError(f"{what} is not a JSON object")
+    return body
+
+
+def printable(text: str) -> str:
+    """Registry-supplied text, without terminal control sequences."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 async def _error_text(response: aiohttp.ClientResponse) -> str:
     try:
-        body = await response.json(content_type=None)
+        body = await _json_body(response, ERROR_LIMIT, "error body")
         errors = body.get("errors") or []
-        return "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or ""
-    except (ValueError, aiohttp.ContentTypeError, AttributeError):
+        return printable("; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict)))[:500]
+    except RegistryError:
         return ""

@@ -120,8 +120,8 @@ class Root:
 
 
 def apply_layer(root: Root, tar_stream: DecompressedLayer, options: UnpackOptions) -> None:
-    created: set[tuple[str, ...]] = set()  # what this layer made: whiteouts do not touch it
-    directories: list[tuple[tuple[str, ...], tarfile.TarInfo]] = []
+    created: set[tuple[str, ...]] = set()  # what this layer made (and their parents): whiteouts do not touch it
+    directories: list[tuple[tuple[str, ...], tarfile.TarInfo, tuple[int, int]]] = []
     with tarfile.open(fileobj=tar_stream, mode="r|", errorlevel=2) as archive:
         for member in archive:
             parts = clean_name(member.name)
@@ -137,18 +137,41 @@ def apply_layer(root: Root, tar_stream: DecompressedLayer, options: UnpackOption
                     raise UnsafeLayer(f"entry {member.name!r}: whiteout of {target!r}")
                 _whiteout(root, parts[:-1], target, created, member.name)
                 continue
-            _apply_member(root, archive, member, parts, options)
-            created.add(tuple(parts))
-            if member.isdir():
-                directories.append((tuple(parts), member))
-    # Directory metadata last: adding children would change their mtimes.
-    for parts, member in reversed(directories):
-        parent = root.walk(list(parts[:-1]), create=False, entry=member.name)
-        try:
-            _set_metadata(parent, parts[-1], member, options, is_link=False)
-        finally:
-            os.close(parent)
+            identity = _apply_member(root, archive, member, parts, options)
+            for i in range(1, len(parts) + 1):
+                created.add(tuple(parts[:i]))
+            if identity is not None:
+                directories.append((tuple(parts), member, identity))
+    # Directory metadata last (adding children changes mtimes), applied through a descriptor
+    # of the very directory made earlier: if a later entry replaced it, it is skipped.
+    for parts, member, identity in reversed(directories):
+        _set_directory_metadata(root, parts, member, identity, options)
     tar_stream.drain()
+
+
+def _set_directory_metadata(root: Root, parts: tuple[str, ...], member: tarfile.TarInfo,
+                            identity: tuple[int, int], options: UnpackOptions) -> None:
+    try:
+        parent = root.walk(list(parts[:-1]), create=False, entry=member.name)
+    except (FileNotFoundError, NotADirectoryError, UnsafeLayer):
+        return
+    try:
+        fd = os.open(parts[-1], _DIR_FLAGS | os.O_NONBLOCK, dir_fd=parent)
+    except OSError:
+        return  # replaced by a non-directory or a link since
+    finally:
+        os.close(parent)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != identity:
+            return
+        if options.as_root:
+            os.fchown(fd, member.uid, member.gid)
+        os.fchmod(fd, member.mode & 0o7777)
+        _set_xattrs(fd, member, options)
+        os.utime(fd, ns=(int(member.mtime * 1e9),) * 2)
+    finally:
+        os.close(fd)
 
 
 def _opaque(root: Root, dir_parts: list[str], created: set, entry: str) -> None:
@@ -158,15 +181,10 @@ def _opaque(root: Root, dir_parts: list[str], created: set, entry: str) -> None:
         return
     try:
         for name in os.listdir(fd):
-            if tuple(dir_parts + [name]) not in created and not _holds_created(created, dir_parts + [name]):
+            if tuple(dir_parts + [name]) not in created:
                 root.remove(fd, name)
     finally:
         os.close(fd)
-
-
-def _holds_created(created: set, prefix: list[str]) -> bool:
-    n = len(prefix)
-    return any(len(p) > n and list(p[:n]) == prefix for p in created)
 
 
 def _whiteout(root: Root, dir_parts: list[str], target: str, created: set, entry: str) -> None:
@@ -183,7 +201,8 @@ def _whiteout(root: Root, dir_parts: list[str], target: str, created: set, entry
 
 
 def _apply_member(root: Root, archive: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str],
-                  options: UnpackOptions) -> None:
+                  options: UnpackOptions) -> tuple[int, int] | None:
+    """Apply one entry; for a directory, return its (device, inode) for the metadata pass."""
     name = parts[-1]
     parent = root.walk(parts[:-1], create=True, entry=member.name)
     try:
@@ -195,7 +214,8 @@ def _apply_member(root: Root, archive: tarfile.TarFile, member: tarfile.TarInfo,
                     os.mkdir(name, 0o700, dir_fd=parent)
             except FileNotFoundError:
                 os.mkdir(name, 0o700, dir_fd=parent)
-            return  # metadata once the layer is done
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            return st.st_dev, st.st_ino  # metadata once the layer is done
         root.remove(parent, name)
         if member.isreg():
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -228,19 +248,20 @@ def _apply_member(root: Root, archive: tarfile.TarFile, member: tarfile.TarInfo,
                 raise UnsafeLayer(f"entry {member.name!r}: hardlink target {member.linkname!r} does not exist") from None
             finally:
                 os.close(source_dir)
-            return  # a hardlink shares its target's metadata
+            return None  # a hardlink shares its target's metadata
         elif member.isfifo():
             os.mkfifo(name, 0o600, dir_fd=parent)
         elif member.ischr() or member.isblk():
             if not (options.allow_devices and options.as_root):
                 options.note_once("device nodes skipped (use --allow-devices, as root)")
-                return
+                return None
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
             os.mknod(name, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=parent)
         else:
             options.note_once(f"skipped entries of unsupported tar type {member.type!r}")
-            return
+            return None
         _set_metadata(parent, name, member, options, is_link=member.issym())
+        return None
     finally:
         os.close(parent)
 
@@ -256,12 +277,16 @@ def _set_metadata(parent: int, name: str, member: tarfile.TarInfo, options: Unpa
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
         try:
             os.fchmod(fd, member.mode & 0o7777)  # after chown, which clears setuid/setgid
-            for key, value in (member.pax_headers or {}).items():
-                if key.startswith("SCHILY.xattr."):
-                    try:
-                        os.setxattr(fd, key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape"))
-                    except OSError:
-                        options.note_once("some extended attributes could not be set on this filesystem")
+            _set_xattrs(fd, member, options)
         finally:
             os.close(fd)
     os.utime(name, ns=(int(member.mtime * 1e9),) * 2, dir_fd=parent, follow_symlinks=False)
+
+
+def _set_xattrs(fd: int, member: tarfile.TarInfo, options: UnpackOptions) -> None:
+    for key, value in (member.pax_headers or {}).items():
+        if key.startswith("SCHILY.xattr."):
+            try:
+                os.setxattr(fd, key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape"))
+            except OSError:
+                options.note_once("some extended attributes could not be set on this filesystem")

@@ -144,13 +144,16 @@ async def test_foreign_layer_urls_are_fetched_without_credentials(aiohttp_server
     manifest, config, _ = image(LAYER)
     doc = _json.loads(manifest)
     doc["layers"][0]["urls"] = [f"http://127.0.0.1:{cdn.port}/cdn/{sha256(LAYER)}"]
+    ordinary = _json.dumps(doc).encode()  # urls on an ordinary layer are not followed
+    doc["layers"][0]["mediaType"] = "application/vnd.oci.image.layer.nondistributable.v1.tar"
     manifest = _json.dumps(doc).encode()
 
     async def handler(request):
         if request.headers.get("Authorization") != "Basic Ym9iOnJpZ2h0":
             return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="r"'})
         if "/manifests/" in request.path:
-            return web.Response(body=manifest, content_type="application/vnd.oci.image.manifest.v1+json")
+            body = ordinary if request.path.endswith("/ordinary") else manifest
+            return web.Response(body=body, content_type="application/vnd.oci.image.manifest.v1+json")
         if request.path.endswith(sha256(config)):
             return web.Response(body=config)
         return web.Response(status=404)
@@ -159,6 +162,68 @@ async def test_foreign_layer_urls_are_fetched_without_credentials(aiohttp_server
     app.router.add_route("GET", "/{tail:.*}", handler)
     server = await aiohttp_server(app)
     store = Store(tmp_path / "store")
+    with pytest.raises(RegistryError, match="not found"):
+        await pull(Reference.parse(f"127.0.0.1:{server.port}/app:ordinary"), store, Registries(),
+                   lambda host: Credentials("bob", "right"), PullOptions())
+    assert seen == []
     await run_pull(server, store, Credentials("bob", "right"))
     assert len(seen) == 1 and "Authorization" not in seen[0]
     assert (store.root / "blobs" / "sha256" / sha256(LAYER)[7:]).read_bytes() == LAYER
+
+
+async def test_manifest_larger_than_a_socket_buffer(aiohttp_server, tmp_path):
+    """A 200 KB manifest arrives in many reads; the 4 MiB limit is what counts."""
+    from aiohttp import web
+    manifest, config, _ = image(LAYER)
+    import json as _json
+    doc = _json.loads(manifest)
+    doc["annotations"] = {"pad": "x" * 200_000}
+    manifest = _json.dumps(doc).encode()
+
+    async def handler(request):
+        if "/manifests/" in request.path:
+            return web.Response(body=manifest, content_type="application/vnd.oci.image.manifest.v1+json")
+        blob = {sha256(config): config, sha256(LAYER): LAYER}[request.match_info["tail"].rsplit("/", 1)[1]]
+        return web.Response(body=blob)
+
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", handler)
+    server = await aiohttp_server(app)
+    result = await run_pull(server, Store(tmp_path / "store"))
+    assert str(result.digest) == sha256(manifest)
+
+
+async def test_content_type_cannot_override_the_document(aiohttp_server, tmp_path):
+    from aiohttp import web
+    manifest, config, _ = image(LAYER)
+
+    async def handler(request):
+        return web.Response(body=manifest, content_type="application/vnd.oci.image.index.v1+json")
+
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", handler)
+    server = await aiohttp_server(app)
+    store = Store(tmp_path / "store")
+    with pytest.raises(RegistryError):
+        await run_pull(server, store)  # it tries the layers (the document says manifest) and finds none
+    assert store.images() == []
+
+
+async def test_challenge_from_a_redirect_target_gets_no_password(aiohttp_server, tmp_path):
+    from aiohttp import web
+    posted = []
+
+    async def evil(request):
+        if request.method == "POST":
+            posted.append(await request.post())
+            return web.json_response({"token": "t"})
+        return web.Response(status=401, headers={"WWW-Authenticate": f'Bearer realm="{request.url.origin()}/token"'})
+
+    evil_app = web.Application()
+    evil_app.router.add_route("*", "/{tail:.*}", evil)
+    evil_server = await aiohttp_server(evil_app)
+    faults = Faults(require_password="bob:right", redirect_blobs_to=f"http://127.0.0.1:{evil_server.port}")
+    server = await aiohttp_server(make_app(LAYER, faults))
+    with pytest.raises(AuthError, match="sends them only to the registry itself"):
+        await run_pull(server, Store(tmp_path / "store"), Credentials("bob", "right"))
+    assert posted == []

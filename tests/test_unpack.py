@@ -265,3 +265,22 @@ def test_compressions_and_diff_id(world, media_type):
 def test_unknown_media_type():
     with pytest.raises(LayerError, match="unsupported"):
         DecompressedLayer(io.BytesIO(b""), "application/x-rar")
+
+
+def test_directory_replaced_later_in_the_layer_is_not_reopened(world):
+    """The metadata pass must not open what took a directory's place (a FIFO would hang it)."""
+    world.apply(layer(entry("d", "dir", mode=0o711), entry("d", "fifo"),
+                      entry("e", "dir", mode=0o777, uid=1234), entry("e", "symlink", target="etc"),
+                      entry("etc", "dir", mode=0o755), entry("p", "dir"), entry("p/d", "dir", mode=0o777),
+                      entry("p", "symlink", target="etc")))
+    assert stat.S_ISFIFO(os.lstat(world.root / "d").st_mode)
+    assert os.readlink(world.root / "e") == "etc"
+    assert stat.S_IMODE(os.stat(world.root / "etc").st_mode) == 0o755
+    world.untouched()
+
+
+def test_opaque_keeps_everything_this_layer_made(world):
+    world.apply(layer(entry("d", "dir"), *[entry(f"d/old{i}", data=b"") for i in range(2000)]))
+    world.apply(layer(entry("d", "dir"), *[entry(f"d/new{i}/f", data=b"") for i in range(2000)],
+                      entry("d/.wh..wh..opq")))
+    assert sorted(os.listdir(world.root / "d")) == sorted(f"new{i}" for i in range(2000))
