@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 SERVER_COMMANDS = ("serve", "fsck", "user")
-CLIENT_COMMANDS = ("pull", "images", "rmi", "unpack")
+CLIENT_COMMANDS = ("pull", "images", "rmi", "unpack", "push", "login", "logout")
 
 USAGE = """usage: kura COMMAND [ARGS]
 
@@ -18,7 +18,10 @@ server commands:
   user      add or remove accounts (kura user add NAME)
 
 client commands:
+  login     log in to a registry (kura login -u USER --password-stdin SERVER)
+  logout    remove a stored login
   pull      pull an image into the local store (kura pull redis)
+  push      push an image from the store or an OCI layout (kura push oci:DIR:TAG HOST/NAME:TAG)
   images    list images in the local store
   rmi       remove an image from the local store
   unpack    unpack a stored image into an OCI runtime bundle (rootfs + config.json)

@@ -25,7 +25,7 @@ from .registries import Registries, RegistriesConfError
 from .store import Store, StoreError, default_store
 from .transport import RegistryError, printable
 
-COMMANDS = ("pull", "images", "rmi", "unpack")
+COMMANDS = ("pull", "images", "rmi", "unpack", "push", "login", "logout")
 
 
 def _store_argument(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     _unpack_arguments(u)
     _store_argument(u)
 
+    ps = commands.add_parser("push", help="push an image to a registry",
+                             description="Examples: kura push oci:./layout:7 localhost:5000/redis:7\n"
+                                         "          kura push localhost:5000/redis:7   (from the local store)",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    ps.add_argument("source", help="oci:DIR[:TAG], or a reference in the local store")
+    ps.add_argument("destination", nargs="?", help="where to push (default: the source reference)")
+    ps.add_argument("--mount-from", help="repository of the same registry to mount blobs from")
+    ps.add_argument("--jobs", type=int, default=4, help="blobs uploaded at once (default 4)")
+    ps.add_argument("--registries-conf", type=Path, help="containers-registries.conf(5) file")
+    ps.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    _store_argument(ps)
+
+    li = commands.add_parser("login", help="log in to a registry (stored in Docker's config.json)",
+                             description="Example: echo \"$PASSWORD\" | kura login -u alice --password-stdin localhost:5000")
+    li.add_argument("server", nargs="?", help="registry host[:port] (default docker.io)")
+    li.add_argument("-u", "--username")
+    li.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    li.add_argument("-p", "--password", help=argparse.SUPPRESS)
+    lo = commands.add_parser("logout", help="remove a stored login", description="Example: kura logout localhost:5000")
+    lo.add_argument("server", nargs="?", help="registry host[:port] (default docker.io)")
+
     i = commands.add_parser("images", help="list images in the local store", description="Example: kura images")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     _store_argument(i)
@@ -79,7 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "login":
+            return _login(args)
+        if args.command == "logout":
+            return _logout(args)
         store = Store(args.store or default_store())
+        if args.command == "push":
+            return _push(args, store)
         if args.command == "pull":
             return _pull(args, store)
         if args.command == "images":
@@ -133,6 +160,67 @@ def _unpack_into(store: Store, digest, bundle: Path, args) -> None:
     for note in options.notes:
         print(f"kura: note: {note}", file=sys.stderr)
     print(f"unpacked into {bundle} (rootfs/ and config.json)")
+
+
+def _login(args) -> int:
+    import getpass
+
+    from .login import normalise_server, verify
+    if args.password is not None:
+        print("kura: --password would leave the password in your shell history and process list; "
+              "use --password-stdin (echo \"$PASSWORD\" | kura login -u USER --password-stdin SERVER)",
+              file=sys.stderr)
+        return 2
+    server = normalise_server(args.server)
+    user = args.username
+    if not user:
+        if not sys.stdin.isatty():
+            raise ValueError("give -u USER when stdin is not a terminal")
+        user = input("Username: ").strip()
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+    else:
+        raise ValueError("use --password-stdin to read the password from a pipe")
+    credentials = creds.Credentials(user, password)
+    insecure = any(e.insecure for e in Registries.load().entries if e.location == server)
+    asyncio.run(verify(server, credentials, insecure))
+    where = creds.save(server, credentials)
+    print(f"Login Succeeded (saved in {where})")
+    return 0
+
+
+def _logout(args) -> int:
+    from .login import normalise_server
+    server = normalise_server(args.server)
+    if not creds.erase(server):
+        print(f"kura: not logged in to {server}", file=sys.stderr)
+        return 1
+    print(f"Removed login credentials for {server}")
+    return 0
+
+
+def _push(args, store: Store) -> int:
+    from .push import PushOptions, Source, push, source_from_layout
+    if args.source.startswith("oci:"):
+        directory, tag = parse_oci_target(args.source)
+        source = source_from_layout(directory, tag)
+        if not args.destination:
+            raise ValueError("name a destination when pushing from an OCI layout")
+    else:
+        image = store.find(str(Reference.parse(args.source)))
+        if image is None:
+            raise StoreError(f"no image {Reference.parse(args.source)} in the store")
+        source = Source(store.root, image.descriptor)
+    destination = Reference.parse(args.destination or args.source)
+    options = PushOptions(jobs=args.jobs, mount_from=args.mount_from, progress=for_terminal(args.quiet))
+    digest, counts = asyncio.run(push(source, destination, Registries.load(args.registries_conf), creds.lookup,
+                                      options))
+    if not args.quiet:
+        print(f"{destination}: {digest} ({counts['uploaded']} uploaded, {counts['mounted']} mounted, "
+              f"{counts['exists']} already there)")
+    return 0
 
 
 def _images(args, store: Store) -> int:

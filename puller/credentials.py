@@ -101,3 +101,69 @@ def run_helper(helper: str, server: str) -> Credentials | None:
         return Credentials(answer["Username"], answer["Secret"])
     except (ValueError, KeyError):
         raise CredentialsError(f"{program} get answered something that is not credentials") from None
+
+
+def save(host: str, credentials: Credentials, path: Path | None = None) -> str:
+    """Store a login the way docker does; returns where it went. Other keys are kept."""
+    path = path or config_path()
+    config = _load_for_update(path)
+    key = server_key(host)
+    helper = (config.get("credHelpers") or {}).get(host) or config.get("credsStore")
+    if helper:
+        _run_helper_action(helper, "store", json.dumps({"ServerURL": key, "Username": credentials.username,
+                                                        "Secret": credentials.password}))
+        return f"docker-credential-{helper}"
+    auth = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
+    config.setdefault("auths", {})[key] = {"auth": auth}
+    _write_config(path, config)
+    return str(path)
+
+
+def erase(host: str, path: Path | None = None) -> bool:
+    path = path or config_path()
+    config = _load_for_update(path)
+    key = server_key(host)
+    helper = (config.get("credHelpers") or {}).get(host) or config.get("credsStore")
+    if helper:
+        _run_helper_action(helper, "erase", key)
+        return True
+    auths = config.get("auths") or {}
+    names = [name for name in auths if _matches(name, key) or _matches(name, host)]
+    for name in names:
+        del auths[name]
+    if names:
+        _write_config(path, config)
+    return bool(names)
+
+
+def _load_for_update(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise CredentialsError(f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise CredentialsError(f"{path} is not a JSON object")
+    return config
+
+
+def _write_config(path: Path, config: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.kura.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f, indent="\t")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _run_helper_action(helper: str, action: str, payload: str) -> None:
+    program = f"docker-credential-{helper}"
+    try:
+        result = subprocess.run([program, action], input=payload, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise CredentialsError(f"credential helper {program} is configured but not installed") from None
+    if result.returncode != 0:
+        raise CredentialsError(f"{program} {action} failed: {result.stderr.strip() or result.stdout.strip()}")

@@ -159,15 +159,16 @@ class RegistryClient:
     # -- requests ---------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def request(self, method: str, path: str, *, scope: str, headers: dict | None = None,
-                      ok: tuple[int, ...] = (200,)) -> AsyncIterator[aiohttp.ClientResponse]:
+                      ok: tuple[int, ...] = (200,), data: bytes | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
         """A request with auth, retries and safe redirects. Yields the final response (its
-        status is one of `ok`, or 404); raises RegistryError otherwise."""
-        url = (await self.base_url()) + path
+        status is one of `ok`, or 404); raises RegistryError otherwise. `path` may also be a
+        Location the registry gave (absolute, or relative to it)."""
+        url = urljoin(await self.base_url() + "/", path)
         delay = 0.5
         refreshed = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                response = await self._send(method, url, scope, headers or {})
+                response = await self._send(method, url, scope, headers or {}, data)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
                 if attempt == MAX_ATTEMPTS:
                     raise RegistryError(f"{self.endpoint.api_host}: {exc or type(exc).__name__}") from None
@@ -206,7 +207,8 @@ class RegistryClient:
                 response.release()
             return
 
-    async def _send(self, method: str, url: str, scope: str, headers: dict) -> aiohttp.ClientResponse:
+    async def _send(self, method: str, url: str, scope: str, headers: dict, data: bytes | None = None
+                    ) -> aiohttp.ClientResponse:
         """Follow redirects by hand: credentials go only to the registry's own host."""
         origin = _origin(url)
         ssl = False if self.endpoint.insecure else None
@@ -214,7 +216,8 @@ class RegistryClient:
             sent = dict(headers)
             if _origin(url) == origin:  # scheme too: never credentials over a downgrade
                 sent.update(await self._auth_header(scope))
-            response = await self.session.request(method, url, headers=sent, allow_redirects=False, ssl=ssl)
+            response = await self.session.request(method, url, headers=sent, allow_redirects=False, ssl=ssl,
+                                                  data=data)
             if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
                 url = urljoin(url, response.headers["Location"])
                 response.release()

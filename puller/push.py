@@ -1,0 +1,227 @@
+"""`kura push`: an image from the local store or an OCI layout to a registry.
+
+Blobs first (HEAD, skip what exists; mount from `--mount-from`; else upload: one PUT for
+small blobs, PATCH chunks honouring OCI-Chunk-Min-Length for large ones, resuming from the
+server's Range after a break), every blob re-hashed from disk before it is sent; then
+manifests, children before the index, the top one by tag, the registry's digest checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import aiohttp
+
+from ocispec import mediatypes as mt
+from ocispec.digest import Digest, new_hasher
+from ocispec.reference import Reference
+
+from .credentials import Credentials
+from .progress import Progress, Quiet
+from .registries import Registries
+from .transport import RegistryClient, RegistryError
+
+MONOLITHIC_LIMIT = 8 << 20
+DEFAULT_CHUNK = 16 << 20
+UPLOAD_ATTEMPTS = 5
+
+
+class PushError(RegistryError):
+    pass
+
+
+@dataclass
+class Source:
+    """Where the bytes come from: a directory holding `blobs/<alg>/<hex>`."""
+    root: Path
+    top: dict  # descriptor of the manifest or index to push
+
+    def blob(self, digest: str) -> Path:
+        d = Digest.parse(digest)
+        return self.root / "blobs" / d.algorithm / d.encoded
+
+    def read_manifest(self, digest: str) -> bytes:
+        data = self.blob(digest).read_bytes()
+        if Digest.of_bytes(data, Digest.parse(digest).algorithm) != Digest.parse(digest):
+            raise PushError(f"local manifest {digest} is corrupt; refusing to push it")
+        return data
+
+
+def source_from_layout(directory: Path, tag: str | None) -> Source:
+    index = json.loads((directory / "index.json").read_text())
+    entries = index.get("manifests", [])
+    if tag is not None:
+        entries = [m for m in entries if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag]
+    if len(entries) != 1:
+        raise PushError(f"{directory}: {'no image tagged ' + repr(tag) if tag else 'name a tag (oci:DIR:TAG)'}"
+                        if not entries else f"{directory}: several images match; name one with oci:DIR:TAG")
+    return Source(directory, entries[0])
+
+
+@dataclass
+class PushOptions:
+    jobs: int = 4
+    mount_from: str | None = None
+    progress: Progress = field(default_factory=Quiet)
+
+
+def verify_file(path: Path, digest: Digest) -> int:
+    hasher = new_hasher(digest.algorithm)
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+            size += len(chunk)
+    if hasher.hexdigest() != digest.encoded:
+        raise PushError(f"local blob {digest} is corrupt (content hashes to {digest.algorithm}:{hasher.hexdigest()}); "
+                        "nothing was sent")
+    return size
+
+
+class Pusher:
+    def __init__(self, client: RegistryClient, source: Source, options: PushOptions):
+        self.client = client
+        self.source = source
+        self.options = options
+        repo = client.endpoint.repository
+        self.scope = f"repository:{repo}:pull,push"
+        if options.mount_from:
+            self.scope += f" repository:{options.mount_from}:pull"
+
+    def _path(self, suffix: str) -> str:
+        return self.client.repo_path(suffix)
+
+    async def blob(self, descriptor: dict) -> str:
+        digest = Digest.parse(descriptor["digest"])
+        name = digest.encoded[:12]
+        path = self.source.blob(str(digest))
+        size = descriptor["size"]  # verified by image() before anything was sent
+        async with self.client.request("HEAD", self._path(f"blobs/{digest}"), scope=self.scope) as r:
+            if r.status == 200:
+                self.options.progress.done(name, "already there")
+                return "exists"
+        if self.options.mount_from:
+            query = f"?mount={digest}&from={self.options.mount_from}"
+            async with self.client.request("POST", self._path(f"blobs/uploads/{query}"), scope=self.scope,
+                                           ok=(201, 202)) as r:
+                if r.status == 201:
+                    self.options.progress.done(name, f"mounted from {self.options.mount_from}")
+                    return "mounted"
+                location, min_chunk = r.headers.get("Location"), r.headers.get("OCI-Chunk-Min-Length")
+        else:
+            location, min_chunk = await self._start()
+        self.options.progress.start(name, size)
+        await self._upload(location, path, digest, size, int(min_chunk) if min_chunk and min_chunk.isdigit() else 0)
+        self.options.progress.done(name, "pushed")
+        return "uploaded"
+
+    async def _start(self) -> tuple[str, str | None]:
+        async with self.client.request("POST", self._path("blobs/uploads/"), scope=self.scope, ok=(202,)) as r:
+            if r.status != 202 or "Location" not in r.headers:
+                raise PushError(f"{self.client.endpoint.host} did not start an upload ({r.status})")
+            return r.headers["Location"], r.headers.get("OCI-Chunk-Min-Length")
+
+    async def _upload(self, location: str, path: Path, digest: Digest, size: int, min_chunk: int) -> None:
+        name = digest.encoded[:12]
+        if size <= MONOLITHIC_LIMIT:
+            data = path.read_bytes()
+            async with self.client.request("PUT", _with_digest(location, digest), scope=self.scope, ok=(201,),
+                                           data=data, headers={"Content-Type": "application/octet-stream"}) as r:
+                if r.status != 201:
+                    raise PushError(f"upload of {digest} failed: HTTP {r.status}")
+            self.options.progress.advance(name, size)
+            return
+        chunk_size = max(DEFAULT_CHUNK, min_chunk)
+        offset = 0
+        failures = 0
+        with open(path, "rb") as f:
+            while offset < size:
+                f.seek(offset)
+                chunk = f.read(chunk_size)
+                headers = {"Content-Type": "application/octet-stream",
+                           "Content-Range": f"{offset}-{offset + len(chunk) - 1}"}
+                try:
+                    async with self.client.request("PATCH", location, scope=self.scope, ok=(202,), data=chunk,
+                                                   headers=headers) as r:
+                        if r.status != 202:
+                            raise PushError(f"upload of {digest} failed: HTTP {r.status}")
+                        location = r.headers.get("Location", location)
+                    offset += len(chunk)
+                    self.options.progress.advance(name, len(chunk))
+                except RegistryError:
+                    failures += 1
+                    if failures >= UPLOAD_ATTEMPTS:
+                        raise
+                    offset = await self._resume_offset(location)  # continue where the server is
+        async with self.client.request("PUT", _with_digest(location, digest), scope=self.scope, ok=(201,)) as r:
+            if r.status != 201:
+                raise PushError(f"finishing the upload of {digest} failed: HTTP {r.status}")
+
+    async def _resume_offset(self, location: str) -> int:
+        await asyncio.sleep(0.5)
+        async with self.client.request("GET", location, scope=self.scope, ok=(204,)) as r:
+            if r.status != 204:
+                raise PushError("the upload session is gone; push again")
+            match = re.fullmatch(r"0-(\d+)", r.headers.get("Range", ""))
+            return int(match.group(1)) + 1 if match and match.group(1) != "0" else 0
+
+    async def manifest(self, descriptor: dict, reference: str) -> str:
+        data = self.source.read_manifest(descriptor["digest"])
+        document = json.loads(data)
+        media_type = document.get("mediaType") or descriptor.get("mediaType") or mt.OCI_MANIFEST
+        async with self.client.request("PUT", self._path(f"manifests/{reference}"), scope=self.scope, ok=(201,),
+                                       data=data, headers={"Content-Type": media_type}) as r:
+            if r.status != 201:
+                raise PushError(f"the registry refused manifest {descriptor['digest']} (HTTP {r.status})")
+            returned = r.headers.get("Docker-Content-Digest")
+        if returned and returned != descriptor["digest"]:
+            raise PushError(f"the registry stored the manifest as {returned}, not {descriptor['digest']}")
+        return descriptor["digest"]
+
+    async def image(self, descriptor: dict, reference: str) -> dict[str, int]:
+        counts = {"exists": 0, "mounted": 0, "uploaded": 0}
+        document = json.loads(self.source.read_manifest(descriptor["digest"]))
+        if "manifests" in document:
+            for child in document["manifests"]:
+                if self.source.blob(child["digest"]).exists():
+                    for k, v in (await self.image(child, child["digest"])).items():
+                        counts[k] += v
+        else:
+            blobs = [document["config"], *document.get("layers", [])]
+            for blob in blobs:  # every byte checked before the first one is sent
+                size = verify_file(self.source.blob(blob["digest"]), Digest.parse(blob["digest"]))
+                if size != blob["size"]:
+                    raise PushError(f"local blob {blob['digest']} has {size} bytes, its descriptor says {blob['size']}")
+            semaphore = asyncio.Semaphore(max(1, self.options.jobs))
+
+            async def one(d: dict) -> str:
+                async with semaphore:
+                    return await self.blob(d)
+
+            for result in await asyncio.gather(*[one(d) for d in blobs]):
+                counts[result] += 1
+        await self.manifest(descriptor, reference)
+        return counts
+
+
+def _with_digest(location: str, digest: Digest) -> str:
+    return f"{location}{'&' if '?' in location else '?'}digest={digest}"
+
+
+async def push(source: Source, destination: Reference, registries: Registries,
+               credentials: Callable[[str], Credentials | None], options: PushOptions) -> tuple[str, dict]:
+    endpoint = registries.endpoints(destination)[-1]  # mirrors are for pulling
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)) as s:
+        client = RegistryClient(s, endpoint, credentials(endpoint.host))
+        pusher = Pusher(client, source, options)
+        counts = await pusher.image(source.top, destination.reference)
+    options.progress.close()
+    return source.top["digest"], counts
+
+
+

@@ -1,0 +1,215 @@
+"""`kura login`, `kura push`: round trips with Kura (token mode) and the reference registry
+(htpasswd), byte-identical pushes, cross-repository mounts, resumed and refused uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from registry.auth import htpasswd
+from tests.support.paths import IMAGES, PEER_REGISTRY_SCRIPT, REPO, require_shared
+from tests.support.servers import Server, free_port, start_kura, stop
+
+pytestmark = pytest.mark.e2e
+
+
+def kura(*args: str, env: dict, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kura", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=env, input=stdin)
+
+
+def tag_digest(layout: Path, tag: str) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    return next(m["digest"] for m in index["manifests"]
+                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+
+
+@pytest.fixture
+def env(tmp_path):
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    (docker / "config.json").write_text(json.dumps({"auths": {}, "psFormat": "table {{.ID}}"}))
+    return dict(os.environ, DOCKER_CONFIG=str(docker), HOME=str(tmp_path), REGISTRY_AUTH_FILE=str(docker / "config.json"))
+
+
+@pytest.fixture(params=["kura-token", "distribution-htpasswd"])
+def secured(request, tmp_path):
+    require_shared()
+    if request.param == "kura-token":
+        root = tmp_path / "kura"
+        htpasswd.set_user(root / "auth" / "htpasswd", "alice", "alice-pw", cost=4)
+        config = tmp_path / "kura.toml"
+        config.write_text('[auth]\nmode = "token"\n')
+        server = start_kura(root, None, "--config", str(config))
+        yield server
+        stop(server)
+    else:
+        port = free_port()
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        subprocess.run(["bash", str(PEER_REGISTRY_SCRIPT), "--auth", "alice:alice-pw", str(port), str(tmp_path / "d")],
+                       check=True, capture_output=True, timeout=60, env=environment)
+        yield Server("distribution", f"127.0.0.1:{port}", tmp_path / "d" / "storage")
+        subprocess.run(["bash", str(PEER_REGISTRY_SCRIPT), "--stop", str(tmp_path / "d")], capture_output=True)
+
+
+def test_login_push_pull_round_trip(secured, env, tmp_path):
+    host = secured.host
+    wrong = kura("login", "-u", "alice", "--password-stdin", host, env=env, stdin="nope\n")
+    assert wrong.returncode == 1 and wrong.stderr.startswith("kura: ")
+    refused = kura("login", "-u", "alice", "-p", "alice-pw", host, env=env)
+    assert refused.returncode == 2 and "--password-stdin" in refused.stderr
+    ok = kura("login", "-u", "alice", "--password-stdin", host, env=env, stdin="alice-pw\n")
+    assert ok.returncode == 0 and "Login Succeeded" in ok.stdout
+    config_path = Path(env["DOCKER_CONFIG"]) / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["psFormat"] == "table {{.ID}}"  # other keys kept
+    assert stat.S_IMODE(config_path.stat().st_mode) == 0o600
+    pushed = kura("push", f"oci:{IMAGES / 'redis'}:7", f"{host}/team/redis:7", "-q", env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    pulled = kura("pull", f"{host}/team/redis:7", "--store", str(tmp_path / "store"), "-q", env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    # skopeo uses the very config.json Kura wrote.
+    inspected = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"--authfile={config_path}",
+                                f"docker://{host}/team/redis:7"], capture_output=True, text=True, timeout=120)
+    assert inspected.returncode == 0, inspected.stderr
+    assert json.loads(inspected.stdout)["Digest"] == tag_digest(IMAGES / "redis", "7")
+    assert kura("logout", host, env=env).returncode == 0
+    assert host not in json.loads(config_path.read_text()).get("auths", {})
+    denied = kura("push", f"oci:{IMAGES / 'redis'}:7", f"{host}/team/redis:8", "-q", env=env)
+    assert denied.returncode == 1
+
+
+@pytest.fixture(scope="module")
+def plain_kura(tmp_path_factory):
+    require_shared()
+    work = tmp_path_factory.mktemp("push")
+    server = start_kura(work / "data", None, log=work / "kura.log")
+    yield server, work / "kura.log"
+    stop(server)
+
+
+@pytest.mark.parametrize("layout, tag", [("debian", "bookworm"), ("redis", "7"), ("busybox-multiarch", "latest")])
+def test_push_is_byte_identical(plain_kura, layout, tag, env, tmp_path):
+    server, _ = plain_kura
+    result = kura("push", f"oci:{IMAGES / layout}:{tag}", f"{server.host}/same/{layout}:{tag}", "-q", env=env)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    subprocess.run(["skopeo", "copy", "--all", "--preserve-digests", "--src-tls-verify=false",
+                    f"docker://{server.host}/same/{layout}:{tag}", f"oci:{out}:{tag}"], check=True,
+                   capture_output=True, timeout=300)
+    assert tag_digest(out, tag) == tag_digest(IMAGES / layout, tag)
+    for blob in (out / "blobs" / "sha256").iterdir():
+        assert blob.read_bytes() == (IMAGES / layout / "blobs" / "sha256" / blob.name).read_bytes()
+
+
+def test_second_repository_mounts_instead_of_uploading(plain_kura, env):
+    server, log = plain_kura
+    first = kura("push", f"oci:{IMAGES / 'redis'}:7", f"{server.host}/mount/a:7", env=env)
+    assert first.returncode == 0 and "5 uploaded" in first.stdout
+    second = kura("push", f"oci:{IMAGES / 'redis'}:7", f"{server.host}/mount/b:7", "--mount-from", "mount/a", env=env)
+    assert second.returncode == 0 and "0 uploaded, 5 mounted" in second.stdout, second.stdout + second.stderr
+    access = log.read_text()
+    assert access.count('"POST /v2/mount/b/blobs/uploads/?mount=sha256') == 5
+    assert '"PATCH /v2/mount/b/' not in access and 'PUT /v2/mount/b/blobs/uploads' not in access
+
+
+def test_corrupt_local_blob_is_refused_before_anything_is_sent(plain_kura, env, tmp_path):
+    server, log = plain_kura
+    layout = tmp_path / "layout"
+    shutil.copytree(IMAGES / "redis", layout)
+    manifest = json.loads((layout / "blobs" / "sha256" / tag_digest(layout, "7")[7:]).read_bytes())
+    victim = layout / "blobs" / "sha256" / manifest["layers"][-1]["digest"][7:]
+    victim.chmod(0o644)
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    before = log.read_text().count("/v2/corrupt/")
+    result = kura("push", f"oci:{layout}:7", f"{server.host}/corrupt/redis:7", env=env)
+    assert result.returncode == 1 and "corrupt" in result.stderr and "nothing was sent" in result.stderr
+    assert log.read_text().count("/v2/corrupt/") == before == 0
+
+
+class DroppingProxy:
+    """Forwards to a registry, but drops the connection in the middle of the second PATCH."""
+
+    def __init__(self, backend: str):
+        self.backend, self.port, self.patches = backend, free_port(), 0
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "PATCH":
+            self.patches += 1
+            if self.patches == 2:
+                await request.content.read(1 << 20)
+                request.transport.close()  # mid-body, nothing forwarded
+                return web.Response(status=500)
+        body = await request.read() if request.can_read_body else None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with self.session.request(request.method, self.backend + request.rel_url.raw_path_qs, data=body,
+                                        headers=headers, allow_redirects=False) as upstream:
+            return web.Response(status=upstream.status, body=await upstream.read(),
+                                headers={k: v for k, v in upstream.headers.items()
+                                         if k.lower() not in ("content-length", "transfer-encoding")})
+
+    def run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def start():
+            self.session = aiohttp.ClientSession()
+            app = web.Application(client_max_size=1 << 30)
+            app.router.add_route("*", "/{tail:.*}", self.forward)
+            self.runner = web.AppRunner(app, access_log=None)
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+        self.loop.run_until_complete(start())
+        self.ready.set()
+        self.loop.run_forever()
+
+    def __enter__(self):
+        threading.Thread(target=self.run, daemon=True).start()
+        self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc):
+        async def close():
+            await self.runner.cleanup()
+            await self.session.close()
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def test_interrupted_push_resumes(plain_kura, env, tmp_path):
+    server, log = plain_kura
+    with DroppingProxy(server.url) as proxy:
+        result = kura("push", f"oci:{IMAGES / 'debian'}:bookworm", f"127.0.0.1:{proxy.port}/resume/debian:bookworm",
+                      "-q", env=env)
+        assert result.returncode == 0, result.stderr
+        assert proxy.patches >= 4  # 51 MB in 16 MiB chunks, one of them sent twice
+    out = tmp_path / "out"
+    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{server.host}/resume/debian:bookworm",
+                    f"oci:{out}:bookworm"], check=True, capture_output=True, timeout=300)
+    layer = json.loads((IMAGES / "debian" / "blobs" / "sha256" / tag_digest(IMAGES / "debian", "bookworm")[7:])
+                       .read_bytes())["layers"][0]["digest"][7:]
+    assert hashlib.sha256((out / "blobs" / "sha256" / layer).read_bytes()).hexdigest() == layer
+    size = (IMAGES / "debian" / "blobs" / "sha256" / layer).stat().st_size
+    lines = log.read_text().splitlines()
+    posts = [x for x in lines if '"POST /v2/resume/debian/blobs/uploads/' in x]
+    patches = [x for x in lines if '"PATCH /v2/resume/debian/blobs/uploads/' in x]
+    # Resumed, not restarted: one session for the layer (and one for the config), and the
+    # server received each 16 MiB chunk once; the dropped one never reached it.
+    assert len(posts) == 2
+    assert len(patches) == -(-size // (16 << 20))
