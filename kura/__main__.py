@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 
 SERVER_COMMANDS = ("serve", "fsck", "user")
-CLIENT_COMMANDS = ("pull", "images", "rmi", "unpack", "push", "login", "logout")
+CLIENT_COMMANDS = ("pull", "images", "rmi", "unpack", "push", "login", "logout", "copy", "tag", "inspect", "tags",
+                   "delete")
 
 USAGE = """usage: kura COMMAND [ARGS]
 
@@ -22,6 +23,11 @@ client commands:
   logout    remove a stored login
   pull      pull an image into the local store (kura pull redis)
   push      push an image from the store or an OCI layout (kura push oci:DIR:TAG HOST/NAME:TAG)
+  copy      copy between registries, OCI layouts and docker archives (mirroring)
+  tag       give a stored image another reference
+  inspect   show an image's digest, platforms, layers, entrypoint (--raw, --config, --json)
+  tags      list a repository's tags
+  delete    delete a manifest or tag in a registry
   images    list images in the local store
   rmi       remove an image from the local store
   unpack    unpack a stored image into an OCI runtime bundle (rootfs + config.json)

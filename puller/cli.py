@@ -25,7 +25,7 @@ from .registries import Registries, RegistriesConfError
 from .store import Store, StoreError, default_store
 from .transport import RegistryError, printable
 
-COMMANDS = ("pull", "images", "rmi", "unpack", "push", "login", "logout")
+COMMANDS = ("pull", "images", "rmi", "unpack", "push", "login", "logout", "copy", "tag", "inspect", "tags", "delete")
 
 
 def _store_argument(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +86,42 @@ def build_parser() -> argparse.ArgumentParser:
     lo = commands.add_parser("logout", help="remove a stored login", description="Example: kura logout localhost:5000")
     lo.add_argument("server", nargs="?", help="registry host[:port] (default docker.io)")
 
+    cp = commands.add_parser("copy", help="copy an image between registries and layouts",
+                             description="Example: kura copy docker.io/library/redis:latest localhost:5000/redis:latest\n"
+                                         "SRC: a registry reference or oci:DIR[:TAG]; DEST: a registry reference, "
+                                         "oci:DIR[:TAG] or docker-archive:FILE.tar",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    cp.add_argument("source")
+    cp.add_argument("destination")
+    cp.add_argument("--all-platforms", action="store_true", help="copy every platform of an index")
+    cp.add_argument("--platform", help="os/arch[/variant] to pick from an index (default: this machine)")
+    cp.add_argument("--registries-conf", type=Path, help="containers-registries.conf(5) file")
+    cp.add_argument("--quiet", "-q", action="store_true")
+
+    tg = commands.add_parser("tag", help="give a stored image another reference", description="Example: kura tag redis myredis:7")
+    tg.add_argument("source")
+    tg.add_argument("target")
+    _store_argument(tg)
+
+    ins = commands.add_parser("inspect", help="show an image: digest, platforms, layers, entrypoint",
+                              description="Example: kura inspect redis:7 --json")
+    ins.add_argument("reference")
+    ins.add_argument("--raw", action="store_true", help="print the manifest exactly as stored")
+    ins.add_argument("--config", action="store_true", help="print the image config")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--registries-conf", type=Path)
+    _store_argument(ins)
+
+    ts = commands.add_parser("tags", help="list a repository's tags", description="Example: kura tags localhost:5000/redis")
+    ts.add_argument("reference")
+    ts.add_argument("--json", action="store_true")
+    ts.add_argument("--registries-conf", type=Path)
+
+    de = commands.add_parser("delete", help="delete a manifest (by digest) or a tag in a registry",
+                             description="Example: kura delete localhost:5000/redis:old")
+    de.add_argument("reference")
+    de.add_argument("--registries-conf", type=Path)
+
     i = commands.add_parser("images", help="list images in the local store", description="Example: kura images")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     _store_argument(i)
@@ -104,9 +140,15 @@ def main(argv: list[str]) -> int:
             return _login(args)
         if args.command == "logout":
             return _logout(args)
+        if args.command in ("tags", "delete", "copy"):
+            return {"tags": _tags, "delete": _delete, "copy": _copy}[args.command](args)
         store = Store(args.store or default_store())
         if args.command == "push":
             return _push(args, store)
+        if args.command == "tag":
+            return _tag(args, store)
+        if args.command == "inspect":
+            return _inspect(args, store)
         if args.command == "pull":
             return _pull(args, store)
         if args.command == "images":
@@ -220,6 +262,98 @@ def _push(args, store: Store) -> int:
     if not args.quiet:
         print(f"{destination}: {digest} ({counts['uploaded']} uploaded, {counts['mounted']} mounted, "
               f"{counts['exists']} already there)")
+    return 0
+
+
+def _tag(args, store: Store) -> int:
+    source = str(Reference.parse(args.source))
+    image = store.find(source)
+    if image is None:
+        raise StoreError(f"no image {source} in the store")
+    target = Reference.parse(args.target)
+    store.add(str(target), {k: v for k, v in image.descriptor.items() if k != "annotations"})
+    print(f"{target} -> {image.descriptor['digest']}")
+    return 0
+
+
+def _inspect(args, store: Store) -> int:
+    from .remote import describe, inspect
+    reference = Reference.parse(args.reference)
+    image = store.find(str(reference))
+    if image is not None:
+        digest = Digest.parse(image.descriptor["digest"])
+        raw = store.read_blob(digest)
+        document = json.loads(raw)
+        config = json.loads(store.read_blob(Digest.parse(document["config"]["digest"]))) if "config" in document else None
+        info = describe(str(reference), digest, image.descriptor["mediaType"], raw, document, config)
+    else:
+        info = asyncio.run(inspect(reference, Registries.load(args.registries_conf), creds.lookup))
+    if args.raw:
+        print(info["raw"])
+    elif args.config:
+        print(json.dumps(info.get("config"), indent=2))
+    elif args.json:
+        print(json.dumps({k: v for k, v in info.items() if k not in ("raw", "config")}, indent=2))
+    else:
+        print(f"Reference:  {info['reference']}\nDigest:     {info['digest']}\nMedia type: {info['mediaType']}")
+        if "platforms" in info:
+            print("Platforms:  " + ", ".join(info["platforms"]))
+        for key in ("platform", "created", "entrypoint", "cmd"):
+            if info.get(key) is not None:
+                print(f"{key.capitalize() + ':':11} {info[key]}")
+        for layer in info.get("layers", []):
+            print(f"Layer:      {layer['digest']} ({layer['size']} bytes)")
+    return 0
+
+
+def _tags(args) -> int:
+    from .remote import list_tags
+    tags = asyncio.run(list_tags(Reference.parse(args.reference), Registries.load(args.registries_conf), creds.lookup))
+    print(json.dumps(tags) if args.json else "\n".join(tags))
+    return 0
+
+
+def _delete(args) -> int:
+    from .remote import delete
+    reference = Reference.parse(args.reference)
+    asyncio.run(delete(reference, Registries.load(args.registries_conf), creds.lookup))
+    print(f"deleted {reference}")
+    return 0
+
+
+def _copy(args) -> int:
+    """Through a private scratch store: pull (or read a layout), then push or export."""
+    import tempfile
+
+    from .push import PushOptions, Source, push, source_from_layout
+    registries = Registries.load(args.registries_conf)
+    progress = for_terminal(args.quiet)
+    with tempfile.TemporaryDirectory(prefix="kura-copy-") as scratch:
+        if args.source.startswith("oci:"):
+            directory, tag = parse_oci_target(args.source)
+            source = source_from_layout(directory, tag)
+            store = None
+        else:
+            store = Store(Path(scratch))
+            options = PullOptions(platform=Platform.parse(args.platform) if args.platform else Platform.host(),
+                                  all_platforms=args.all_platforms, progress=progress)
+            result = asyncio.run(pull(Reference.parse(args.source), store, registries, creds.lookup, options))
+            source = Source(store.root, result.descriptor)
+        if args.destination.startswith("oci:") or args.destination.startswith("docker-archive:"):
+            if store is None:
+                raise ValueError("copying from a layout to a layout or archive: use the files as they are")
+            if args.destination.startswith("oci:"):
+                directory, tag = parse_oci_target(args.destination)
+                export_oci(store, source.top, directory, tag or "latest")
+            else:
+                export_docker_archive(store, source.top, Path(args.destination.split(":", 1)[1]), None)
+        else:
+            destination = Reference.parse(args.destination)
+            digest, counts = asyncio.run(push(source, destination, registries, creds.lookup,
+                                              PushOptions(progress=progress)))
+            if not args.quiet:
+                print(f"{destination}: {digest} ({counts['uploaded']} uploaded, {counts['mounted']} mounted, "
+                      f"{counts['exists']} already there)")
     return 0
 
 

@@ -267,3 +267,18 @@ def test_hub_refuses_anonymous_pull_outside_library(hub, tmp_path, client_env):
                   str(tmp_path / "store"), env=client_env)
     assert result.returncode == 1
     assert result.stderr.startswith("kura: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_copy_from_the_hub_into_a_private_registry(hub, tmp_path, client_env):
+    """The README's mirroring example: kura copy docker.io/library/redis:latest localhost:PORT/redis:latest."""
+    private = start_kura(tmp_path / "private")
+    try:
+        copied = kura("copy", "docker.io/library/redis:latest", f"{private.host}/redis:latest",
+                      "--registries-conf", str(hub["conf"]), "-q", env=client_env)
+        assert copied.returncode == 0, copied.stderr
+        pulled = kura("pull", f"{private.host}/redis", "--store", str(tmp_path / "store"), "-q", env=client_env)
+        assert pulled.returncode == 0, pulled.stderr
+        images = json.loads(kura("images", "--json", "--store", str(tmp_path / "store"), env=client_env).stdout)
+        assert images[0]["digest"] == tag_digest(IMAGES / "redis", "latest")
+    finally:
+        stop(private)

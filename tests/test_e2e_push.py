@@ -213,3 +213,31 @@ def test_interrupted_push_resumes(plain_kura, env, tmp_path):
     # server received each 16 MiB chunk once; the dropped one never reached it.
     assert len(posts) == 2
     assert len(patches) == -(-size // (16 << 20))
+
+
+def test_copy_tag_inspect_tags_delete(plain_kura, env, tmp_path):
+    server, _ = plain_kura
+    host = server.host
+    store = str(tmp_path / "store")
+    assert kura("push", f"oci:{IMAGES / 'busybox-multiarch'}:latest", f"{host}/cli/busybox:latest", "-q",
+                env=env).returncode == 0
+    copied = kura("copy", f"{host}/cli/busybox:latest", f"{host}/cli/mirror:v1", "--all-platforms", "-q", env=env)
+    assert copied.returncode == 0, copied.stderr
+    info = json.loads(kura("inspect", f"{host}/cli/mirror:v1", "--json", "--store", store, env=env).stdout)
+    assert info["digest"] == tag_digest(IMAGES / "busybox-multiarch", "latest")
+    assert info["platforms"] == ["linux/amd64", "linux/arm64/v8"]
+    raw = kura("inspect", f"{host}/cli/mirror:v1", "--raw", "--store", store, env=env).stdout.rstrip("\n").encode()
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == info["digest"]
+    assert kura("copy", f"{host}/cli/busybox:latest", f"oci:{tmp_path / 'layout'}:x", "--platform", "linux/arm64",
+                "-q", env=env).returncode == 0
+    assert tag_digest(tmp_path / "layout", "x") == tag_digest(IMAGES / "busybox-multiarch", "latest-arm64")
+    assert json.loads(kura("tags", f"{host}/cli/mirror", "--json", env=env).stdout) == ["v1"]
+    assert kura("pull", f"{host}/cli/mirror:v1", "--store", store, "-q", env=env).returncode == 0
+    assert kura("tag", f"{host}/cli/mirror:v1", "mine:1", "--store", store, env=env).returncode == 0
+    local = json.loads(kura("inspect", "mine:1", "--json", "--store", store, env=env).stdout)
+    assert local["digest"] == tag_digest(IMAGES / "busybox-multiarch", "latest-amd64")
+    assert local["cmd"] or local["entrypoint"]
+    assert kura("delete", f"{host}/cli/mirror:v1", env=env).returncode == 0
+    assert json.loads(kura("tags", f"{host}/cli/mirror", "--json", env=env).stdout) == []
+    missing = kura("delete", f"{host}/cli/mirror:v1", env=env)
+    assert missing.returncode == 1 and "not found" in missing.stderr

@@ -1,0 +1,84 @@
+"""Registry look-ups for `kura inspect`, `kura tags` and `kura delete`."""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from urllib.parse import urljoin
+
+import aiohttp
+
+from ocispec.digest import Digest
+from ocispec.reference import Reference
+
+from .pull import fetch_manifest, read_limited
+from .registries import Registries
+from .transport import RegistryClient, RegistryError
+
+CONFIG_LIMIT = 4 << 20
+TAGS_PAGE_LIMIT = 4 << 20
+
+
+@asynccontextmanager
+async def connect(reference: Reference, registries: Registries, credentials):
+    endpoint = registries.endpoints(reference)[-1]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        yield RegistryClient(session, endpoint, credentials(endpoint.host))
+
+
+async def inspect(reference: Reference, registries: Registries, credentials) -> dict:
+    async with connect(reference, registries, credentials) as client:
+        manifest = await fetch_manifest(client, reference.reference, reference.digest)
+        document = manifest.document
+        config = None
+        if "config" in document:
+            scope = f"repository:{client.endpoint.repository}:pull"
+            digest = Digest.parse(document["config"]["digest"])
+            async with client.request("GET", client.repo_path(f"blobs/{digest}"), scope=scope) as r:
+                data = await read_limited(r, CONFIG_LIMIT, "image config")
+            if Digest.of_bytes(data, digest.algorithm) != digest:
+                raise RegistryError(f"config blob does not match {digest}")
+            config = json.loads(data)
+    return describe(str(reference), manifest.digest, manifest.media_type, manifest.data, document, config)
+
+
+def describe(name: str, digest: Digest, media_type: str, raw: bytes, document: dict, config: dict | None) -> dict:
+    out = {"reference": name, "digest": str(digest), "mediaType": media_type, "raw": raw.decode()}
+    if "manifests" in document:
+        out["platforms"] = ["/".join(x for x in (m.get("platform", {}).get("os"), m.get("platform", {}).get("architecture"),
+                                                 m.get("platform", {}).get("variant")) if x) or "unknown"
+                            for m in document["manifests"]]
+        return out
+    out["layers"] = [{"digest": layer["digest"], "size": layer["size"], "mediaType": layer["mediaType"]}
+                     for layer in document.get("layers", [])]
+    if config is not None:
+        out["config"] = config
+        runtime = config.get("config") or {}
+        out.update({"created": config.get("created"), "platform": f"{config.get('os')}/{config.get('architecture')}",
+                    "entrypoint": runtime.get("Entrypoint"), "cmd": runtime.get("Cmd")})
+    return out
+
+
+async def list_tags(reference: Reference, registries: Registries, credentials) -> list[str]:
+    tags: list[str] = []
+    async with connect(reference, registries, credentials) as client:
+        scope = f"repository:{client.endpoint.repository}:pull"
+        path = client.repo_path("tags/list?n=1000")
+        while path:
+            async with client.request("GET", path, scope=scope) as r:
+                if r.status == 404:
+                    raise RegistryError(f"no repository {reference.name}")
+                body = json.loads(await read_limited(r, TAGS_PAGE_LIMIT, "tag list"))
+                link = r.headers.get("Link", "")
+            tags += body.get("tags") or []
+            path = urljoin(path, link[link.index("<") + 1:link.index(">")]) if 'rel="next"' in link else None
+    return tags
+
+
+async def delete(reference: Reference, registries: Registries, credentials) -> None:
+    async with connect(reference, registries, credentials) as client:
+        scope = f"repository:{client.endpoint.repository}:delete"
+        async with client.request("DELETE", client.repo_path(f"manifests/{reference.reference}"), scope=scope,
+                                  ok=(202, 200)) as r:
+            if r.status == 404:
+                raise RegistryError(f"{reference} not found")
