@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Examples: kura push oci:./layout:7 localhost:5000/redis:7\n"
                                          "          kura push localhost:5000/redis:7   (from the local store)",
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    ps.add_argument("source", help="oci:DIR[:TAG], or a reference in the local store")
+    ps.add_argument("source", help="oci:DIR[:TAG], oci-archive:FILE.tar[:TAG], docker-archive:FILE.tar[:REF], "
+                                   "or a reference in the local store")
     ps.add_argument("destination", nargs="?", help="where to push (default: the source reference)")
     ps.add_argument("--mount-from", help="repository of the same registry to mount blobs from")
     ps.add_argument("--jobs", type=int, default=4, help="blobs uploaded at once (default 4)")
@@ -244,12 +245,26 @@ def _logout(args) -> int:
 
 
 def _push(args, store: Store) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kura-push-", dir=store.scratch) as scratch:
+        return _push_from(args, store, Path(scratch))
+
+
+def _push_from(args, store: Store, scratch: Path) -> int:
+    from .archives import docker_archive, oci_archive, split_archive_target
     from .push import PushOptions, Source, push, source_from_layout
+    if args.source.startswith(("oci:", "oci-archive:", "docker-archive:")) and not args.destination:
+        raise ValueError("name a destination when pushing from a layout or an archive")
     if args.source.startswith("oci:"):
         directory, tag = parse_oci_target(args.source)
         source = source_from_layout(directory, tag)
-        if not args.destination:
-            raise ValueError("name a destination when pushing from an OCI layout")
+    elif args.source.startswith("oci-archive:"):
+        file, tag = split_archive_target(args.source.split(":", 1)[1])
+        source = oci_archive(file, tag, scratch)
+    elif args.source.startswith("docker-archive:"):
+        file, ref = split_archive_target(args.source.split(":", 1)[1])
+        source = docker_archive(file, ref, scratch)
     else:
         image = store.find(str(Reference.parse(args.source)))
         if image is None:

@@ -241,3 +241,32 @@ def test_copy_tag_inspect_tags_delete(plain_kura, env, tmp_path):
     assert json.loads(kura("tags", f"{host}/cli/mirror", "--json", env=env).stdout) == []
     missing = kura("delete", f"{host}/cli/mirror:v1", env=env)
     assert missing.returncode == 1 and "not found" in missing.stderr
+
+
+def test_push_archives(plain_kura, env, tmp_path):
+    """A docker-archive (legacy layout, uncompressed layers) and an oci-archive, as skopeo writes them."""
+    server, _ = plain_kura
+    docker_tar, oci_tar = tmp_path / "redis-docker.tar", tmp_path / "redis-oci.tar"
+    for target in (f"docker-archive:{docker_tar}:library/redis:7", f"oci-archive:{oci_tar}:7"):
+        subprocess.run(["skopeo", "copy", f"oci:{IMAGES / 'redis'}:7", target], check=True, capture_output=True,
+                       timeout=300)
+    result = kura("push", f"oci-archive:{oci_tar}:7", f"{server.host}/archives/oci:7", env=env)
+    assert result.returncode == 0, result.stderr
+    assert tag_digest(IMAGES / "redis", "7") in result.stdout  # the very same manifest
+    result = kura("push", f"docker-archive:{docker_tar}", f"{server.host}/archives/docker:7", "-q", env=env)
+    assert result.returncode == 0, result.stderr
+    source_manifest = json.loads((IMAGES / "redis" / "blobs" / "sha256" / tag_digest(IMAGES / "redis", "7")[7:])
+                                 .read_bytes())
+    info = json.loads(kura("inspect", f"{server.host}/archives/docker:7", "--json", "--store",
+                           str(tmp_path / "s"), env=env).stdout)
+    assert info["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    config = json.loads(kura("inspect", f"{server.host}/archives/docker:7", "--config", "--store",
+                             str(tmp_path / "s"), env=env).stdout)
+    source_config = json.loads((IMAGES / "redis" / "blobs" / "sha256" / source_manifest["config"]["digest"][7:])
+                               .read_bytes())
+    assert config == source_config
+    # Pulling and unpacking checks every layer against the config's diff_ids.
+    unpacked = kura("pull", f"{server.host}/archives/docker:7", "--store", str(tmp_path / "s"), "-q",
+                    "--unpack", str(tmp_path / "bundle"), env=env)
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert (tmp_path / "bundle" / "rootfs" / "usr" / "bin" / "redis-server").exists()

@@ -1,0 +1,116 @@
+"""Push sources packed in a tar: `oci-archive:FILE` (an OCI layout in a tar) and
+`docker-archive:FILE[:REF]` (what `docker save` writes, legacy layout included).
+
+Both are unpacked into a scratch directory laid out like an OCI layout (`blobs/<alg>/<hex>`),
+member by member and by name only (nothing from the archive becomes a path outside it).
+A docker archive's uncompressed layers are gzip-compressed there, and a Docker schema 2
+manifest is written for them, as `docker push` would."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+import zlib
+from pathlib import Path
+
+from ocispec import mediatypes as mt
+
+from .push import PushError, Source, source_from_layout
+
+_LAYOUT_MEMBER = re.compile(r"(?:\./)?(oci-layout|index\.json|blobs/sha256/[a-f0-9]{64})")
+_CHUNK = 1 << 20
+
+
+def oci_archive(path: Path, tag: str | None, scratch: Path) -> Source:
+    with tarfile.open(path) as archive:
+        for member in archive:
+            match = _LAYOUT_MEMBER.fullmatch(member.name)
+            if not match or not member.isreg():
+                continue
+            target = scratch / match.group(1)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.extractfile(member) as src, open(target, "wb") as out:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+    if not (scratch / "index.json").exists():
+        raise PushError(f"{path} holds no OCI image layout (no index.json)")
+    return source_from_layout(scratch, tag)
+
+
+def _gzip_compressor():
+    try:
+        from isal import isal_zlib
+        return isal_zlib.compressobj(2, isal_zlib.DEFLATED, 31)
+    except ImportError:
+        return zlib.compressobj(6, zlib.DEFLATED, 31)
+
+
+def _store(scratch: Path, data_path: Path | None = None, data: bytes | None = None) -> tuple[str, int]:
+    """Move bytes into scratch/blobs under their digest; returns (digest, size)."""
+    blobs = scratch / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    if data is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return f"sha256:{digest}", len(data)
+    hasher = hashlib.sha256()
+    size = 0
+    with open(data_path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    data_path.replace(blobs / hasher.hexdigest())
+    return f"sha256:{hasher.hexdigest()}", size
+
+
+def docker_archive(path: Path, reference: str | None, scratch: Path) -> Source:
+    with tarfile.open(path) as archive:
+        members = {m.name.removeprefix("./"): m for m in archive.getmembers() if m.isreg()}
+        if "manifest.json" not in members:
+            raise PushError(f"{path} is not a docker archive (no manifest.json)")
+        entries = json.load(archive.extractfile(members["manifest.json"]))
+        if reference is not None:
+            entries = [e for e in entries if reference in (e.get("RepoTags") or [])]
+        if len(entries) != 1:
+            raise PushError(f"{path}: {'no image ' + repr(reference) if reference else 'several images; name one'}"
+                            if not entries or reference else f"{path}: several images; name one with :REF")
+        entry = entries[0]
+
+        def read_member(name: str):
+            member = members.get(name.removeprefix("./"))
+            if member is None:
+                raise PushError(f"{path}: {name} is missing from the archive")
+            return archive.extractfile(member)
+
+        config = read_member(entry["Config"]).read()
+        config_digest, config_size = _store(scratch, data=config)
+        layers = []
+        for number, name in enumerate(entry["Layers"]):
+            temp = scratch / f"layer-{number}.tmp"
+            with read_member(name) as src, open(temp, "wb") as out:
+                head = src.read(2)
+                if head == b"\x1f\x8b":  # already gzip (newer docker save)
+                    out.write(head)
+                    while chunk := src.read(_CHUNK):
+                        out.write(chunk)
+                else:
+                    compressor = _gzip_compressor()
+                    out.write(compressor.compress(head))
+                    while chunk := src.read(_CHUNK):
+                        out.write(compressor.compress(chunk))
+                    out.write(compressor.flush())
+            digest, size = _store(scratch, data_path=temp)
+            layers.append({"mediaType": mt.DOCKER_LAYER_GZIP, "size": size, "digest": digest})
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": mt.DOCKER_MANIFEST,
+                           "config": {"mediaType": mt.DOCKER_CONFIG, "size": config_size, "digest": config_digest},
+                           "layers": layers}, indent=3).encode()
+    digest, size = _store(scratch, data=manifest)
+    return Source(scratch, {"mediaType": mt.DOCKER_MANIFEST, "digest": digest, "size": size})
+
+
+def split_archive_target(text: str) -> tuple[Path, str | None]:
+    """`FILE.tar[:REF]` -> (FILE.tar, REF)."""
+    file, sep, ref = text.partition(".tar:")
+    return (Path(file + ".tar"), ref) if sep else (Path(text), None)
