@@ -21,6 +21,7 @@ from .push import PushError, Source, source_from_layout
 
 _LAYOUT_MEMBER = re.compile(r"(?:\./)?(oci-layout|index\.json|blobs/sha256/[a-f0-9]{64})")
 _CHUNK = 1 << 20
+_JSON_LIMIT = 4 << 20  # manifest.json, index.json, image configs
 
 
 def oci_archive(path: Path, tag: str | None, scratch: Path) -> Source:
@@ -29,6 +30,8 @@ def oci_archive(path: Path, tag: str | None, scratch: Path) -> Source:
             match = _LAYOUT_MEMBER.fullmatch(member.name)
             if not match or not member.isreg():
                 continue
+            if match.group(1) in ("index.json", "oci-layout") and member.size > _JSON_LIMIT:
+                raise PushError(f"{path}: {member.name} is implausibly large")
             target = scratch / match.group(1)
             target.parent.mkdir(parents=True, exist_ok=True)
             with archive.extractfile(member) as src, open(target, "wb") as out:
@@ -67,10 +70,16 @@ def _store(scratch: Path, data_path: Path | None = None, data: bytes | None = No
 
 def docker_archive(path: Path, reference: str | None, scratch: Path) -> Source:
     with tarfile.open(path) as archive:
-        members = {m.name.removeprefix("./"): m for m in archive.getmembers() if m.isreg()}
+        # Links included: legacy `docker save` links shared layers; extractfile resolves them
+        # to members of this archive.
+        members = {m.name.removeprefix("./"): m for m in archive.getmembers() if m.isreg() or m.islnk() or m.issym()}
         if "manifest.json" not in members:
             raise PushError(f"{path} is not a docker archive (no manifest.json)")
-        entries = json.load(archive.extractfile(members["manifest.json"]))
+        entries = _json_member(archive, members["manifest.json"], path)
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("Config"), str) and isinstance(e.get("Layers"), list)
+                and all(isinstance(x, str) for x in e["Layers"]) for e in entries):
+            raise PushError(f"{path}: manifest.json is not a docker-archive manifest")
         if reference is not None:
             entries = [e for e in entries if reference in (e.get("RepoTags") or [])]
         if len(entries) != 1:
@@ -80,27 +89,45 @@ def docker_archive(path: Path, reference: str | None, scratch: Path) -> Source:
 
         def read_member(name: str):
             member = members.get(name.removeprefix("./"))
-            if member is None:
+            source = archive.extractfile(member) if member is not None else None
+            if source is None:
                 raise PushError(f"{path}: {name} is missing from the archive")
-            return archive.extractfile(member)
+            return source
 
+        config_member = members.get(entry["Config"].removeprefix("./"))
+        if config_member is None or config_member.size > _JSON_LIMIT:
+            raise PushError(f"{path}: the image config {entry['Config']} is missing or implausibly large")
         config = read_member(entry["Config"]).read()
+        try:
+            diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        except (ValueError, KeyError, TypeError):
+            raise PushError(f"{path}: {entry['Config']} is not an image config with rootfs.diff_ids") from None
+        if len(diff_ids) != len(entry["Layers"]):
+            raise PushError(f"{path}: {len(entry['Layers'])} layers but {len(diff_ids)} diff_ids in the config")
         config_digest, config_size = _store(scratch, data=config)
         layers = []
         for number, name in enumerate(entry["Layers"]):
             temp = scratch / f"layer-{number}.tmp"
             with read_member(name) as src, open(temp, "wb") as out:
                 head = src.read(2)
-                if head == b"\x1f\x8b":  # already gzip (newer docker save)
+                if head == b"\x1f\x8b":  # already gzip (newer docker save): check it inflates to its diff_id
                     out.write(head)
+                    plain = hashlib.sha256()
+                    inflater = zlib.decompressobj(wbits=47)
+                    plain.update(inflater.decompress(head))
                     while chunk := src.read(_CHUNK):
                         out.write(chunk)
+                        plain.update(inflater.decompress(chunk))
                 else:
+                    plain = hashlib.sha256(head)
                     compressor = _gzip_compressor()
                     out.write(compressor.compress(head))
                     while chunk := src.read(_CHUNK):
+                        plain.update(chunk)
                         out.write(compressor.compress(chunk))
                     out.write(compressor.flush())
+            if f"sha256:{plain.hexdigest()}" != diff_ids[number]:
+                raise PushError(f"{path}: layer {name} does not match diff_id {diff_ids[number]} of the config")
             digest, size = _store(scratch, data_path=temp)
             layers.append({"mediaType": mt.DOCKER_LAYER_GZIP, "size": size, "digest": digest})
     manifest = json.dumps({"schemaVersion": 2, "mediaType": mt.DOCKER_MANIFEST,
@@ -108,6 +135,15 @@ def docker_archive(path: Path, reference: str | None, scratch: Path) -> Source:
                            "layers": layers}, indent=3).encode()
     digest, size = _store(scratch, data=manifest)
     return Source(scratch, {"mediaType": mt.DOCKER_MANIFEST, "digest": digest, "size": size})
+
+
+def _json_member(archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path):
+    if member.size > _JSON_LIMIT:
+        raise PushError(f"{path}: {member.name} is implausibly large")
+    try:
+        return json.load(archive.extractfile(member))
+    except ValueError:
+        raise PushError(f"{path}: {member.name} is not JSON") from None
 
 
 def split_archive_target(text: str) -> tuple[Path, str | None]:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +60,8 @@ def lookup(host: str, path: Path | None = None) -> Credentials | None:
         return None
     except (OSError, ValueError) as exc:
         raise CredentialsError(f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict) or not all(isinstance(config.get(k) or {}, dict) for k in ("auths", "credHelpers")):
+        raise CredentialsError(f"{path} is not a Docker config (a JSON object)")
     key = server_key(host)
     hub = key == DOCKER_HUB_KEY
     helpers = config.get("credHelpers") or {}
@@ -106,34 +111,55 @@ def run_helper(helper: str, server: str) -> Credentials | None:
 def save(host: str, credentials: Credentials, path: Path | None = None) -> str:
     """Store a login the way docker does; returns where it went. Other keys are kept."""
     path = path or config_path()
-    config = _load_for_update(path)
-    key = server_key(host)
-    helper = (config.get("credHelpers") or {}).get(host) or config.get("credsStore")
-    if helper:
-        _run_helper_action(helper, "store", json.dumps({"ServerURL": key, "Username": credentials.username,
-                                                        "Secret": credentials.password}))
-        return f"docker-credential-{helper}"
-    auth = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
-    config.setdefault("auths", {})[key] = {"auth": auth}
-    _write_config(path, config)
-    return str(path)
+    with _config_lock(path):
+        config = _load_for_update(path)
+        key = server_key(host)
+        helper = (config.get("credHelpers") or {}).get(host) or config.get("credsStore")
+        _drop_inline(config, host, key)  # an older entry would otherwise shadow the new login
+        if helper:
+            _run_helper_action(helper, "store", json.dumps({"ServerURL": key, "Username": credentials.username,
+                                                            "Secret": credentials.password}))
+            _write_config(path, config)
+            return f"docker-credential-{helper}"
+        auth = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
+        config.setdefault("auths", {})[key] = {"auth": auth}
+        _write_config(path, config)
+        return str(path)
 
 
 def erase(host: str, path: Path | None = None) -> bool:
     path = path or config_path()
-    config = _load_for_update(path)
-    key = server_key(host)
-    helper = (config.get("credHelpers") or {}).get(host) or config.get("credsStore")
-    if helper:
-        _run_helper_action(helper, "erase", key)
-        return True
+    with _config_lock(path):
+        config = _load_for_update(path)
+        key = server_key(host)
+        helper = (config.get("credHelpers") or {}).get(host) or config.get("credsStore")
+        dropped = _drop_inline(config, host, key)
+        if dropped:
+            _write_config(path, config)
+        if helper:
+            _run_helper_action(helper, "erase", key)
+            return True
+        return dropped
+
+
+def _drop_inline(config: dict, host: str, key: str) -> bool:
     auths = config.get("auths") or {}
     names = [name for name in auths if _matches(name, key) or _matches(name, host)]
     for name in names:
         del auths[name]
-    if names:
-        _write_config(path, config)
     return bool(names)
+
+
+@contextlib.contextmanager
+def _config_lock(path: Path):
+    """Serialise read-modify-write of config.json between concurrent `kura login`s."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path.parent / ".config.json.kura.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _load_for_update(path: Path) -> dict:
@@ -143,20 +169,22 @@ def _load_for_update(path: Path) -> dict:
         return {}
     except (OSError, ValueError) as exc:
         raise CredentialsError(f"cannot read {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise CredentialsError(f"{path} is not a JSON object")
+    if not isinstance(config, dict) or not isinstance(config.get("auths") or {}, dict):
+        raise CredentialsError(f"{path} is not a Docker config (a JSON object with an auths object)")
     return config
 
 
 def _write_config(path: Path, config: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.kura.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(config, f, indent="\t")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # unique, 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f, indent="\t")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _run_helper_action(helper: str, action: str, payload: str) -> None:

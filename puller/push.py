@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urljoin
 from typing import Callable
 
 import aiohttp
@@ -28,7 +29,10 @@ from .transport import RegistryClient, RegistryError
 
 MONOLITHIC_LIMIT = 8 << 20
 DEFAULT_CHUNK = 16 << 20
+MAX_CHUNK = 64 << 20  # whatever OCI-Chunk-Min-Length says, a chunk is held in memory
 UPLOAD_ATTEMPTS = 5
+UPLOAD_SESSIONS = 3
+INDEX_LIMIT = 4 << 20
 
 
 class PushError(RegistryError):
@@ -53,8 +57,16 @@ class Source:
 
 
 def source_from_layout(directory: Path, tag: str | None) -> Source:
-    index = json.loads((directory / "index.json").read_text())
-    entries = index.get("manifests", [])
+    index_path = directory / "index.json"
+    if not index_path.is_file() or index_path.stat().st_size > INDEX_LIMIT:
+        raise PushError(f"{directory} is not an OCI image layout (no index.json, or an oversized one)")
+    try:
+        index = json.loads(index_path.read_bytes())
+    except ValueError:
+        raise PushError(f"{index_path} is not JSON") from None
+    entries = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(m, dict) and "digest" in m for m in entries):
+        raise PushError(f"{index_path} is not an OCI image index")
     if tag is not None:
         entries = [m for m in entries if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag]
     if len(entries) != 1:
@@ -112,7 +124,7 @@ class Pusher:
                 if r.status == 201:
                     self.options.progress.done(name, f"mounted from {self.options.mount_from}")
                     return "mounted"
-                location, min_chunk = r.headers.get("Location"), r.headers.get("OCI-Chunk-Min-Length")
+                location, min_chunk = _location(r), r.headers.get("OCI-Chunk-Min-Length")
         else:
             location, min_chunk = await self._start()
         self.options.progress.start(name, size)
@@ -124,7 +136,7 @@ class Pusher:
         async with self.client.request("POST", self._path("blobs/uploads/"), scope=self.scope, ok=(202,)) as r:
             if r.status != 202 or "Location" not in r.headers:
                 raise PushError(f"{self.client.endpoint.host} did not start an upload ({r.status})")
-            return r.headers["Location"], r.headers.get("OCI-Chunk-Min-Length")
+            return _location(r), r.headers.get("OCI-Chunk-Min-Length")
 
     async def _upload(self, location: str, path: Path, digest: Digest, size: int, min_chunk: int) -> None:
         name = digest.encoded[:12]
@@ -136,39 +148,55 @@ class Pusher:
                     raise PushError(f"upload of {digest} failed: HTTP {r.status}")
             self.options.progress.advance(name, size)
             return
-        chunk_size = max(DEFAULT_CHUNK, min_chunk)
-        offset = 0
-        failures = 0
+        chunk_size = min(max(DEFAULT_CHUNK, min_chunk), MAX_CHUNK)
+        offset = sent = failures = 0
+        sessions = 1
         with open(path, "rb") as f:
             while offset < size:
                 f.seek(offset)
                 chunk = f.read(chunk_size)
+                if not chunk:
+                    raise PushError(f"local blob {digest} shrank while it was being pushed")
                 headers = {"Content-Type": "application/octet-stream",
                            "Content-Range": f"{offset}-{offset + len(chunk) - 1}"}
                 try:
-                    async with self.client.request("PATCH", location, scope=self.scope, ok=(202,), data=chunk,
-                                                   headers=headers) as r:
-                        if r.status != 202:
+                    # No automatic re-send: after a break, ask the server where the session is.
+                    async with self.client.request("PATCH", location, scope=self.scope, ok=(202, 416), data=chunk,
+                                                   headers=headers, retry=False) as r:
+                        if r.status == 202:
+                            location = _location(r, location)
+                            offset += len(chunk)
+                        elif r.status == 416 and (resumed := _range_end(r.headers.get("Range"))) is not None:
+                            location, offset = _location(r, location), resumed
+                        else:
                             raise PushError(f"upload of {digest} failed: HTTP {r.status}")
-                        location = r.headers.get("Location", location)
-                    offset += len(chunk)
-                    self.options.progress.advance(name, len(chunk))
                 except RegistryError:
                     failures += 1
                     if failures >= UPLOAD_ATTEMPTS:
                         raise
-                    offset = await self._resume_offset(location)  # continue where the server is
+                    await asyncio.sleep(0.5 * failures)
+                    state = await self._status(location)
+                    if state is None:  # the registry dropped the session: start again, a few times
+                        sessions += 1
+                        if sessions > UPLOAD_SESSIONS:
+                            raise
+                        (location, _), offset = await self._start(), 0
+                    else:
+                        location, offset = state
+                if offset > sent:
+                    self.options.progress.advance(name, offset - sent)
+                    sent = offset
         async with self.client.request("PUT", _with_digest(location, digest), scope=self.scope, ok=(201,)) as r:
             if r.status != 201:
                 raise PushError(f"finishing the upload of {digest} failed: HTTP {r.status}")
 
-    async def _resume_offset(self, location: str) -> int:
-        await asyncio.sleep(0.5)
+    async def _status(self, location: str) -> tuple[str, int] | None:
+        """(location, offset) of an upload session, None when the registry no longer has it."""
         async with self.client.request("GET", location, scope=self.scope, ok=(204,)) as r:
             if r.status != 204:
-                raise PushError("the upload session is gone; push again")
-            match = re.fullmatch(r"0-(\d+)", r.headers.get("Range", ""))
-            return int(match.group(1)) + 1 if match and match.group(1) != "0" else 0
+                return None
+            end = _range_end(r.headers.get("Range"))
+            return (_location(r, location), end) if end is not None else None
 
     async def manifest(self, descriptor: dict, reference: str) -> str:
         data = self.source.read_manifest(descriptor["digest"])
@@ -187,10 +215,13 @@ class Pusher:
         counts = {"exists": 0, "mounted": 0, "uploaded": 0}
         document = json.loads(self.source.read_manifest(descriptor["digest"]))
         if "manifests" in document:
+            missing = [c["digest"] for c in document["manifests"] if not self.source.blob(c["digest"]).exists()]
+            if missing:
+                raise PushError(f"the index lists manifests that are not here: {', '.join(missing)}; "
+                                "nothing was sent")
             for child in document["manifests"]:
-                if self.source.blob(child["digest"]).exists():
-                    for k, v in (await self.image(child, child["digest"])).items():
-                        counts[k] += v
+                for k, v in (await self.image(child, child["digest"])).items():
+                    counts[k] += v
         else:
             blobs = [document["config"], *document.get("layers", [])]
             for blob in blobs:  # every byte checked before the first one is sent
@@ -207,6 +238,25 @@ class Pusher:
                 counts[result] += 1
         await self.manifest(descriptor, reference)
         return counts
+
+
+def _location(response: aiohttp.ClientResponse, fallback: str | None = None) -> str:
+    """The Location a registry sent, resolved against the URL that sent it."""
+    location = response.headers.get("Location")
+    if not location:
+        if fallback is None:
+            raise PushError("the registry sent no Location for the upload")
+        return fallback
+    return urljoin(str(response.url), location)
+
+
+def _range_end(header: str | None) -> int | None:
+    """The next offset from an upload `Range: 0-<last>` (`bytes=` tolerated); `0-0` is empty."""
+    match = re.fullmatch(r"(?:bytes=)?0-(\d+)", (header or "").strip())
+    if not match:
+        return None
+    last = int(match.group(1))
+    return last + 1 if last else 0
 
 
 def _with_digest(location: str, digest: Digest) -> str:

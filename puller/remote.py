@@ -64,7 +64,11 @@ async def list_tags(reference: Reference, registries: Registries, credentials) -
     async with connect(reference, registries, credentials) as client:
         scope = f"repository:{client.endpoint.repository}:pull"
         path = client.repo_path("tags/list?n=1000")
+        seen: set[str] = set()
         while path:
+            if path in seen or len(seen) >= 10_000:
+                raise RegistryError(f"{reference.name}: the tag list's Link pages go round in circles")
+            seen.add(path)
             async with client.request("GET", path, scope=scope) as r:
                 if r.status == 404:
                     raise RegistryError(f"no repository {reference.name}")

@@ -159,7 +159,8 @@ class RegistryClient:
     # -- requests ---------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def request(self, method: str, path: str, *, scope: str, headers: dict | None = None,
-                      ok: tuple[int, ...] = (200,), data: bytes | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
+                      ok: tuple[int, ...] = (200,), data: bytes | None = None,
+                      retry: bool = True) -> AsyncIterator[aiohttp.ClientResponse]:
         """A request with auth, retries and safe redirects. Yields the final response (its
         status is one of `ok`, or 404); raises RegistryError otherwise. `path` may also be a
         Location the registry gave (absolute, or relative to it)."""
@@ -170,7 +171,7 @@ class RegistryClient:
             try:
                 response = await self._send(method, url, scope, headers or {}, data)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-                if attempt == MAX_ATTEMPTS:
+                if attempt == MAX_ATTEMPTS or not retry:
                     raise RegistryError(f"{self.endpoint.api_host}: {exc or type(exc).__name__}") from None
                 await asyncio.sleep(delay)
                 delay *= 2
@@ -185,7 +186,7 @@ class RegistryClient:
                 response.release()
                 refreshed = True
                 continue
-            if response.status in RETRY_STATUSES and attempt < MAX_ATTEMPTS:
+            if response.status in RETRY_STATUSES and attempt < MAX_ATTEMPTS and retry:
                 wait = _retry_after(response) if response.status == 429 else delay
                 if response.status == 429 and self.on_rate_limit:
                     self.on_rate_limit(_rate_limit_message(self.endpoint.host, response))

@@ -136,3 +136,38 @@ def test_challenge_parsing():
     assert params == {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
                       "scope": "repository:library/redis:pull,push", "error": "insufficient_scope"}
     assert parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})
+
+
+def test_concurrent_logins_keep_config_json_valid(tmp_path):
+    import threading
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"auths": {}, "psFormat": "x"}))
+    errors = []
+
+    def login(host):
+        try:
+            for i in range(50):
+                credentials.save(host, credentials.Credentials("u", f"p{i}"), path)
+        except Exception as exc:  # noqa: BLE001 - the test reports any failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=login, args=(f"r{n}.example",)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    config = json.loads(path.read_text())
+    assert config["psFormat"] == "x" and sorted(config["auths"]) == [f"r{n}.example" for n in range(4)]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert credentials.lookup("r0.example", path) == credentials.Credentials("u", "p49")
+
+
+def test_new_login_replaces_every_older_entry_for_the_host(tmp_path):
+    path = tmp_path / "config.json"
+    old = base64.b64encode(b"u:old").decode()
+    path.write_text(json.dumps({"auths": {"https://reg.example:5000": {"auth": old}}}))
+    credentials.save("reg.example:5000", credentials.Credentials("u", "new"), path)
+    assert credentials.lookup("reg.example:5000", path) == credentials.Credentials("u", "new")
+    assert credentials.erase("reg.example:5000", path)
+    assert credentials.lookup("reg.example:5000", path) is None

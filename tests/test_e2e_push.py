@@ -142,24 +142,33 @@ def test_corrupt_local_blob_is_refused_before_anything_is_sent(plain_kura, env, 
 
 
 class DroppingProxy:
-    """Forwards to a registry, but drops the connection in the middle of the second PATCH."""
+    """Forwards to a registry, but breaks the second PATCH: either drops the connection in
+    the middle of its body (the registry never sees it) or forwards it and drops the answer
+    (the registry stored the chunk; the client does not know)."""
 
-    def __init__(self, backend: str):
-        self.backend, self.port, self.patches = backend, free_port(), 0
+    def __init__(self, backend: str, mode: str = "request"):
+        self.backend, self.port, self.patches, self.mode = backend, free_port(), 0, mode
+        self.requests: list[str] = []
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(f"{request.method} {request.path} {request.headers.get('Content-Range', '')}")
         if request.method == "PATCH":
             self.patches += 1
-            if self.patches == 2:
+            if self.patches == 2 and self.mode == "request":
                 await request.content.read(1 << 20)
                 request.transport.close()  # mid-body, nothing forwarded
                 return web.Response(status=500)
         body = await request.read() if request.can_read_body else None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        # Host passes through, so a registry that answers absolute Locations points them at us.
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
         async with self.session.request(request.method, self.backend + request.rel_url.raw_path_qs, data=body,
                                         headers=headers, allow_redirects=False) as upstream:
+            if request.method == "PATCH" and self.patches == 2 and self.mode == "response":
+                await upstream.read()
+                request.transport.close()  # the chunk is stored; its answer never arrives
+                return web.Response(status=500)
             return web.Response(status=upstream.status, body=await upstream.read(),
                                 headers={k: v for k, v in upstream.headers.items()
                                          if k.lower() not in ("content-length", "transfer-encoding")})
@@ -190,6 +199,25 @@ class DroppingProxy:
             await self.session.close()
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def test_push_resumes_after_a_lost_answer_on_the_reference_registry(env, tmp_path):
+    """After a lost answer, distribution 2.8 refuses the session (its _state token is one chunk
+    behind), so re-sending or asking fails; the client must start one new session, not give up."""
+    from tests.support.servers import start_distribution, stop_distribution
+    require_shared()
+    server = start_distribution(tmp_path / "d")
+    try:
+        with DroppingProxy(server.url, mode="response") as proxy:
+            result = kura("push", f"oci:{IMAGES / 'debian'}:bookworm",
+                          f"127.0.0.1:{proxy.port}/resume/debian:bookworm", "-q", env=env)
+            assert result.returncode == 0, result.stderr
+            posts = [r for r in proxy.requests if r.startswith("POST /v2/resume/debian/blobs/uploads/")]
+            assert len(posts) == 3  # config, layer, and one new session for the layer
+        pulled = kura("pull", f"{server.host}/resume/debian:bookworm", "--store", str(tmp_path / "s"), "-q", env=env)
+        assert pulled.returncode == 0, pulled.stderr
+    finally:
+        stop_distribution(server)
 
 
 def test_interrupted_push_resumes(plain_kura, env, tmp_path):
