@@ -277,10 +277,14 @@ def _push_from(args, store: Store, scratch: Path) -> int:
     options = PushOptions(jobs=args.jobs, mount_from=args.mount_from, progress=for_terminal(args.quiet))
     digest, counts = asyncio.run(push(source, destination, Registries.load(args.registries_conf), creds.lookup,
                                       options))
+    _report_push(args, destination, digest, counts)
+    return 0
+
+
+def _report_push(args, destination: Reference, digest: str, counts: dict) -> None:
     if not args.quiet:
         print(f"{destination}: {digest} ({counts['uploaded']} uploaded, {counts['mounted']} mounted, "
               f"{counts['exists']} already there)")
-    return 0
 
 
 def _tag(args, store: Store) -> int:
@@ -369,9 +373,7 @@ def _copy(args) -> int:
             destination = Reference.parse(args.destination)
             digest, counts = asyncio.run(push(source, destination, registries, creds.lookup,
                                               PushOptions(progress=progress)))
-            if not args.quiet:
-                print(f"{destination}: {digest} ({counts['uploaded']} uploaded, {counts['mounted']} mounted, "
-                      f"{counts['exists']} already there)")
+            _report_push(args, destination, digest, counts)
     return 0
 
 

@@ -19,7 +19,7 @@ from .platform import Platform, choose, runnable_entries
 from .progress import Progress, Quiet
 from .registries import Endpoint, Registries
 from .store import Store
-from .transport import RegistryClient, RegistryError
+from .transport import RegistryClient, RegistryError, read_limited
 
 MANIFEST_LIMIT = 4 << 20
 CHUNK = 1 << 20
@@ -101,18 +101,6 @@ async def fetch_manifest(client: RegistryClient, reference: str, expected: Diges
         if claimed and Digest.of_bytes(data, claimed.algorithm) != claimed:
             raise VerificationError(f"manifest digest mismatch: registry says {claimed}, content is {digest}")
     return _Manifest(data, media_type, digest)
-
-
-async def read_limited(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
-    """The whole body, refusing more than `limit` bytes (without reading them)."""
-    if response.content_length is not None and response.content_length > limit:
-        raise VerificationError(f"{what} is larger than {limit} bytes")
-    data = bytearray()
-    while chunk := await response.content.read(65536):
-        data += chunk
-        if len(data) > limit:
-            raise VerificationError(f"{what} is larger than {limit} bytes")
-    return bytes(data)
 
 
 async def download_blob(client: RegistryClient, descriptor: dict, store: Store, progress: Progress) -> bool:

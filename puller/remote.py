@@ -11,9 +11,9 @@ import aiohttp
 from ocispec.digest import Digest
 from ocispec.reference import Reference
 
-from .pull import fetch_manifest, read_limited
+from .pull import fetch_manifest
 from .registries import Registries
-from .transport import RegistryClient, RegistryError
+from .transport import RegistryClient, RegistryError, read_limited
 
 CONFIG_LIMIT = 4 << 20
 TAGS_PAGE_LIMIT = 4 << 20

@@ -245,7 +245,8 @@ def _rate_limit_message(host: str, response: aiohttp.ClientResponse) -> str:
     return f"{host} rate limit reached (limit {limit}); retry after {retry} seconds"
 
 
-async def _json_body(response: aiohttp.ClientResponse, limit: int, what: str) -> dict:
+async def read_limited(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The whole body, refusing more than `limit` bytes (without reading them)."""
     if response.content_length is not None and response.content_length > limit:
         raise RegistryError(f"{what} is larger than {limit} bytes")
     data = bytearray()
@@ -253,6 +254,11 @@ async def _json_body(response: aiohttp.ClientResponse, limit: int, what: str) ->
         data += chunk
         if len(data) > limit:
             raise RegistryError(f"{what} is larger than {limit} bytes")
+    return bytes(data)
+
+
+async def _json_body(response: aiohttp.ClientResponse, limit: int, what: str) -> dict:
+    data = await read_limited(response, limit, what)
     try:
         body = json.loads(data)
     except ValueError:

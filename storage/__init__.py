@@ -17,8 +17,8 @@ from .errors import (
 from .filesystem import FilesystemDriver
 
 __all__ = [
-    "BlobContent", "StorageDriver", "UploadInfo", "FilesystemDriver",
+    "manifests", "BlobContent", "StorageDriver", "UploadInfo", "FilesystemDriver",
     "StorageError", "BlobNotFound", "DigestMismatch", "ManifestNotFound", "ManifestReferenceUnknown", "RangeMismatch", "SizeMismatch",
     "TooLarge", "UploadBusy", "UploadNotFound", "RepositoryBusy",
 ]
-from . import manifests  # noqa: E402
+from . import manifests  # noqa: E402 - after the names it uses

@@ -29,7 +29,7 @@ from .errors import (
     UploadBusy,
     UploadNotFound,
 )
-from .layout import Layout, is_repository_dir, is_valid_upload_id
+from .layout import Layout, is_repository_dir, is_valid_upload_id, walk_repositories
 
 # Received bytes are handed to a worker thread (write + hash) in batches of this size:
 # bounded memory per upload, and few thread hops per GiB.
@@ -215,17 +215,7 @@ class FilesystemDriver(StorageDriver):
         return is_repository_dir(self.layout.repository(repository))
 
     async def list_repositories(self) -> list[str]:
-        return await asyncio.to_thread(self._walk_repositories)
-
-    def _walk_repositories(self) -> list[str]:
-        names = []
-        top = self.layout.repositories
-        for current, dirs, _files in os.walk(top):
-            path = Path(current)
-            if path != top and is_repository_dir(path):
-                names.append(path.relative_to(top).as_posix())
-            dirs[:] = [d for d in dirs if not d.startswith("_")]
-        return sorted(names)
+        return await asyncio.to_thread(walk_repositories, self.layout)
 
     # -- upload sessions ------------------------------------------------------------
     async def create_upload(self, repository: str, owner: str | None = None) -> UploadInfo:

@@ -10,7 +10,7 @@ from pathlib import Path
 from ocispec.digest import Digest, InvalidDigest, new_hasher
 from ocispec.manifest import ManifestInvalid, ManifestUnsupported, parse_manifest
 
-from .layout import Layout, is_repository_dir, is_valid_upload_id
+from .layout import Layout, is_valid_upload_id, walk_repositories
 
 CHUNK = 1 << 20
 
@@ -36,7 +36,7 @@ def fsck(root: Path) -> Report:
         report.problems.append(f"{root} is not a Kura store (no blobs/ directory)")
         return report
     _check_blobs(layout, report)
-    for name in _repositories(layout):
+    for name in walk_repositories(layout):
         report.repositories += 1
         _check_repository(layout, name, report)
     _check_uploads(layout, report)
@@ -69,16 +69,6 @@ def _hash(path: Path, algorithm: str) -> str:
         while chunk := f.read(CHUNK):
             hasher.update(chunk)
     return hasher.hexdigest()
-
-
-def _repositories(layout: Layout) -> list[str]:
-    names = []
-    for current, dirs, _ in os.walk(layout.repositories):
-        path = Path(current)
-        if path != layout.repositories and is_repository_dir(path):
-            names.append(path.relative_to(layout.repositories).as_posix())
-        dirs[:] = [d for d in dirs if not d.startswith("_")]
-    return sorted(names)
 
 
 def _digests_in(directory: Path) -> list[tuple[Path, Digest | None]]:

@@ -20,6 +20,7 @@ a request can become a path without matching the spec's grammar first.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -95,3 +96,15 @@ def _check_digest(digest: Digest) -> None:
 
 def is_repository_dir(path: Path) -> bool:
     return (path / "_layers").is_dir() or (path / "_manifests").is_dir()
+
+
+def walk_repositories(layout: Layout) -> list[str]:
+    """Sorted names of every repository directory (never descending into `_` directories)."""
+    names = []
+    top = layout.repositories
+    for current, dirs, _files in os.walk(top):
+        path = Path(current)
+        if path != top and is_repository_dir(path):
+            names.append(path.relative_to(top).as_posix())
+        dirs[:] = [d for d in dirs if not d.startswith("_")]
+    return sorted(names)

@@ -202,7 +202,7 @@ async def test_delete_by_tag_keeps_manifest(client):
 
 async def test_delete_by_digest_removes_manifest_and_its_tags(client):
     digest, _ = await push_image(client, "app", "v1")
-    await client.put(f"/v2/app/manifests/v2", data=(await (await client.get("/v2/app/manifests/v1")).read()),
+    await client.put("/v2/app/manifests/v2", data=(await (await client.get("/v2/app/manifests/v1")).read()),
                      headers={"Content-Type": OCI_MANIFEST})
     r = await client.delete(f"/v2/app/manifests/{digest}")
     assert r.status == 202

@@ -96,7 +96,7 @@ async def test_truncated_uploads_leave_store_unchanged(client, config, prepared)
     assert await settle(client, config, before) == before
     await send_truncated(client, "PATCH", location, 1000, b"a" * 500, "Content-Range: 100-1099\r\n")
     assert await settle(client, config, before) == before
-    await send_truncated(client, "PUT", f"/v2/app/manifests/v9", 5000, b'{"schemaVersion": 2, ',
+    await send_truncated(client, "PUT", "/v2/app/manifests/v9", 5000, b'{"schemaVersion": 2, ',
                          f"Content-Type: {OCI_MANIFEST}\r\n")
     assert await settle(client, config, before) == before
     # The session is still usable after all that.

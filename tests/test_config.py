@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.config import Config, ConfigError, load
+from registry.config import ConfigError, load
 
 
 def test_defaults():

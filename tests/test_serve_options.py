@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from registry.app import make_app
 from tests.support.paths import IMAGES, REPO, require_shared
 from tests.support.servers import free_port, start_kura, stop
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..errors import Denied, RegistryError, TooManyRequests, Unauthorized
+from ..errors import Denied, TooManyRequests, Unauthorized
 from . import jwt
 from .config import AuthConfig
 from .htpasswd import Htpasswd, LoginsBusy
@@ -110,9 +110,9 @@ class Credentials:
         clients send when they have none); raises 401 or 429."""
         try:
             decoded = base64.b64decode(header.split(" ", 1)[1].strip(), validate=True).decode()
-            user, sep, password = decoded.partition(":")
+            user, _, password = decoded.partition(":")
         except (IndexError, binascii.Error, UnicodeDecodeError):
-            user, sep, password = "", "", "invalid"
+            user, password = "", "invalid"
         if not user and not password:
             return None
         if await self.check(request.remote or "unknown", user, password):
