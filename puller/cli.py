@@ -274,11 +274,28 @@ def _push_from(args, store: Store, scratch: Path) -> int:
             raise StoreError(f"no image {Reference.parse(args.source)} in the store")
         source = Source(store.root, image.descriptor)
     destination = Reference.parse(args.destination or args.source)
-    options = PushOptions(jobs=args.jobs, mount_from=args.mount_from, progress=for_terminal(args.quiet))
-    digest, counts = asyncio.run(push(source, destination, Registries.load(args.registries_conf), creds.lookup,
-                                      options))
+    options = PushOptions(jobs=args.jobs, mount_from=args.mount_from, progress=for_terminal(args.quiet),
+                          known_sources=store.sources)
+    registries = Registries.load(args.registries_conf)
+    digest, counts = asyncio.run(push(source, destination, registries, creds.lookup, options))
+    endpoint = registries.endpoints(destination)[-1]
+    store.record_sources(_blob_digests(source), endpoint.host, endpoint.repository)
     _report_push(args, destination, digest, counts)
     return 0
+
+
+def _blob_digests(source) -> list[str]:
+    """The config and layer digests of what a push sent (index children included)."""
+    digests = []
+    pending = [source.top["digest"]]
+    while pending:
+        path = source.blob(pending.pop())
+        if not path.exists():
+            continue
+        document = json.loads(path.read_bytes())
+        pending += [m["digest"] for m in document.get("manifests", [])]
+        digests += [d["digest"] for d in ([document["config"]] if "config" in document else []) + document.get("layers", [])]
+    return digests
 
 
 def _report_push(args, destination: Reference, digest: str, counts: dict) -> None:

@@ -256,6 +256,7 @@ async def _pull_from(client: RegistryClient, reference: Reference, store: Store,
         if recorded is not top and (platform := _platform_of(top, recorded)):
             descriptor["platform"] = platform
         store.add(str(reference), descriptor)
+        store.record_sources(list(blobs), client.endpoint.host, client.endpoint.repository)
     options.progress.close()
     return PullResult(reference, recorded.digest, recorded.media_type, descriptor,
                       downloaded=sum(results), reused=len(results) - sum(results))

@@ -80,6 +80,8 @@ class PushOptions:
     jobs: int = 4
     mount_from: str | None = None
     progress: Progress = field(default_factory=Quiet)
+    known_sources: Callable[[str, str], list[str]] | None = None
+    """(digest, host) -> repositories of that registry known to hold the blob (the store's records)."""
 
 
 def verify_file(path: Path, digest: Digest) -> int:
@@ -117,12 +119,14 @@ class Pusher:
             if r.status == 200:
                 self.options.progress.done(name, "already there")
                 return "exists"
-        if self.options.mount_from:
-            query = f"?mount={digest}&from={self.options.mount_from}"
-            async with self.client.request("POST", self._path(f"blobs/uploads/{query}"), scope=self.scope,
+        source = self.options.mount_from or self._known_source(str(digest))
+        if source:
+            query = f"?mount={digest}&from={source}"
+            scope = self.scope if self.options.mount_from else f"{self.scope} repository:{source}:pull"
+            async with self.client.request("POST", self._path(f"blobs/uploads/{query}"), scope=scope,
                                            ok=(201, 202)) as r:
                 if r.status == 201:
-                    self.options.progress.done(name, f"mounted from {self.options.mount_from}")
+                    self.options.progress.done(name, f"mounted from {source}")
                     return "mounted"
                 location, min_chunk = _location(r), r.headers.get("OCI-Chunk-Min-Length")
         else:
@@ -131,6 +135,13 @@ class Pusher:
         await self._upload(location, path, digest, size, int(min_chunk) if min_chunk and min_chunk.isdigit() else 0)
         self.options.progress.done(name, "pushed")
         return "uploaded"
+
+    def _known_source(self, digest: str) -> str | None:
+        if self.options.known_sources is None:
+            return None
+        repos = [r for r in self.options.known_sources(digest, self.client.endpoint.host)
+                 if r != self.client.endpoint.repository]
+        return repos[0] if repos else None
 
     async def _start(self) -> tuple[str, str | None]:
         async with self.client.request("POST", self._path("blobs/uploads/"), scope=self.scope, ok=(202,)) as r:

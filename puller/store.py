@@ -143,6 +143,29 @@ class Store:
                         removed.append(digest)
             return removed
 
+    # -- where blobs were seen (for cross-repository mounts when pushing) ---------------
+    SOURCES_PER_BLOB = 8
+
+    def record_sources(self, digests: list[str], host: str, repository: str) -> None:
+        """Remember that these blobs exist in `host/repository`."""
+        with self.locked():
+            sources = self._read_sources()
+            for digest in digests:
+                seen = [s for s in sources.get(digest, []) if s != [host, repository]]
+                sources[digest] = ([[host, repository]] + seen)[: self.SOURCES_PER_BLOB]
+            _write_atomic(self.scratch / "sources.json", json.dumps(sources).encode(), self.scratch)
+
+    def sources(self, digest: str, host: str) -> list[str]:
+        """Repositories of `host` known to hold the blob, most recent first."""
+        return [repo for h, repo in self._read_sources().get(digest, []) if h == host]
+
+    def _read_sources(self) -> dict:
+        try:
+            sources = json.loads((self.scratch / "sources.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return sources if isinstance(sources, dict) else {}
+
     def reachable(self, digest: Digest) -> set[Digest]:
         """A manifest or index and everything it references that is in the store."""
         found = {digest}

@@ -125,6 +125,19 @@ def test_second_repository_mounts_instead_of_uploading(plain_kura, env):
     assert '"PATCH /v2/mount/b/' not in access and 'PUT /v2/mount/b/blobs/uploads' not in access
 
 
+def test_push_mounts_from_where_the_store_saw_the_blobs(plain_kura, env, tmp_path):
+    server, log = plain_kura
+    store = str(tmp_path / "store")
+    assert kura("push", f"oci:{IMAGES / 'redis'}:7", f"{server.host}/seen/a:7", "-q", env=env).returncode == 0
+    assert kura("pull", f"{server.host}/seen/a:7", "--store", store, "-q", env=env).returncode == 0
+    pushed = kura("push", f"{server.host}/seen/a:7", f"{server.host}/seen/b:7", "--store", store, env=env)
+    assert pushed.returncode == 0 and "0 uploaded, 5 mounted" in pushed.stdout, pushed.stdout + pushed.stderr
+    assert log.read_text().count('"POST /v2/seen/b/blobs/uploads/?mount=sha256') == 5
+    # ...and a push records where it put them, for the next one.
+    again = kura("push", f"{server.host}/seen/a:7", f"{server.host}/seen/c:7", "--store", store, env=env)
+    assert "5 mounted" in again.stdout
+
+
 def test_corrupt_local_blob_is_refused_before_anything_is_sent(plain_kura, env, tmp_path):
     server, log = plain_kura
     layout = tmp_path / "layout"
