@@ -57,6 +57,10 @@ def validate_name(name: str) -> None:
         raise NameInvalid(f"invalid repository name {name!r}", detail={"name": name})
 
 
+def upload_location(name: str, uuid: str) -> str:
+    return f"/v2/{name}/blobs/uploads/{uuid}"
+
+
 def range_header(size: int) -> str:
     """The upload `Range` header: `0-<last byte offset>`, `0-0` when empty (as distribution)."""
     return f"0-{max(size - 1, 0)}"

@@ -8,16 +8,14 @@ import logging
 from aiohttp import web
 
 import storage as st
-from ocispec.names import is_valid_name
 
-from .context import range_header
+from .context import range_header, upload_location, validate_name
 from .errors import (
     BlobTooLarge,
     BlobUnknown,
     BlobUploadInvalid,
     BlobUploadUnknown,
     DigestInvalid,
-    NameInvalid,
     RegistryError,
     SizeInvalid,
     TooManyRequests,
@@ -38,7 +36,7 @@ def _translate(exc: st.StorageError, request: web.Request) -> RegistryError:
         error.status = 416
         uuid = request.match_info.get("uuid", "")
         error.headers = {"Range": range_header(exc.current_size),
-                         "Location": f"/v2/{request.match_info.get('name')}/blobs/uploads/{uuid}",
+                         "Location": upload_location(request.match_info.get("name", ""), uuid),
                          "Docker-Upload-UUID": uuid}
         return error
     if isinstance(exc, st.DigestMismatch):
@@ -59,8 +57,8 @@ def _translate(exc: st.StorageError, request: web.Request) -> RegistryError:
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
         name = request.match_info.get("name")
-        if name is not None and not is_valid_name(name):
-            raise NameInvalid(f"invalid repository name {name!r}", detail={"name": name})
+        if name is not None:
+            validate_name(name)
         return await handler(request)
     except RegistryError as exc:
         return exc.response()

@@ -12,15 +12,11 @@ from ocispec.names import is_valid_name
 from storage import UploadInfo, UploadNotFound
 
 from .auth.controller import grant
-from .context import config, parse_digest, principal, range_header, repository, storage
+from .context import config, parse_digest, principal, range_header, repository, storage, upload_location
 from .errors import BlobUploadInvalid, BlobUploadUnknown, SizeInvalid
 
 _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
 BODY_CHUNK = 256 * 1024
-
-
-def upload_location(name: str, uuid: str) -> str:
-    return f"/v2/{name}/blobs/uploads/{uuid}"
 
 
 def blob_location(name: str, digest: Digest) -> str:
