@@ -26,8 +26,6 @@ from .registries import Registries, RegistriesConfError
 from .store import Store, StoreError, default_store
 from .transport import RegistryError, printable
 
-COMMANDS = ("pull", "images", "rmi", "unpack", "push", "login", "logout", "copy", "tag", "inspect", "tags", "delete")
-
 
 def _store_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", type=Path, default=None,
@@ -140,26 +138,9 @@ def main(argv: list[str]) -> int:
     # A plain `kill` must unwind like Ctrl-C does, so temp files and scratch stores go away.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        if args.command == "login":
-            return _login(args)
-        if args.command == "logout":
-            return _logout(args)
-        if args.command in ("tags", "delete", "copy"):
-            return {"tags": _tags, "delete": _delete, "copy": _copy}[args.command](args)
-        store = Store(args.store or default_store())
-        if args.command == "push":
-            return _push(args, store)
-        if args.command == "tag":
-            return _tag(args, store)
-        if args.command == "inspect":
-            return _inspect(args, store)
-        if args.command == "pull":
-            return _pull(args, store)
-        if args.command == "images":
-            return _images(args, store)
-        if args.command == "unpack":
-            return _unpack(args, store)
-        return _rmi(args, store)
+        if args.command in WITHOUT_STORE:
+            return WITHOUT_STORE[args.command](args)
+        return WITH_STORE[args.command](args, Store(args.store or default_store()))
     except (RegistryError, InvalidReference, RegistriesConfError, creds.CredentialsError, StoreError,
             BundleError, UnsafeLayer, LayerError, ValueError, OSError, tarfile.TarError, KeyError) as exc:
         text = f"malformed image data: missing {exc}" if isinstance(exc, KeyError) else str(exc)
@@ -426,3 +407,9 @@ def _rmi(args, store: Store) -> int:
     removed = store.remove(reference)
     print(f"removed {reference} ({len(removed)} blobs freed)")
     return 0
+
+
+# Commands by whether they work on the local store (which is created on first use).
+WITHOUT_STORE = {"login": _login, "logout": _logout, "tags": _tags, "delete": _delete, "copy": _copy}
+WITH_STORE = {"pull": _pull, "push": _push, "images": _images, "rmi": _rmi, "unpack": _unpack,
+              "tag": _tag, "inspect": _inspect}

@@ -98,3 +98,9 @@ def test_htpasswd_from_apache_tools_is_accepted(tmp_path):
 def test_no_auth_refused_off_loopback(tmp_path):
     result = kura("serve", "--listen", "0.0.0.0:5999", "--root", str(tmp_path))
     assert result.returncode == 2 and "--insecure-no-auth" in result.stderr
+
+
+def test_dispatcher_routes_every_client_command():
+    import kura.__main__ as dispatcher
+    import puller.cli as client
+    assert set(dispatcher.CLIENT_COMMANDS) == set(client.WITHOUT_STORE) | set(client.WITH_STORE)
