@@ -67,15 +67,19 @@ def login(host: str, user: str, authfile: Path) -> None:
     assert json.loads(authfile.read_text())["auths"][host]["auth"]
 
 
+def start_secured_kura(root: Path, mode: str):
+    """`kura serve` with USERS in its htpasswd file and AUTH_TOML's rules in `mode`."""
+    for user, password in USERS.items():
+        htpasswd.set_user(root / "auth" / "htpasswd", user, password, cost=4)
+    config = root.parent / f"{root.name}.toml"
+    config.write_text(AUTH_TOML.format(mode=mode))
+    return start_kura(root, None, "--config", str(config))
+
+
 @pytest.fixture(params=["htpasswd", "token"])
 def kura(request, tmp_path):
     require_shared()
-    root = tmp_path / "data"
-    for user, password in USERS.items():
-        htpasswd.set_user(root / "auth" / "htpasswd", user, password, cost=4)
-    config = tmp_path / "kura.toml"
-    config.write_text(AUTH_TOML.format(mode=request.param))
-    server = start_kura(root, None, "--config", str(config))
+    server = start_secured_kura(tmp_path / "data", request.param)
     yield server
     stop(server)
 
@@ -119,11 +123,7 @@ def test_reference_registry_accepts_kura_tokens(tmp_path):
     """CNCF distribution, configured with auth.token trusting Kura's issuer certificate."""
     require_shared()
     root = tmp_path / "kura"
-    for user, password in USERS.items():
-        htpasswd.set_user(root / "auth" / "htpasswd", user, password, cost=4)
-    config = tmp_path / "kura.toml"
-    config.write_text(AUTH_TOML.format(mode="token"))
-    issuer = start_kura(root, None, "--config", str(config))
+    issuer = start_secured_kura(root, "token")
     try:
         certificate = root / "auth" / "token-signing.crt"
         assert certificate.exists()
@@ -156,12 +156,7 @@ def test_token_auth_behind_https_reverse_proxy_with_path_prefix(tmp_path):
     from tests.test_serve_options import self_signed
 
     require_shared()
-    root = tmp_path / "data"
-    for user, password in USERS.items():
-        htpasswd.set_user(root / "auth" / "htpasswd", user, password, cost=4)
-    config = tmp_path / "kura.toml"
-    config.write_text(AUTH_TOML.format(mode="token"))
-    kura = start_kura(root, None, "--config", str(config))
+    kura = start_secured_kura(tmp_path / "data", "token")
     cert, key = self_signed(tmp_path)
     port = free_port()
     try:
@@ -191,11 +186,7 @@ def test_kura_trusting_an_external_issuer(tmp_path):
     """A second Kura with [auth.external] accepts tokens from the first one's issuer only."""
     require_shared()
     issuer_root = tmp_path / "issuer"
-    for user, password in USERS.items():
-        htpasswd.set_user(issuer_root / "auth" / "htpasswd", user, password, cost=4)
-    issuer_config = tmp_path / "issuer.toml"
-    issuer_config.write_text(AUTH_TOML.format(mode="token"))
-    issuer = start_kura(issuer_root, None, "--config", str(issuer_config))
+    issuer = start_secured_kura(issuer_root, "token")
     try:
         registry_config = tmp_path / "registry.toml"
         registry_config.write_text(f"""
