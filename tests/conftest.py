@@ -1,14 +1,56 @@
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from registry.app import make_app
 from registry.config import Config
+from tests.support import isolation
 from tests.support.client import sha256
+from tests.support.paths import REPO
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+_guard: dict = {}
+
+
+def pytest_configure(config):
+    """Before any fixture runs: remember the user's real locations, then point every per-user
+    variable of this process (and so of every server and client it starts) at a scratch folder."""
+    real = dict(os.environ)
+    _guard["watched"] = isolation.watched_locations(real)
+    _guard["home"] = Path(real.get("HOME") or Path.home())
+    _guard["before"] = isolation.Snapshot.take(_guard["watched"], _guard["home"], REPO)
+    _guard["scratch"] = scratch = Path(tempfile.mkdtemp(prefix="kura-tests-"))
+    isolation.apply(isolation.isolated_environment(scratch), os.environ.__setitem__,
+                    lambda name: os.environ.pop(name, None))
+
+
+def pytest_sessionfinish(session):
+    """Fail the run if anything was written to the user's real data or the repository."""
+    if "before" not in _guard:
+        return
+    shutil.rmtree(_guard["scratch"], ignore_errors=True)
+    after = isolation.Snapshot.take(_guard["watched"], _guard["home"], REPO)
+    changes = after.changes_since(_guard["before"])
+    if changes:
+        writer = session.config.get_terminal_writer()
+        writer.line("tests wrote outside their temporary directories:", red=True, bold=True)
+        for change in changes[:50]:
+            writer.line(f"  {change}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def own_home(tmp_path, monkeypatch):
+    """Each test gets its own HOME, XDG_* and DOCKER_CONFIG."""
+    isolation.apply(isolation.isolated_environment(tmp_path / "user"), monkeypatch.setenv,
+                    lambda name: monkeypatch.delenv(name, raising=False))
 
 
 @pytest.fixture
