@@ -11,7 +11,7 @@ SERVER_COMMANDS = ("serve", "fsck", "user")
 CLIENT_COMMANDS = ("pull", "images", "rmi", "unpack", "push", "login", "logout", "copy", "tag", "inspect", "tags",
                    "delete")
 
-USAGE = """usage: kura COMMAND [ARGS]
+USAGE = """usage: kura COMMAND [ARGS]     (kura help COMMAND, kura --version)
 
 server commands:
   serve     run the registry (kura serve --help)
@@ -34,8 +34,31 @@ client commands:
 """
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+    try:
+        return installed_version("kura")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _unknown(command: str) -> int:
+    import difflib
+
+    guess = difflib.get_close_matches(command, SERVER_COMMANDS + CLIENT_COMMANDS, n=1, cutoff=0.6)
+    hint = f"; did you mean {guess[0]!r}?" if guess else " (kura --help lists them)"
+    print(f"kura: unknown command {command!r}{hint}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--version"], ["-V"], ["version"]):
+        print(f"kura {version()}")
+        return 0
+    if argv[:1] == ["help"] and len(argv) > 1:
+        argv = [argv[1], "--help"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if argv else 2
@@ -45,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in CLIENT_COMMANDS:
         from puller.cli import main as client_main
         return client_main(argv)
-    print(f"kura: unknown command {argv[0]!r}\n{USAGE}", end="", file=sys.stderr)
-    return 2
+    return _unknown(argv[0])
 
 
 if __name__ == "__main__":

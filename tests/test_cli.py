@@ -17,6 +17,27 @@ def test_usage_and_unknown_command():
     assert "serve" in kura("--help").stdout
     result = kura("frobnicate")
     assert result.returncode == 2 and "unknown command" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_version():
+    from importlib.metadata import version
+    for flag in ("--version", "-V"):
+        result = kura(flag)
+        assert result.returncode == 0 and result.stdout == f"kura {version('kura')}\n"
+
+
+def test_mistyped_command_suggests_the_closest():
+    result = kura("pul", "redis")
+    assert result.returncode == 2
+    assert result.stderr == "kura: unknown command 'pul'; did you mean 'pull'?\n"
+    assert "did you mean 'serve'" in kura("sevre").stderr
+
+
+def test_help_command_shows_the_subcommands_help():
+    for command, expected in (("pull", "usage: kura pull"), ("serve", "usage: kura serve")):
+        result = kura("help", command)
+        assert result.returncode == 0 and result.stdout.startswith(expected), result.stdout
 
 
 def test_bad_config_is_one_line_error(tmp_path):
