@@ -229,6 +229,54 @@ async def test_parallel_guesses_are_counted(make_auth_client):
     assert statuses.count(401) == 5 and statuses.count(429) == 25
 
 
+@pytest.mark.parametrize("mode", ["token", "htpasswd"])
+async def test_parallel_right_passwords_all_succeed(make_auth_client, mode):
+    """Checks still running are not failures: a client opening many connections at once
+    (skopeo, containerd pulling layers in parallel) is not slowed down for knowing its password."""
+    client = await make_auth_client(mode, login_attempts=5)
+    path = "/auth/token" if mode == "token" else "/v2/"
+    responses = await asyncio.gather(*[client.get(path, headers=basic("bob")) for _ in range(12)])
+    assert [r.status for r in responses] == [200] * 12
+    # ...and they left no trace: bob still has all his tries for a typo.
+    for _ in range(5):
+        assert (await client.get(path, headers=basic("bob", "typo"))).status == 401
+    assert (await client.get(path, headers=basic("bob"))).status == 429
+
+
+async def test_failed_logins_counted_per_forwarded_client(make_auth_client):
+    """Behind a trusted reverse proxy the limiter keys on the client the proxy saw (the
+    right-most X-Forwarded-For address that is not a trusted proxy), not on the proxy."""
+    client = await make_auth_client("token", login_attempts=3)  # 127.0.0.1, the test client, is trusted
+    attacker = {"X-Forwarded-For": "203.0.113.5"}
+    for _ in range(3):
+        r = await client.get("/auth/token", headers={**basic("bob", "guess"), **attacker})
+        assert r.status == 401
+    assert (await client.get("/auth/token", headers={**basic("bob"), **attacker})).status == 429
+    # Whatever the attacker writes to the left of what the proxy appended changes nothing...
+    spoofed = {"X-Forwarded-For": "198.51.100.77, 203.0.113.5"}
+    assert (await client.get("/auth/token", headers={**basic("bob"), **spoofed})).status == 429
+    # ...nor does a second trusted proxy in the chain.
+    chained = {"X-Forwarded-For": "203.0.113.5, 127.0.0.1"}
+    r = await client.post("/auth/token", data={"grant_type": "password", "username": "bob",
+                                               "password": PASSWORDS["bob"]}, headers=chained)
+    assert r.status == 429
+    # The real bob, another client behind the same proxy, is not locked out.
+    bob = {"X-Forwarded-For": "198.51.100.20"}
+    assert (await client.get("/auth/token", headers={**basic("bob"), **bob})).status == 200
+    r = await client.post("/auth/token", data={"grant_type": "password", "username": "bob",
+                                               "password": PASSWORDS["bob"]}, headers=bob)
+    assert r.status == 200
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(make_auth_client):
+    client = await make_auth_client("htpasswd", login_attempts=3, trusted_proxies=[])
+    for n in range(3):  # a new made-up address each time does not buy more guesses
+        r = await client.get("/v2/", headers={**basic("bob", "guess"), "X-Forwarded-For": f"203.0.113.{n}"})
+        assert r.status == 401
+    r = await client.get("/v2/", headers={**basic("bob"), "X-Forwarded-For": "198.51.100.20"})
+    assert r.status == 429
+
+
 async def test_own_login_does_not_reset_someone_elses_count(make_auth_client):
     client = await make_auth_client("token", login_attempts=3)
     for _ in range(3):
