@@ -110,6 +110,25 @@ async def test_scopes_not_allowed_are_dropped(make_auth_client):
         {"type": "repository", "name": "public/lib", "actions": ["pull"]}]
 
 
+async def test_scopes_for_invalid_repository_names_are_dropped(make_auth_client):
+    """Other registries trust these tokens and may resolve `..` or fold case: a name outside
+    the distribution-spec grammar is never signed, though the rule globs would match it."""
+    client = await make_auth_client("token")
+    invalid = ["public/../carol/secret", "public/./lib", "public//lib", "public/Lib", "public/lib/",
+               "public/" + "a" * 250]
+    anonymous = await token_for(client, *[f"repository:{name}:pull" for name in invalid], "repository:public/lib:pull")
+    assert jwt.decode_unverified(anonymous)[1]["access"] == [
+        {"type": "repository", "name": "public/lib", "actions": ["pull"]}]
+    carol = await token_for(client, "repository:carol/../team/app:pull,push,delete", "repository:carol/x:pull",
+                            user="carol")
+    assert jwt.decode_unverified(carol)[1]["access"] == [
+        {"type": "repository", "name": "carol/x", "actions": ["pull"]}]
+    r = await client.post("/auth/token", data={"grant_type": "password", "username": "carol",
+                                               "password": PASSWORDS["carol"],
+                                               "scope": "repository:public/../team/app:pull repository:public/lib:pull"})
+    assert [a["name"] for a in jwt.decode_unverified((await r.json())["access_token"])[1]["access"]] == ["public/lib"]
+
+
 async def test_insufficient_scope(make_auth_client):
     client = await make_auth_client("token")
     token = await token_for(client, "repository:team/app:pull", user="bob")

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from ocispec.names import is_valid_name
+
 
 @dataclass(frozen=True)
 class Access:
@@ -24,12 +26,16 @@ CATALOG = Access("registry", "catalog", frozenset({"*"}))
 
 
 def parse_scope(text: str) -> Access | None:
-    """`type[(class)]:name:actions`; the name may itself hold colons. None when malformed."""
+    """`type[(class)]:name:actions`; the name may itself hold colons. None when malformed,
+    which includes a repository name outside the distribution-spec grammar (`a/../b`): other
+    registries trust our tokens and might resolve such a name to another repository."""
     resource_type, sep, rest = text.partition(":")
     name, sep2, actions = rest.rpartition(":")
     if not sep or not sep2 or not name or not resource_type:
         return None
     resource_type = resource_type.split("(", 1)[0]
+    if resource_type == "repository" and not is_valid_name(name):
+        return None
     return Access(resource_type, name, frozenset(a for a in actions.split(",") if a))
 
 
