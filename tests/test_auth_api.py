@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 from dataclasses import replace
 
 import pytest
@@ -374,6 +375,37 @@ async def test_mount_needs_pull_on_source(make_auth_client):
     carol = await token_for(client, "repository:public/lib:pull,push", "repository:carol/x:pull", user="carol")
     r = await client.post(f"/v2/public/lib/blobs/uploads/?mount={layer}&from=carol/x", headers=bearer(carol))
     assert r.status == 201
+
+
+def challenge_scope(response) -> str:
+    return re.search(r'scope="([^"]*)"', response.headers["WWW-Authenticate"]).group(1)
+
+
+async def test_mount_challenge_asks_for_pull_on_the_source(make_auth_client):
+    """Clients that take their scope from the challenge (python-dxf, containerd) must be told
+    about the source repository, or they never get pull there and silently upload instead.
+    One scope parameter, space-separated, as CNCF distribution writes it."""
+    client = await make_auth_client("token")
+    carol = await token_for(client, "repository:carol/x:pull,push", user="carol")
+    await push_with(client, bearer(carol), repo="carol/x", data=b"carol's layer")
+    layer = sha256(b"carol's layer")
+    mount = f"/v2/public/lib/blobs/uploads/?mount={layer}&from=carol/x"
+    r = await client.post(mount)
+    assert r.status == 401
+    scope = challenge_scope(r)
+    assert scope == "repository:public/lib:pull,push repository:carol/x:pull"
+    token = await token_for(client, scope, user="carol")  # what a challenge-driven client asks for
+    r = await client.post(mount, headers=bearer(token))
+    assert r.status == 201, await r.text()
+    assert (await client.head(f"/v2/public/lib/blobs/{layer}", headers=bearer(token))).status == 200
+    # A token without the source pull: the insufficient_scope challenge names it too.
+    r = await client.post(mount, headers=bearer(await token_for(client, "repository:public/lib:pull", user="carol")))
+    assert r.status == 401 and challenge_scope(r) == scope
+    # Only a mount names a source, and only a valid one; the target is not repeated.
+    for query, expected in (("?from=carol/x", "repository:public/lib:pull,push"),
+                            (f"?mount={layer}&from=carol/../x", "repository:public/lib:pull,push"),
+                            (f"?mount={layer}&from=public/lib", "repository:public/lib:pull,push")):
+        assert challenge_scope(await client.post(f"/v2/public/lib/blobs/uploads/{query}")) == expected, query
 
 
 async def test_reverse_proxy_headers_shape_the_realm(make_auth_client):

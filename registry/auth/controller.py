@@ -19,7 +19,7 @@ from .htpasswd import Htpasswd, LoginsBusy
 from .keys import SigningKey, load_or_create, load_trusted_keys
 from .ratelimit import LoginLimiter
 from .rules import AccessRules
-from .scopes import Access, required_access
+from .scopes import Access, mount_source, required_access
 
 log = logging.getLogger("kura.auth")
 
@@ -223,7 +223,7 @@ class TokenAuth(Controller):
         realm = self.realm or f"{public_base(request, self.trusted_proxies)}/auth/token"
         value = f'Bearer realm="{realm}",service="{self.service}"'
         if needed:
-            value += f',scope="{" ".join(a.scope() for a in needed)}"'
+            value += f',scope="{" ".join(a.scope() for a in needed + mount_source(request))}"'
         if error:
             value += f',error="{error}"'
         return {"WWW-Authenticate": value}

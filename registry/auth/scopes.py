@@ -66,3 +66,14 @@ def required_access(request: web.Request) -> list[Access]:
     else:
         actions = {"pull", "push"}
     return [Access("repository", name, frozenset(actions))]
+
+
+def mount_source(request: web.Request) -> list[Access]:
+    """Pull on the source of a cross-repository mount (`POST .../blobs/uploads/?mount=&from=`).
+    Not required (without it the registry starts an ordinary upload), but asked for in the
+    challenge, so clients that take their scope from it can mount."""
+    name, source = request.match_info.get("name"), request.query.get("from")
+    if request.method != "POST" or name is None or "mount" not in request.query \
+            or not source or source == name or not is_valid_name(source):
+        return []
+    return [Access("repository", source, frozenset({"pull"}))]
