@@ -21,7 +21,7 @@ from puller.credentials import Credentials
 from puller.push import PushOptions, Source, push
 from puller.registries import Endpoint, Registries
 from puller.remote import list_tags
-from puller.transport import AuthError, RegistryClient
+from puller.transport import AuthError, RegistryClient, same_origin
 
 PASSWORD = "bob:registry-password"
 TOKEN = "registry-bearer-token"
@@ -180,7 +180,6 @@ async def test_tags_follow_a_foreign_link_without_credentials(listeners, scheme)
 
 
 def test_same_origin_knows_default_ports_and_case():
-    from puller.transport import same_origin
     assert same_origin("https://Registry.Example/v2/", "https://registry.example:443/upload")
     assert same_origin("HTTP://registry.example:80/v2/", "http://registry.example/x")
     assert same_origin("http://[::1]:5000/v2/", "http://[::1]:5000/x")
