@@ -1,5 +1,6 @@
 """HTTP to one registry endpoint: auth challenges (Bearer token flow, Basic), token cache,
-retries with backoff, redirects that never carry credentials to another host."""
+retries with backoff. Credentials go only to the registry's own scheme+host+port: a URL the
+registry names elsewhere (redirect, upload Location, Link) is followed without them."""
 
 from __future__ import annotations
 
@@ -119,7 +120,10 @@ class RegistryClient:
             realm = params.get("realm")
             if not realm:
                 raise AuthError(f"registry {self.endpoint.host} sent a Bearer challenge without a realm")
-            if self._scheme == "https" and realm.startswith("http:") and not self.endpoint.insecure:
+            realm_scheme = urlsplit(realm).scheme.lower()
+            if realm_scheme not in ("http", "https"):
+                raise AuthError(f"registry {self.endpoint.host} sent a Bearer realm that is not an HTTP(S) URL")
+            if self._scheme == "https" and realm_scheme == "http" and not self.endpoint.insecure:
                 raise AuthError(f"registry {self.endpoint.host} wants credentials sent to a plain-HTTP realm {realm}")
             body = await self._fetch_token(realm, params.get("service"), scope)
             token = body.get("token") or body.get("access_token")
@@ -164,7 +168,8 @@ class RegistryClient:
         """A request with auth, retries and safe redirects. Yields the final response (its
         status is one of `ok`, or 404); raises RegistryError otherwise. `path` may also be a
         Location the registry gave (absolute, or relative to it)."""
-        url = urljoin(await self.base_url() + "/", path)
+        base = await self.base_url()
+        url = urljoin(base + "/", path)
         delay = 0.5
         refreshed = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -176,11 +181,11 @@ class RegistryClient:
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
+            if response.status == 401 and not same_origin(str(response.url), base):
+                response.release()
+                raise AuthError(f"{urlsplit(str(response.url)).netloc}, where {self.endpoint.host} sent us, "
+                                "asks for credentials; Kura sends them only to the registry itself")
             if response.status == 401 and not refreshed:
-                if _origin(str(response.url)) != _origin(url):
-                    response.release()
-                    raise AuthError(f"{urlsplit(str(response.url)).netloc}, where {self.endpoint.host} redirected "
-                                    "us, asks for credentials; Kura sends them only to the registry itself")
                 self._note_challenge(response)
                 self._tokens.pop(scope, None)
                 response.release()
@@ -210,12 +215,12 @@ class RegistryClient:
 
     async def _send(self, method: str, url: str, scope: str, headers: dict, data: bytes | None = None
                     ) -> aiohttp.ClientResponse:
-        """Follow redirects by hand: credentials go only to the registry's own host."""
-        origin = _origin(url)
+        """Follow redirects by hand: credentials go only to the registry's own origin."""
+        base = await self.base_url()
         ssl = False if self.endpoint.insecure else None
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
-            if _origin(url) == origin:  # scheme too: never credentials over a downgrade
+            if same_origin(url, base):  # scheme too: never credentials over a downgrade
                 sent.update(await self._auth_header(scope))
             response = await self.session.request(method, url, headers=sent, allow_redirects=False, ssl=ssl,
                                                   data=data)
@@ -224,12 +229,27 @@ class RegistryClient:
                 response.release()
                 continue
             return response
-        raise RegistryError(f"too many redirects from {origin[1]}")
+        raise RegistryError(f"too many redirects from {self.endpoint.api_host}")
 
 
-def _origin(url: str) -> tuple[str, str]:
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) with the scheme's default port filled in; None when unparsable."""
     parts = urlsplit(url)
-    return parts.scheme, parts.netloc
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    return scheme, parts.hostname or "", port if port is not None else _DEFAULT_PORTS.get(scheme)
+
+
+def same_origin(url: str, other: str) -> bool:
+    """Whether two URLs share scheme, host and port (https://h is https://h:443)."""
+    origin = _origin(url)
+    return origin is not None and origin == _origin(other)
 
 
 def _retry_after(response: aiohttp.ClientResponse) -> float:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 from dataclasses import replace
 
 import pytest
@@ -108,6 +109,25 @@ async def test_scopes_not_allowed_are_dropped(make_auth_client):
     anonymous = await token_for(client, "repository:team/app:pull", "repository:public/lib:pull,push")
     assert jwt.decode_unverified(anonymous)[1]["access"] == [
         {"type": "repository", "name": "public/lib", "actions": ["pull"]}]
+
+
+async def test_scopes_for_invalid_repository_names_are_dropped(make_auth_client):
+    """Other registries trust these tokens and may resolve `..` or fold case: a name outside
+    the distribution-spec grammar is never signed, though the rule globs would match it."""
+    client = await make_auth_client("token")
+    invalid = ["public/../carol/secret", "public/./lib", "public//lib", "public/Lib", "public/lib/",
+               "public/" + "a" * 250]
+    anonymous = await token_for(client, *[f"repository:{name}:pull" for name in invalid], "repository:public/lib:pull")
+    assert jwt.decode_unverified(anonymous)[1]["access"] == [
+        {"type": "repository", "name": "public/lib", "actions": ["pull"]}]
+    carol = await token_for(client, "repository:carol/../team/app:pull,push,delete", "repository:carol/x:pull",
+                            user="carol")
+    assert jwt.decode_unverified(carol)[1]["access"] == [
+        {"type": "repository", "name": "carol/x", "actions": ["pull"]}]
+    r = await client.post("/auth/token", data={"grant_type": "password", "username": "carol",
+                                               "password": PASSWORDS["carol"],
+                                               "scope": "repository:public/../team/app:pull repository:public/lib:pull"})
+    assert [a["name"] for a in jwt.decode_unverified((await r.json())["access_token"])[1]["access"]] == ["public/lib"]
 
 
 async def test_insufficient_scope(make_auth_client):
@@ -229,6 +249,54 @@ async def test_parallel_guesses_are_counted(make_auth_client):
     assert statuses.count(401) == 5 and statuses.count(429) == 25
 
 
+@pytest.mark.parametrize("mode", ["token", "htpasswd"])
+async def test_parallel_right_passwords_all_succeed(make_auth_client, mode):
+    """Checks still running are not failures: a client opening many connections at once
+    (skopeo, containerd pulling layers in parallel) is not slowed down for knowing its password."""
+    client = await make_auth_client(mode, login_attempts=5)
+    path = "/auth/token" if mode == "token" else "/v2/"
+    responses = await asyncio.gather(*[client.get(path, headers=basic("bob")) for _ in range(12)])
+    assert [r.status for r in responses] == [200] * 12
+    # ...and they left no trace: bob still has all his tries for a typo.
+    for _ in range(5):
+        assert (await client.get(path, headers=basic("bob", "typo"))).status == 401
+    assert (await client.get(path, headers=basic("bob"))).status == 429
+
+
+async def test_failed_logins_counted_per_forwarded_client(make_auth_client):
+    """Behind a trusted reverse proxy the limiter keys on the client the proxy saw (the
+    right-most X-Forwarded-For address that is not a trusted proxy), not on the proxy."""
+    client = await make_auth_client("token", login_attempts=3)  # 127.0.0.1, the test client, is trusted
+    attacker = {"X-Forwarded-For": "203.0.113.5"}
+    for _ in range(3):
+        r = await client.get("/auth/token", headers={**basic("bob", "guess"), **attacker})
+        assert r.status == 401
+    assert (await client.get("/auth/token", headers={**basic("bob"), **attacker})).status == 429
+    # Whatever the attacker writes to the left of what the proxy appended changes nothing...
+    spoofed = {"X-Forwarded-For": "198.51.100.77, 203.0.113.5"}
+    assert (await client.get("/auth/token", headers={**basic("bob"), **spoofed})).status == 429
+    # ...nor does a second trusted proxy in the chain.
+    chained = {"X-Forwarded-For": "203.0.113.5, 127.0.0.1"}
+    r = await client.post("/auth/token", data={"grant_type": "password", "username": "bob",
+                                               "password": PASSWORDS["bob"]}, headers=chained)
+    assert r.status == 429
+    # The real bob, another client behind the same proxy, is not locked out.
+    bob = {"X-Forwarded-For": "198.51.100.20"}
+    assert (await client.get("/auth/token", headers={**basic("bob"), **bob})).status == 200
+    r = await client.post("/auth/token", data={"grant_type": "password", "username": "bob",
+                                               "password": PASSWORDS["bob"]}, headers=bob)
+    assert r.status == 200
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(make_auth_client):
+    client = await make_auth_client("htpasswd", login_attempts=3, trusted_proxies=[])
+    for n in range(3):  # a new made-up address each time does not buy more guesses
+        r = await client.get("/v2/", headers={**basic("bob", "guess"), "X-Forwarded-For": f"203.0.113.{n}"})
+        assert r.status == 401
+    r = await client.get("/v2/", headers={**basic("bob"), "X-Forwarded-For": "198.51.100.20"})
+    assert r.status == 429
+
+
 async def test_own_login_does_not_reset_someone_elses_count(make_auth_client):
     client = await make_auth_client("token", login_attempts=3)
     for _ in range(3):
@@ -307,6 +375,37 @@ async def test_mount_needs_pull_on_source(make_auth_client):
     carol = await token_for(client, "repository:public/lib:pull,push", "repository:carol/x:pull", user="carol")
     r = await client.post(f"/v2/public/lib/blobs/uploads/?mount={layer}&from=carol/x", headers=bearer(carol))
     assert r.status == 201
+
+
+def challenge_scope(response) -> str:
+    return re.search(r'scope="([^"]*)"', response.headers["WWW-Authenticate"]).group(1)
+
+
+async def test_mount_challenge_asks_for_pull_on_the_source(make_auth_client):
+    """Clients that take their scope from the challenge (python-dxf, containerd) must be told
+    about the source repository, or they never get pull there and silently upload instead.
+    One scope parameter, space-separated, as CNCF distribution writes it."""
+    client = await make_auth_client("token")
+    carol = await token_for(client, "repository:carol/x:pull,push", user="carol")
+    await push_with(client, bearer(carol), repo="carol/x", data=b"carol's layer")
+    layer = sha256(b"carol's layer")
+    mount = f"/v2/public/lib/blobs/uploads/?mount={layer}&from=carol/x"
+    r = await client.post(mount)
+    assert r.status == 401
+    scope = challenge_scope(r)
+    assert scope == "repository:public/lib:pull,push repository:carol/x:pull"
+    token = await token_for(client, scope, user="carol")  # what a challenge-driven client asks for
+    r = await client.post(mount, headers=bearer(token))
+    assert r.status == 201, await r.text()
+    assert (await client.head(f"/v2/public/lib/blobs/{layer}", headers=bearer(token))).status == 200
+    # A token without the source pull: the insufficient_scope challenge names it too.
+    r = await client.post(mount, headers=bearer(await token_for(client, "repository:public/lib:pull", user="carol")))
+    assert r.status == 401 and challenge_scope(r) == scope
+    # Only a mount names a source, and only a valid one; the target is not repeated.
+    for query, expected in (("?from=carol/x", "repository:public/lib:pull,push"),
+                            (f"?mount={layer}&from=carol/../x", "repository:public/lib:pull,push"),
+                            (f"?mount={layer}&from=public/lib", "repository:public/lib:pull,push")):
+        assert challenge_scope(await client.post(f"/v2/public/lib/blobs/uploads/{query}")) == expected, query
 
 
 async def test_reverse_proxy_headers_shape_the_realm(make_auth_client):

@@ -210,3 +210,46 @@ certificate = "{issuer_root / 'auth' / 'token-signing.crt'}"
             stop(registry)
     finally:
         stop(issuer)
+
+
+def test_challenge_driven_client_can_mount(tmp_path):
+    """A client that asks the issuer for exactly what the challenge names (python-dxf,
+    containerd) gets pull on a mount's source too, so the blob is mounted, not uploaded."""
+    import base64
+    import hashlib
+    import re
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, whatever the env says
+
+    def challenge_driven(method: str, url: str, user: str, data: bytes | None = None) -> int:
+        try:
+            return opener.open(urllib.request.Request(url, data=data, method=method)).status
+        except urllib.error.HTTPError as refused:
+            if refused.code != 401:
+                return refused.code
+            params = dict(re.findall(r'(\w+)="([^"]*)"', refused.headers["WWW-Authenticate"]))
+        query = urllib.parse.urlencode({"service": params["service"], "scope": params["scope"]})
+        login = base64.b64encode(f"{user}:{USERS[user]}".encode()).decode()
+        with opener.open(urllib.request.Request(f"{params['realm']}?{query}",
+                                                headers={"Authorization": f"Basic {login}"})) as r:
+            token = json.loads(r.read())["token"]
+        request = urllib.request.Request(url, data=data, method=method, headers={"Authorization": f"Bearer {token}"})
+        try:
+            return opener.open(request).status
+        except urllib.error.HTTPError as failed:
+            return failed.code
+
+    require_shared()
+    server = start_secured_kura(tmp_path / "data", "token")
+    try:
+        layer = b"a layer alice pushed to team/app"
+        digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+        base = f"http://{server.host}/v2"
+        assert challenge_driven("POST", f"{base}/team/app/blobs/uploads/?digest={digest}", "alice", layer) == 201
+        assert challenge_driven("POST", f"{base}/public/lib/blobs/uploads/?mount={digest}&from=team/app",
+                                "alice") == 201
+    finally:
+        stop(server)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 import re
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from .htpasswd import Htpasswd, LoginsBusy
 from .keys import SigningKey, load_or_create, load_trusted_keys
 from .ratelimit import LoginLimiter
 from .rules import AccessRules
-from .scopes import Access, required_access
+from .scopes import Access, mount_source, required_access
 
 log = logging.getLogger("kura.auth")
 
@@ -86,7 +87,7 @@ def public_base(request: web.Request, trusted_proxies: frozenset[str]) -> str:
     """The URL clients reach us at. X-Forwarded-Proto/-Host/-Prefix count only when the
     request comes from a trusted proxy, and only values of a plain shape (no quotes)."""
     proto, host, prefix = request.scheme, request.host, ""
-    if (request.remote or "") in trusted_proxies:
+    if _trusted(request.remote or "", trusted_proxies):
         def forwarded(name: str, pattern: re.Pattern, default: str) -> str:
             value = request.headers.get(name, "").split(",")[-1].strip()  # the nearest proxy's word
             return value if value and pattern.fullmatch(value) else default
@@ -98,12 +99,55 @@ def public_base(request: web.Request, trusted_proxies: frozenset[str]) -> str:
     return f"{proto}://{host}{prefix}"
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as proxies write it (`1.2.3.4`, `1.2.3.4:5678`, `::1`, `[::1]:80`); None if not one."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _trusted(address: str, trusted_proxies: frozenset[str]) -> bool:
+    if address in trusted_proxies:
+        return True
+    ip = _ip(address)
+    return ip is not None and any(_ip(proxy) == ip for proxy in trusted_proxies)
+
+
+def client_address(request: web.Request, trusted_proxies: frozenset[str]) -> str:
+    """Who is logging in: the peer, or when the peer is a trusted proxy, the right-most
+    X-Forwarded-For address that is not itself a trusted proxy (whatever is left of it, the
+    client could have written)."""
+    peer = request.remote or "unknown"
+    if not _trusted(peer, trusted_proxies):
+        return peer
+    hops = [hop for value in request.headers.getall("X-Forwarded-For", []) for hop in value.split(",")]
+    address = peer
+    for hop in reversed(hops):
+        ip = _ip(hop)
+        if ip is None:  # not what a proxy appends: count against the proxy rather than guess
+            return peer
+        address = str(ip)
+        if not _trusted(address, trusted_proxies):
+            break
+    return address
+
+
 class Credentials:
     """Checks passwords against the htpasswd file, with failed-login slow-down."""
 
-    def __init__(self, htpasswd: Htpasswd, limiter: LoginLimiter):
+    def __init__(self, htpasswd: Htpasswd, limiter: LoginLimiter, trusted_proxies: frozenset[str] = frozenset()):
         self.htpasswd = htpasswd
         self.limiter = limiter
+        self.trusted_proxies = trusted_proxies
+
+    def address_of(self, request: web.Request) -> str:
+        return client_address(request, self.trusted_proxies)
 
     async def check_basic(self, request: web.Request, header: str, challenge: dict[str, str]) -> str | None:
         """The user named by a `Basic ...` header (None for empty credentials, which some
@@ -115,22 +159,23 @@ class Credentials:
             user, password = "", "invalid"
         if not user and not password:
             return None
-        if await self.check(request.remote or "unknown", user, password):
+        if await self.check(self.address_of(request), user, password):
             return user
         raise Unauthorized("invalid username or password", headers=challenge)
 
     async def check(self, address: str, user: str, password: str) -> bool:
         """True for a right password; False for a wrong one; 429 while slowed down."""
-        wait = self.limiter.begin(address, user)
+        wait = await self.limiter.begin(address, user)
         if wait:
             raise TooManyRequests("too many failed logins; try again later", headers={"Retry-After": str(wait)})
+        ok = None
         try:
             ok = bool(user) and await self.htpasswd.check(user, password)
         except LoginsBusy:
             raise TooManyRequests("too many logins at once; try again shortly", headers={"Retry-After": "1"}) from None
-        if ok:
-            self.limiter.succeeded(address, user)
-        else:
+        finally:
+            self.limiter.end(address, user, ok)
+        if not ok:
             log.info("failed login from %s", address)
         return ok
 
@@ -178,7 +223,7 @@ class TokenAuth(Controller):
         realm = self.realm or f"{public_base(request, self.trusted_proxies)}/auth/token"
         value = f'Bearer realm="{realm}",service="{self.service}"'
         if needed:
-            value += f',scope="{" ".join(a.scope() for a in needed)}"'
+            value += f',scope="{" ".join(a.scope() for a in needed + mount_source(request))}"'
         if error:
             value += f',error="{error}"'
         return {"WWW-Authenticate": value}
@@ -212,7 +257,7 @@ def build(config: AuthConfig, root: Path) -> AuthState:
     if config.mode == "none":
         return AuthState(NoAuth(), config=config)
     limiter = LoginLimiter(config.login_attempts, config.login_window_seconds)
-    credentials = Credentials(Htpasswd(config.htpasswd_path(root)), limiter)
+    credentials = Credentials(Htpasswd(config.htpasswd_path(root)), limiter, config.trusted_proxies)
     if config.mode == "htpasswd":
         return AuthState(BasicAuth(credentials, config.rules), credentials, config=config)
     if config.external is not None:

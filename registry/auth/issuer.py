@@ -86,7 +86,7 @@ async def post_token(request: web.Request) -> web.Response:
     form = await request.post()
     _check_service(state, form.get("service"))
     grant_type = form.get("grant_type")
-    address = request.remote or "unknown"
+    address = state.credentials.address_of(request)
     if grant_type == "password":
         user, password = form.get("username") or "", form.get("password")
         if not user or password is None or not await state.credentials.check(address, user, password):

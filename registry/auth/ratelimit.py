@@ -1,15 +1,19 @@
 """Slow down password guessing.
 
-Attempts are counted before the password is checked (so parallel guesses count too), per
-client address and user name, and per client address overall (a looser bound, against
-spraying many names). A success clears only that user's count from that address, so
-logging in as oneself does not reset the count for someone else's name, and one client's
-guessing does not lock out other users behind the same address. IPv6 clients are grouped
-by /64, which one host can otherwise rotate through at will.
+Only failed checks count, per client address and user name, and per client address overall
+(a looser bound, against spraying many names). A check still running is not a failure, but
+it holds one of the remaining tries: an attempt that would need more tries than are left
+waits for the running checks to finish, then goes ahead or is refused. So parallel guesses
+get no more checks than sequential ones, and parallel logins with the right password (a
+client opening many connections at once) all succeed. A success clears only that user's
+count from that address, so logging in as oneself does not reset the count for someone
+else's name, and one client's guessing does not lock out other users behind the same
+address. IPv6 clients are grouped by /64, which one host can otherwise rotate through at will.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from collections import deque
@@ -34,42 +38,60 @@ class LoginLimiter:
     def __init__(self, attempts: int, window_seconds: int):
         self.attempts = attempts
         self.window = window_seconds
-        self._attempts: dict[tuple, deque[float]] = {}
+        self._failures: dict[tuple, deque[float]] = {}
+        self._checking: dict[tuple, int] = {}
+        self._finished = asyncio.Event()  # set (and replaced) whenever a check ends
 
     def _keys(self, address: str, user: str) -> list[tuple[tuple, int]]:
         bucket = client_bucket(address)
         return [(("pair", bucket, user), self.attempts), (("address", bucket), self.attempts * ADDRESS_FACTOR)]
 
     def _recent(self, key: tuple, now: float) -> deque[float]:
-        entries = self._attempts.get(key)
+        entries = self._failures.get(key)
         if entries is None:
             return deque()
         while entries and entries[0] <= now - self.window:
             entries.popleft()
         if not entries:
-            del self._attempts[key]
+            del self._failures[key]
         return entries
 
-    def begin(self, address: str, user: str) -> int:
-        """Count an attempt; returns seconds to wait (0: go ahead and check the password)."""
-        now = time.monotonic()
-        wait = 0
-        for key, limit in self._keys(address, user):
-            entries = self._recent(key, now)
-            if len(entries) >= limit:
-                wait = max(wait, int(entries[0] + self.window - now) + 1)
-        if wait:
-            return wait
-        for key, _ in self._keys(address, user):
-            self._attempts.setdefault(key, deque()).append(now)
-        while len(self._attempts) > MAX_KEYS:  # bound memory under a spray of names/addresses
-            self._attempts.pop(next(iter(self._attempts)))
-        return 0
+    async def begin(self, address: str, user: str) -> int:
+        """Reserve a try; returns seconds to wait (0: go ahead, check the password, then
+        call `end`). Waits while running checks hold the tries that are left."""
+        while True:
+            now = time.monotonic()
+            wait, busy = 0, False
+            for key, limit in self._keys(address, user):
+                failures = self._recent(key, now)
+                if len(failures) >= limit:
+                    wait = max(wait, int(failures[0] + self.window - now) + 1)
+                elif len(failures) + self._checking.get(key, 0) >= limit:
+                    busy = True
+            if wait:
+                return wait
+            if not busy:
+                for key, _ in self._keys(address, user):
+                    self._checking[key] = self._checking.get(key, 0) + 1
+                return 0
+            await self._finished.wait()
 
-    def succeeded(self, address: str, user: str) -> None:
-        """A right password: forget this user's attempts from this client, and this attempt."""
-        bucket = client_bucket(address)
-        self._attempts.pop(("pair", bucket, user), None)
-        overall = self._attempts.get(("address", bucket))
-        if overall:
-            overall.pop()
+    def end(self, address: str, user: str, right: bool | None) -> None:
+        """A reserved try is over. `right`: True for the right password (forget this user's
+        failures from this client), False for a wrong one (a failure), None for no verdict
+        (the check could not run; no trace)."""
+        now = time.monotonic()
+        for key, _ in self._keys(address, user):
+            left = self._checking.get(key, 0) - 1
+            if left > 0:
+                self._checking[key] = left
+            else:
+                self._checking.pop(key, None)
+            if right is False:
+                self._failures.setdefault(key, deque()).append(now)
+        if right:
+            self._failures.pop(("pair", client_bucket(address), user), None)
+        while len(self._failures) > MAX_KEYS:  # bound memory under a spray of names/addresses
+            self._failures.pop(next(iter(self._failures)))
+        self._finished.set()
+        self._finished = asyncio.Event()

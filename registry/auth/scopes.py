@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from ocispec.names import is_valid_name
+
 
 @dataclass(frozen=True)
 class Access:
@@ -24,12 +26,16 @@ CATALOG = Access("registry", "catalog", frozenset({"*"}))
 
 
 def parse_scope(text: str) -> Access | None:
-    """`type[(class)]:name:actions`; the name may itself hold colons. None when malformed."""
+    """`type[(class)]:name:actions`; the name may itself hold colons. None when malformed,
+    which includes a repository name outside the distribution-spec grammar (`a/../b`): other
+    registries trust our tokens and might resolve such a name to another repository."""
     resource_type, sep, rest = text.partition(":")
     name, sep2, actions = rest.rpartition(":")
     if not sep or not sep2 or not name or not resource_type:
         return None
     resource_type = resource_type.split("(", 1)[0]
+    if resource_type == "repository" and not is_valid_name(name):
+        return None
     return Access(resource_type, name, frozenset(a for a in actions.split(",") if a))
 
 
@@ -60,3 +66,14 @@ def required_access(request: web.Request) -> list[Access]:
     else:
         actions = {"pull", "push"}
     return [Access("repository", name, frozenset(actions))]
+
+
+def mount_source(request: web.Request) -> list[Access]:
+    """Pull on the source of a cross-repository mount (`POST .../blobs/uploads/?mount=&from=`).
+    Not required (without it the registry starts an ordinary upload), but asked for in the
+    challenge, so clients that take their scope from it can mount."""
+    name, source = request.match_info.get("name"), request.query.get("from")
+    if request.method != "POST" or name is None or "mount" not in request.query \
+            or not source or source == name or not is_valid_name(source):
+        return []
+    return [Access("repository", source, frozenset({"pull"}))]
