@@ -23,8 +23,18 @@ from .errors import (
 )
 
 
+def _reference_to_find(request: web.Request) -> Digest | str:
+    """The reference of a GET, HEAD or DELETE. One that is neither a tag nor a digest cannot
+    name a manifest: 404, as distribution (whose routes never match it). A PUT to it stays a
+    TAG_INVALID, since there the client asked to create it."""
+    text = request.match_info["reference"]
+    if ":" not in text and not is_valid_tag(text):
+        raise ManifestUnknown(detail={"reference": text})
+    return parse_reference(text)
+
+
 async def get_manifest(request: web.Request) -> web.Response:
-    reference = parse_reference(request.match_info["reference"])
+    reference = _reference_to_find(request)
     try:
         stored = await manifests.get_manifest(storage(request), repository(request), reference,
                                               manifests.READ_LIMIT)
@@ -96,7 +106,7 @@ async def delete_manifest(request: web.Request) -> web.Response:
         raise Unsupported("deletes are disabled on this registry")
     name = repository(request)
     store = storage(request)
-    reference = parse_reference(request.match_info["reference"])
+    reference = _reference_to_find(request)
     if not await store.repository_exists(name):
         raise NameUnknown(detail={"name": name})
     if isinstance(reference, str):
