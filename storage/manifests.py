@@ -9,12 +9,13 @@ written). Pushes and deletes of one repository hold its lock, so they never inte
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 
 from ocispec import mediatypes as mt
 from ocispec.digest import Digest
-from ocispec.manifest import Manifest, ManifestInvalid, parse_manifest, referrer_artifact_type
+from ocispec.manifest import Manifest, ManifestInvalid, ManifestUnsupported, parse_manifest, referrer_artifact_type
 
 from .driver import StorageDriver
 from .errors import BlobNotFound, DigestMismatch, ManifestNotFound, ManifestReferenceUnknown
@@ -112,13 +113,27 @@ async def delete_manifest(driver: StorageDriver, repository: str, digest: Digest
     """Remove a manifest from a repository, with the tags and referrer entry that name it."""
     async with driver.repository_lock(repository):
         stored = await get_manifest(driver, repository, digest, limit)
-        manifest = parse_manifest(stored.data, stored.media_type)
-        if manifest.subject is not None:
-            await driver.remove_referrer(repository, manifest.subject.digest, digest)
+        subject = await asyncio.to_thread(_subject_of, stored)
+        if subject is not None:
+            await driver.remove_referrer(repository, subject, digest)
         for tag in await driver.list_tags(repository):
             if await driver.resolve_tag(repository, tag) == digest:
                 await driver.delete_tag(repository, tag)
         await driver.unlink_manifest(repository, digest)
+
+
+def _subject_of(stored: StoredManifest) -> Digest | None:
+    """The subject a stored manifest names. One stored before a parsing rule was tightened
+    may no longer parse, yet must stay deletable: then `subject` is read leniently."""
+    try:
+        subject = parse_manifest(stored.data, stored.media_type).subject
+        return subject.digest if subject is not None else None
+    except (ManifestInvalid, ManifestUnsupported):
+        pass
+    try:
+        return Digest.parse(json.loads(stored.data)["subject"]["digest"])
+    except (ValueError, KeyError, TypeError, RecursionError):  # InvalidDigest is a ValueError
+        return None
 
 
 async def delete_tag(driver: StorageDriver, repository: str, tag: str) -> bool:
