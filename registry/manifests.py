@@ -55,7 +55,7 @@ async def _read_manifest_body(request: web.Request) -> bytes:
     limit = config(request).max_manifest_bytes
     declared = request.headers.get("Content-Length")
     too_large = ManifestTooLarge(f"manifest exceeds the limit of {limit} bytes", detail={"limit": limit})
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
     async for chunk in request.content.iter_chunked(64 * 1024):
