@@ -137,3 +137,11 @@ async def test_stored_manifest_that_no_longer_parses_can_still_be_deleted(client
     assert (await client.get("/v2/app/manifests/ambiguous")).status == 404
     assert (await (await client.get(f"/v2/app/referrers/{image_digest}")).json())["manifests"] == []
     assert fsck(root).ok, fsck(root).problems
+
+
+async def test_revision_link_that_is_not_an_object(store):
+    root, digest = store
+    link = root / "repositories" / "app" / "_manifests" / "revisions" / "sha256" / digest.split(":")[1]
+    for record in ("[]", '{"mediaType": 5}'):
+        link.write_text(record)
+        assert any(f"manifest link {digest} is unreadable" in p for p in fsck(root).problems), record
