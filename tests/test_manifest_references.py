@@ -143,6 +143,7 @@ async def test_other_requests_are_answered_while_a_large_manifest_is_checked(cou
     assert len(seen_at_check) >= 2 * len(layers)
     # Requests were answered between the first and the last existence check of the push.
     assert seen_at_check[-1] > seen_at_check[0], (seen_at_check[0], seen_at_check[-1])
-    # And the loop never stalled for long: generous bound, the unfixed server stalls for
-    # nearly the whole push (about 0.3 s here) in one go.
-    assert max(gaps) < max(0.25 * duration, 0.05), (max(gaps), duration)
+    # And the loop never stalled for long. Generous bound: the unfixed server stalls for
+    # nearly the whole push in one go (0.37 s of 0.42 s measured); fixed, the longest gap
+    # is a garbage collection or a busy machine (0.02-0.11 s of 0.45-1.07 s measured).
+    assert max(gaps) < max(0.4 * duration, 0.05), (max(gaps), duration)
