@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from . import mediatypes as mt
+from . import strict_json
 from .digest import Digest, InvalidDigest
+
+# Descriptor sizes are int64 on the wire (as in every Go implementation).
+MAX_SIZE = 2**63 - 1
 
 
 class ManifestInvalid(ValueError):
@@ -67,8 +70,8 @@ def parse_descriptor(value: object, where: str) -> Descriptor:
     except InvalidDigest as exc:
         raise ManifestInvalid(f"{where}: {exc}") from None
     size = value.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ManifestInvalid(f"{where}: size must be a non-negative integer")
+    if not _is_int(size) or not 0 <= size <= MAX_SIZE:
+        raise ManifestInvalid(f"{where}: size must be a non-negative 64-bit integer")
     artifact_type = value.get("artifactType")
     if artifact_type is not None and not isinstance(artifact_type, str):
         raise ManifestInvalid(f"{where}: artifactType must be a string")
@@ -101,15 +104,16 @@ def parse_manifest(data: bytes, content_type: str | None) -> Manifest:
     if declared in mt.SCHEMA1:
         raise ManifestUnsupported("Docker image manifest schema 1 is obsolete; push schema 2 or OCI")
     try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = strict_json.loads(data)
+    except strict_json.JSONInvalid as exc:
         raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ManifestInvalid("manifest must be a JSON object")
-    if doc.get("schemaVersion") == 1:
+    version = doc.get("schemaVersion")
+    if _is_int(version) and version == 1:
         raise ManifestUnsupported("Docker image manifest schema 1 is obsolete; push schema 2 or OCI")
-    if doc.get("schemaVersion") != 2:
-        raise ManifestInvalid("schemaVersion must be 2")
+    if not (_is_int(version) and version == 2):
+        raise ManifestInvalid("schemaVersion must be the integer 2")
 
     media_type = doc.get("mediaType")
     if media_type is not None and not isinstance(media_type, str):
@@ -122,6 +126,7 @@ def parse_manifest(data: bytes, content_type: str | None) -> Manifest:
         raise ManifestInvalid(f"Content-Type {declared} does not match the manifest's mediaType {media_type}")
     if declared and declared not in mt.MANIFESTS and declared not in ("application/json", "application/octet-stream"):
         raise ManifestUnsupported(f"unsupported manifest Content-Type {declared!r}")
+    _refuse_ambiguity(doc, media_type)
 
     artifact_type = doc.get("artifactType")
     if artifact_type is not None and not isinstance(artifact_type, str):
@@ -146,6 +151,25 @@ def parse_manifest(data: bytes, content_type: str | None) -> Manifest:
     blobs = (config,) + tuple(parse_descriptor(d, f"layers[{i}]") for i, d in enumerate(layers))
     return Manifest(media_type, blobs=blobs, subject=subject,
                     artifact_type=artifact_type, annotations=annotations)
+
+
+def _refuse_ambiguity(doc: dict, media_type: str) -> None:
+    """CVE-2021-41190: a document with the fields of both an index and an image manifest
+    could be read as either, so one digest could mean two different things. Refused as
+    distribution does (a null field counts as absent) and as the image-spec advisory allows."""
+    if media_type in mt.INDEXES:
+        foreign = [key for key in ("config", "layers") if doc.get(key) is not None]
+        kind = "an index"
+    else:
+        foreign = ["manifests"] if doc.get("manifests") is not None else []
+        kind = "an image manifest"
+    if foreign:
+        raise ManifestInvalid(f"ambiguous document: {kind} ({media_type}) must not have "
+                              f"{' or '.join(foreign)}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _guess_oci_type(doc: dict) -> str | None:

@@ -10,7 +10,8 @@ from aiohttp import web
 
 from storage import BlobContent, StorageDriver
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# [0-9], not \d: \d also matches other scripts' digits, which int() accepts.
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:

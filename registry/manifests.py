@@ -23,8 +23,18 @@ from .errors import (
 )
 
 
+def _reference_to_find(request: web.Request) -> Digest | str:
+    """The reference of a GET, HEAD or DELETE. One that is neither a tag nor a digest cannot
+    name a manifest: 404, as distribution (whose routes never match it). A PUT to it stays a
+    TAG_INVALID, since there the client asked to create it."""
+    text = request.match_info["reference"]
+    if ":" not in text and not is_valid_tag(text):
+        raise ManifestUnknown(detail={"reference": text})
+    return parse_reference(text)
+
+
 async def get_manifest(request: web.Request) -> web.Response:
-    reference = parse_reference(request.match_info["reference"])
+    reference = _reference_to_find(request)
     try:
         stored = await manifests.get_manifest(storage(request), repository(request), reference,
                                               manifests.READ_LIMIT)
@@ -45,7 +55,7 @@ async def _read_manifest_body(request: web.Request) -> bytes:
     limit = config(request).max_manifest_bytes
     declared = request.headers.get("Content-Length")
     too_large = ManifestTooLarge(f"manifest exceeds the limit of {limit} bytes", detail={"limit": limit})
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
     async for chunk in request.content.iter_chunked(64 * 1024):
@@ -96,7 +106,7 @@ async def delete_manifest(request: web.Request) -> web.Response:
         raise Unsupported("deletes are disabled on this registry")
     name = repository(request)
     store = storage(request)
-    reference = parse_reference(request.match_info["reference"])
+    reference = _reference_to_find(request)
     if not await store.repository_exists(name):
         raise NameUnknown(detail={"name": name})
     if isinstance(reference, str):

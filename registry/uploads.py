@@ -15,7 +15,8 @@ from .auth.controller import grant
 from .context import config, parse_digest, principal, range_header, repository, storage, upload_location
 from .errors import BlobUploadInvalid, BlobUploadUnknown, SizeInvalid
 
-_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
+# [0-9], not \d: \d also matches other scripts' digits, which int() accepts.
+_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?([0-9]+)-([0-9]+)(?:/(?:[0-9]+|\*))?")
 BODY_CHUNK = 256 * 1024
 
 
@@ -45,7 +46,7 @@ def _content_length(request: web.Request) -> int | None:
     value = request.headers.get("Content-Length")
     if value is None:
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise SizeInvalid("Content-Length must be a non-negative integer")
     return int(value)
 

@@ -103,7 +103,9 @@ def _check_repository(layout: Layout, name: str, report: Report) -> None:
         try:
             record = json.loads(path.read_bytes())
             media_type = record["mediaType"]
-        except (ValueError, KeyError):
+            if not isinstance(media_type, str):
+                raise TypeError("mediaType is not a string")
+        except (ValueError, KeyError, TypeError, RecursionError):
             report.problems.append(f"{name}: manifest link {digest} is unreadable")
             continue
         blob = layout.blob(digest)

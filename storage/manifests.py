@@ -9,18 +9,25 @@ written). Pushes and deletes of one repository hold its lock, so they never inte
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
+from typing import AsyncIterator, Iterable, TypeVar
 
 from ocispec import mediatypes as mt
-from ocispec.digest import Digest
-from ocispec.manifest import Manifest, ManifestInvalid, parse_manifest, referrer_artifact_type
+from ocispec.digest import CANONICAL_ALGORITHM, Digest
+from ocispec.manifest import Manifest, ManifestInvalid, ManifestUnsupported, parse_manifest, referrer_artifact_type
 
 from .driver import StorageDriver
 from .errors import BlobNotFound, DigestMismatch, ManifestNotFound, ManifestReferenceUnknown
 
+T = TypeVar("T")
+
 # Manifests are accepted up to the configured limit (at least 4 MiB); this only caps reads.
 READ_LIMIT = 64 << 20
+# Reference checks between two yields to the event loop: a 64 MiB manifest names ~500k
+# blobs, and a driver whose checks never suspend (the filesystem's) would stall the loop.
+CHECKS_PER_YIELD = 64
 
 FOREIGN_LAYER_TYPES = frozenset({mt.DOCKER_FOREIGN_LAYER, "application/vnd.oci.image.layer.nondistributable.v1.tar",
                                  "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
@@ -37,13 +44,11 @@ class StoredManifest:
 async def put_manifest(driver: StorageDriver, repository: str, data: bytes, content_type: str | None,
                        *, digest: Digest | None = None, tags: tuple[str, ...] = ()) -> tuple[Digest, Manifest]:
     """Validate and store a manifest; `digest` when pushed by digest, `tags` to point at it."""
-    manifest = parse_manifest(data, content_type)
-    if digest is not None:
-        actual = Digest.of_bytes(data, digest.algorithm)
-        if actual != digest:
-            raise DigestMismatch(str(digest), str(actual))
-    else:
-        digest = Digest.of_bytes(data)
+    algorithm = digest.algorithm if digest is not None else CANONICAL_ALGORITHM
+    manifest, actual = await asyncio.to_thread(_parse_and_hash, data, content_type, algorithm)
+    if digest is not None and actual != digest:
+        raise DigestMismatch(str(digest), str(actual))
+    digest = actual
     await _check_references(driver, repository, manifest)
 
     await driver.put_small_blob(data, digest)
@@ -57,6 +62,10 @@ async def put_manifest(driver: StorageDriver, repository: str, data: bytes, cont
     return digest, manifest
 
 
+def _parse_and_hash(data: bytes, content_type: str | None, algorithm: str) -> tuple[Manifest, Digest]:
+    return parse_manifest(data, content_type), Digest.of_bytes(data, algorithm)
+
+
 def referrer_descriptor(manifest: Manifest, digest: Digest, size: int) -> dict:
     descriptor = {"mediaType": manifest.media_type, "digest": str(digest), "size": size}
     artifact_type = referrer_artifact_type(manifest)
@@ -68,22 +77,37 @@ def referrer_descriptor(manifest: Manifest, digest: Digest, size: int) -> dict:
 
 
 async def _check_references(driver: StorageDriver, repository: str, manifest: Manifest) -> None:
-    missing_blobs = []
+    """Every blob and child manifest must be in the repository: one check per distinct
+    digest (in first-seen order), every size claimed for a blob must be its size."""
+    claimed_sizes: dict[Digest, set[int]] = {}
     for descriptor in manifest.blobs:
         if descriptor.media_type in FOREIGN_LAYER_TYPES and descriptor.urls:
             continue  # hosted elsewhere by design
-        blob = await driver.stat_blob(descriptor.digest)
-        if blob is None or not await driver.is_blob_linked(repository, descriptor.digest):
-            missing_blobs.append(str(descriptor.digest))
-        elif blob.size != descriptor.size:
-            raise ManifestInvalid(f"descriptor of {descriptor.digest} says {descriptor.size} bytes, "
-                                  f"the blob has {blob.size}")
+        claimed_sizes.setdefault(descriptor.digest, set()).add(descriptor.size)
+    missing_blobs = []
+    async for digest, sizes in _paced(claimed_sizes.items()):
+        blob = await driver.stat_blob(digest)
+        if blob is None or not await driver.is_blob_linked(repository, digest):
+            missing_blobs.append(str(digest))
+        elif sizes != {blob.size}:
+            wrong = min(sizes - {blob.size})
+            raise ManifestInvalid(f"descriptor of {digest} says {wrong} bytes, the blob has {blob.size}")
     if missing_blobs:
         raise ManifestReferenceUnknown("blob", missing_blobs)
-    missing_children = [str(child.digest) for child in manifest.children
-                        if await driver.get_manifest_link(repository, child.digest) is None]
+    missing_children = []
+    async for child in _paced(dict.fromkeys(child.digest for child in manifest.children)):
+        if await driver.get_manifest_link(repository, child) is None:
+            missing_children.append(str(child))
     if missing_children:
         raise ManifestReferenceUnknown("manifest", missing_children)
+
+
+async def _paced(items: Iterable[T]) -> AsyncIterator[T]:
+    """`items`, yielding to the event loop every CHECKS_PER_YIELD of them."""
+    for count, item in enumerate(items, 1):
+        yield item
+        if count % CHECKS_PER_YIELD == 0:
+            await asyncio.sleep(0)
 
 
 async def resolve(driver: StorageDriver, repository: str, reference: str | Digest) -> Digest:
@@ -112,13 +136,27 @@ async def delete_manifest(driver: StorageDriver, repository: str, digest: Digest
     """Remove a manifest from a repository, with the tags and referrer entry that name it."""
     async with driver.repository_lock(repository):
         stored = await get_manifest(driver, repository, digest, limit)
-        manifest = parse_manifest(stored.data, stored.media_type)
-        if manifest.subject is not None:
-            await driver.remove_referrer(repository, manifest.subject.digest, digest)
+        subject = await asyncio.to_thread(_subject_of, stored)
+        if subject is not None:
+            await driver.remove_referrer(repository, subject, digest)
         for tag in await driver.list_tags(repository):
             if await driver.resolve_tag(repository, tag) == digest:
                 await driver.delete_tag(repository, tag)
         await driver.unlink_manifest(repository, digest)
+
+
+def _subject_of(stored: StoredManifest) -> Digest | None:
+    """The subject a stored manifest names. One stored before a parsing rule was tightened
+    may no longer parse, yet must stay deletable: then `subject` is read leniently."""
+    try:
+        subject = parse_manifest(stored.data, stored.media_type).subject
+        return subject.digest if subject is not None else None
+    except (ManifestInvalid, ManifestUnsupported):
+        pass
+    try:
+        return Digest.parse(json.loads(stored.data)["subject"]["digest"])
+    except (ValueError, KeyError, TypeError, RecursionError):  # InvalidDigest is a ValueError
+        return None
 
 
 async def delete_tag(driver: StorageDriver, repository: str, tag: str) -> bool:

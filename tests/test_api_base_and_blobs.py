@@ -121,3 +121,13 @@ async def test_unknown_endpoint_and_method(client):
     assert r.status == 404 and await error_code(r) == "UNSUPPORTED"
     r = await client.post(f"/v2/a/blobs/{sha256(b'x')}")
     assert r.status == 405 and await error_code(r) == "UNSUPPORTED"
+
+
+async def test_range_digits_must_be_ascii(client):
+    """`\\d` also matches other scripts' digits, which int() reads: `bytes=٠-٩` is not `bytes=0-9`.
+    A malformed Range is ignored (RFC 9110), so the whole blob comes back."""
+    digest = await upload_blob(client, "a", DATA)
+    for header in ("bytes=\u0660-\u0669", "bytes=0-\u0669", "bytes=-\u0665", "bytes=\uff11-"):
+        r = await client.get(f"/v2/a/blobs/{digest}", headers={"Range": header})
+        assert r.status == 200, header
+        assert "Content-Range" not in r.headers and await r.read() == DATA, header

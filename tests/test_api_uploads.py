@@ -219,3 +219,11 @@ async def test_blob_size_limit(make_client):
 async def test_same_blob_many_times(client):
     for _ in range(3):
         assert await upload_blob(client, "a", DATA) == sha256(DATA)
+
+
+async def test_content_range_digits_must_be_ascii(client):
+    location = (await start(client)).headers["Location"]
+    for header in ("\u0660-\u0669", "0-\u0669", "bytes \u0660-9/10", "0-9/\u0661\u0660"):
+        r = await client.patch(location, data=DATA[:10], headers={"Content-Range": header})
+        assert r.status == 400 and await error_code(r) == "BLOB_UPLOAD_INVALID", header
+    assert (await client.get(location)).headers["Range"] == "0-0"

@@ -464,3 +464,18 @@ async def test_secrets_never_logged(make_auth_client, caplog):
     for secret in (PASSWORDS["bob"], body["access_token"], body["refresh_token"],
                    base64.b64encode(f"bob:{PASSWORDS['bob']}".encode()).decode()):
         assert secret not in text  # ...but never of secrets
+
+
+async def test_hostile_token_json_is_401_without_a_traceback(make_auth_client, caplog):
+    client = await make_auth_client("token")
+    deep = jwt.b64url(b"[" * 2000 + b"]" * 2000)
+    huge = jwt.b64url(b'{"alg": ' + b"1" * 5000 + b"}")
+    header = jwt.b64url(b'{"alg": "ES256"}')
+    for token in (f"{deep}.e30.x", f"{header}.{deep}.x", f"{huge}.e30.x", f"{header}.{huge}.x"):
+        caplog.clear()
+        r = await client.get("/v2/team/app/tags/list", headers=bearer(token))
+        assert r.status == 401 and await error_code(r) == "UNAUTHORIZED"
+        r = await client.post("/auth/token", data={"grant_type": "refresh_token", "refresh_token": token,
+                                                   "service": "kura"})
+        assert r.status == 401
+        assert not [rec for rec in caplog.records if rec.levelname in ("ERROR", "CRITICAL")]

@@ -108,3 +108,16 @@ def test_libtrust_key_id_format(key):
 def test_real_clock_default(key):
     token = jwt.sign(claims(exp=int(time.time()) + 60, nbf=int(time.time()) - 1), key)
     assert jwt.verify(token, {"k": key.public_key()}, audience="kura", issuer="kura")
+
+
+@pytest.mark.parametrize("part", [
+    b"[" * 3000 + b"]" * 3000,                 # deeper than the recursion limit
+    b'{"alg": ' + b"1" * 5000 + b"}",           # past int()'s digit limit
+    b'{"alg": "ES256", "x": NaN}',
+    b"\xef\xbb\xbf" + b'{"alg": "ES256"}',
+])
+def test_hostile_json_is_a_token_error(key, part):
+    good = jwt.sign(claims(), key, kid="k").split(".")
+    for token in (f"{jwt.b64url(part)}.{good[1]}.{good[2]}", f"{good[0]}.{jwt.b64url(part)}.{good[2]}"):
+        with pytest.raises(jwt.TokenError):
+            verify(token, key)

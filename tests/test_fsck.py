@@ -81,3 +81,67 @@ async def test_referrer_without_manifest(client, config):
     (d / ("sha256-" + "1" * 64)).write_text(json.dumps({"digest": "sha256:" + "1" * 64}))
     (config.root / "repositories" / "app" / "_layers").mkdir()
     assert any("referrer entry sha256:" + "1" * 64 in p for p in fsck(config.root).problems)
+
+
+def write_manifest_behind_the_api(root, repo: str, tag: str, document: dict, media_type: str) -> str:
+    """Store a manifest straight into the filesystem layout, as an older Kura might have."""
+    from ocispec.digest import Digest
+    from storage.layout import Layout
+
+    data = json.dumps(document).encode()
+    digest = Digest.of_bytes(data)
+    layout = Layout(root)
+    for path, content in ((layout.blob(digest), data),
+                          (layout.revision_link(repo, digest),
+                           json.dumps({"digest": str(digest), "mediaType": media_type}).encode()),
+                          (layout.tag(repo, tag), str(digest).encode())):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return str(digest)
+
+
+def ambiguous_document(root, image_digest: str) -> dict:
+    """An image manifest that also lists `manifests`; every reference exists."""
+    data = next((root / "blobs").rglob(image_digest.split(":")[1])).read_bytes()
+    image = json.loads(data)
+    return {**image, "manifests": [{"mediaType": image["mediaType"], "digest": image_digest, "size": len(data)}]}
+
+
+async def test_ambiguous_manifest_already_in_the_store(store):
+    root, image_digest = store
+    document = ambiguous_document(root, image_digest)
+    digest = write_manifest_behind_the_api(root, "app", "ambiguous", document, document["mediaType"])
+    problems = fsck(root).problems
+    assert any(digest in p and "ambiguous" in p for p in problems), problems
+    result = run_fsck(root)
+    assert result.returncode == 1
+    assert f"manifest {digest}" in result.stdout and "ambiguous" in result.stdout
+
+
+async def test_stored_manifest_that_no_longer_parses_can_still_be_deleted(client, store):
+    """With its tags and its referrer entry, so the store stays consistent."""
+    from ocispec.digest import Digest
+    from storage.layout import Layout
+
+    root, image_digest = store
+    document = ambiguous_document(root, image_digest)
+    document["subject"] = document["manifests"][0]
+    digest = write_manifest_behind_the_api(root, "app", "ambiguous", document, document["mediaType"])
+    entry = Layout(root).referrer("app", Digest.parse(image_digest), Digest.parse(digest))
+    entry.parent.mkdir(parents=True)
+    entry.write_text(json.dumps({"mediaType": document["mediaType"], "digest": digest, "size": 1}))
+    assert len((await (await client.get(f"/v2/app/referrers/{image_digest}")).json())["manifests"]) == 1
+
+    r = await client.delete(f"/v2/app/manifests/{digest}")
+    assert r.status == 202, await r.text()
+    assert (await client.get("/v2/app/manifests/ambiguous")).status == 404
+    assert (await (await client.get(f"/v2/app/referrers/{image_digest}")).json())["manifests"] == []
+    assert fsck(root).ok, fsck(root).problems
+
+
+async def test_revision_link_that_is_not_an_object(store):
+    root, digest = store
+    link = root / "repositories" / "app" / "_manifests" / "revisions" / "sha256" / digest.split(":")[1]
+    for record in ("[]", '{"mediaType": 5}'):
+        link.write_text(record)
+        assert any(f"manifest link {digest} is unreadable" in p for p in fsck(root).problems), record

@@ -96,3 +96,75 @@ def test_docker_manifest_requires_layers():
     doc = {"schemaVersion": 2, "mediaType": mt.DOCKER_MANIFEST, "config": desc(mt.DOCKER_CONFIG)}
     with pytest.raises(ManifestInvalid):
         parse_manifest(json.dumps(doc).encode(), mt.DOCKER_MANIFEST)
+
+
+def _index_desc():
+    return desc(mt.OCI_MANIFEST, 100)
+
+
+@pytest.mark.parametrize("doc, content_type", [
+    ({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [_index_desc()], "config": desc()}, mt.OCI_INDEX),
+    ({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [_index_desc()],
+      "layers": [desc(mt.OCI_LAYER_GZIP, 10)]}, mt.OCI_INDEX),
+    ({"schemaVersion": 2, "mediaType": mt.DOCKER_MANIFEST_LIST, "manifests": [_index_desc()],
+      "layers": []}, mt.DOCKER_MANIFEST_LIST),
+    ({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": desc(), "layers": [],
+      "manifests": [_index_desc()]}, mt.OCI_MANIFEST),
+    ({"schemaVersion": 2, "mediaType": mt.DOCKER_MANIFEST, "config": desc(mt.DOCKER_CONFIG), "layers": [],
+      "manifests": []}, mt.DOCKER_MANIFEST),
+    # No mediaType: whatever the Content-Type says, a document with both shapes is refused.
+    ({"schemaVersion": 2, "config": desc(), "layers": [], "manifests": [_index_desc()]}, mt.OCI_MANIFEST),
+    ({"schemaVersion": 2, "config": desc(), "layers": [], "manifests": [_index_desc()]}, mt.OCI_INDEX),
+    ({"schemaVersion": 2, "config": desc(), "layers": [], "manifests": [_index_desc()]}, "application/json"),
+    ({"schemaVersion": 2, "config": desc(), "manifests": [_index_desc()]}, None),
+])
+def test_ambiguous_documents_are_invalid(doc, content_type):
+    """CVE-2021-41190: one digest must not read as both an image manifest and an index."""
+    with pytest.raises(ManifestInvalid, match="ambiguous"):
+        parse_manifest(json.dumps(doc).encode(), content_type)
+
+
+def test_null_fields_of_the_other_shape_are_not_ambiguous():
+    # As distribution: a null `config`/`layers` in an index (or `manifests` in a manifest) is absent.
+    index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [], "config": None, "layers": None}
+    assert parse_manifest(json.dumps(index).encode(), mt.OCI_INDEX).is_index
+    image = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": desc(), "layers": [], "manifests": None}
+    assert not parse_manifest(json.dumps(image).encode(), mt.OCI_MANIFEST).is_index
+
+
+def _image(**extra) -> dict:
+    return {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": desc(), "layers": [], **extra}
+
+
+@pytest.mark.parametrize("data", [
+    json.dumps(_image()).encode()[:-1] + b', "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",  # nesting depth 1000
+    b'{"schemaVersion": 2, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",     # far beyond the recursion limit
+    json.dumps(_image()).encode()[:-1] + b', "x": ' + b"9" * 5000 + b"}",       # past int()'s digit limit
+    json.dumps(_image()).encode()[:-1] + b', "x": ' + b"9" * 100 + b"}",        # a number no manifest needs
+    json.dumps(_image()).encode()[:-1] + b', "x": NaN}',                        # not JSON
+    json.dumps(_image()).encode()[:-1] + b', "x": -Infinity}',
+    b"\xef\xbb\xbf" + json.dumps(_image()).encode(),                              # UTF-8 byte order mark
+    json.dumps(_image()).encode("utf-16"),                                        # not UTF-8
+    json.dumps(_image()).encode("utf-16-le"),
+    json.dumps(_image()).encode("utf-32"),
+])
+def test_hostile_or_non_strict_json_is_invalid(data):
+    with pytest.raises(ManifestInvalid):
+        parse_manifest(data, mt.OCI_MANIFEST)
+
+
+def test_reasonable_nesting_in_extension_fields_is_fine():
+    data = json.dumps(_image(extension=json.loads("[" * 30 + "]" * 30))).encode()
+    assert parse_manifest(data, mt.OCI_MANIFEST).media_type == mt.OCI_MANIFEST
+
+
+@pytest.mark.parametrize("version", [2.0, True, "2", None, [2]])
+def test_schema_version_must_be_the_integer_2(version):
+    with pytest.raises(ManifestInvalid, match="schemaVersion"):
+        parse_manifest(json.dumps(_image(schemaVersion=version)).encode(), mt.OCI_MANIFEST)
+
+
+def test_descriptor_size_must_fit_in_int64():
+    assert parse_manifest(json.dumps(_image(config=desc(size=2**63 - 1))).encode(), mt.OCI_MANIFEST)
+    with pytest.raises(ManifestInvalid, match="size"):
+        parse_manifest(json.dumps(_image(config=desc(size=2**63))).encode(), mt.OCI_MANIFEST)

@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from ocispec import strict_json
+
 LEEWAY_SECONDS = 30
 
 
@@ -75,8 +77,9 @@ def decode_unverified(token: str) -> tuple[dict, dict, bytes, bytes]:
     if len(parts) != 3:
         raise TokenError("a JWT has three parts")
     try:
-        header = json.loads(b64url_decode(parts[0]))
-        claims = json.loads(b64url_decode(parts[1]))
+        # Strict: a hostile token (deep nesting, huge integers) is malformed, not a server error.
+        header = strict_json.loads(b64url_decode(parts[0]))
+        claims = strict_json.loads(b64url_decode(parts[1]))
     except (ValueError, UnicodeDecodeError):
         raise TokenError("malformed JWT") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
