@@ -29,9 +29,10 @@ def main(argv: list[str]) -> int:
     user = commands.add_parser("user", help="manage accounts in the htpasswd file (bcrypt)")
     user_commands = user.add_subparsers(dest="action", required=True)
     for action, text in (("add", "add a user or change their password (read from a prompt or stdin)"),
-                         ("remove", "remove a user")):
+                         ("remove", "remove a user"), ("list", "list the user names")):
         sub = user_commands.add_parser(action, help=text)
-        sub.add_argument("name")
+        if action != "list":
+            sub.add_argument("name")
         sub.add_argument("--file", type=Path, help="htpasswd file (default: auth.htpasswd, else <root>/auth/htpasswd)")
         sub.add_argument("--config", type=Path, help="server config naming the file")
         sub.add_argument("--root", type=Path, help="storage root (default ./data)")
@@ -68,13 +69,22 @@ def _user(args, config) -> int:
 
     path = args.file or config.auth.htpasswd_path(config.root)
     try:
+        if args.action == "list":
+            for name in htpasswd.list_users(path):
+                print(name)
+            return 0
         if args.action == "remove":
             if not htpasswd.remove_user(path, args.name):
                 print(f"kura: no user {args.name!r} in {path}", file=sys.stderr)
                 return 1
             print(f"removed {args.name} from {path}")
             return 0
+        if not htpasswd.valid_user_name(args.name):
+            raise htpasswd.HtpasswdError(f"invalid user name {args.name!r}")
         password = _read_password()
+        if len(password) < config.auth.min_password_length:
+            raise htpasswd.HtpasswdError(f"the password must have at least {config.auth.min_password_length} "
+                                         "characters (auth.min_password_length)")
         existed = htpasswd.set_user(path, args.name, password)
     except (htpasswd.HtpasswdError, OSError) as exc:
         print(f"kura: {exc}", file=sys.stderr)

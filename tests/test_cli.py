@@ -104,6 +104,32 @@ def test_user_add_and_remove(tmp_path):
     assert result.returncode == 1 and "invalid user name" in result.stderr
 
 
+def test_user_list(tmp_path):
+    path = tmp_path / "htpasswd"
+    assert kura("user", "list", "--file", str(path)).stdout == ""
+    for name in ("carol", "alice"):
+        assert kura("user", "add", name, "--file", str(path), input="long-enough\n").returncode == 0
+    result = kura("user", "list", "--file", str(path))
+    assert result.returncode == 0 and result.stdout == "carol\nalice\n"
+    # the default file is <root>/auth/htpasswd
+    assert kura("user", "add", "dave", "--root", str(tmp_path / "r"), input="long-enough\n").returncode == 0
+    assert kura("user", "list", "--root", str(tmp_path / "r")).stdout == "dave\n"
+
+
+def test_user_add_refuses_a_short_password(tmp_path):
+    path = tmp_path / "htpasswd"
+    result = kura("user", "add", "alice", "--file", str(path), input="short\n")
+    assert result.returncode == 1 and not path.exists()
+    assert result.stderr == "kura: the password must have at least 8 characters (auth.min_password_length)\n"
+    config = tmp_path / "kura.toml"
+    config.write_text(f'[auth]\nmode = "htpasswd"\nhtpasswd = "{path}"\nmin_password_length = 4\n')
+    assert kura("user", "add", "alice", "--config", str(config), input="short\n").returncode == 0
+    assert kura("user", "list", "--config", str(config)).stdout == "alice\n"
+    config.write_text('[auth]\nmode = "htpasswd"\nmin_password_length = 0\n')
+    result = kura("user", "add", "alice", "--config", str(config), input="short\n")
+    assert result.returncode == 2 and "min_password_length must be positive" in result.stderr
+
+
 def test_htpasswd_from_apache_tools_is_accepted(tmp_path):
     import asyncio
     import shutil

@@ -38,6 +38,7 @@ class AuthConfig:
     signing_certificate: Path | None = None
     login_attempts: int = 5
     login_window_seconds: int = 60
+    min_password_length: int = 8
     trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"})
     external: ExternalIssuer | None = None
     rules: AccessRules = AccessRules.default()
@@ -55,6 +56,7 @@ _SIMPLE = {
     "mode": str, "htpasswd": str, "realm": str, "service": str, "issuer": str,
     "token_ttl_seconds": int, "refresh_ttl_seconds": int, "algorithm": str,
     "signing_key": str, "signing_certificate": str, "login_attempts": int, "login_window_seconds": int,
+    "min_password_length": int,
 }
 _RULE_KEYS = {"repositories": list, "catalog": bool, "users": list, "groups": list, "anonymous": bool,
               "actions": list}
@@ -84,7 +86,8 @@ def parse(section: dict | None) -> AuthConfig:
         raise ConfigError(f"auth.mode must be one of {', '.join(MODES)}")
     if values.get("algorithm", "ES256") not in ("ES256", "RS256"):
         raise ConfigError("auth.algorithm must be ES256 or RS256")
-    for key in ("token_ttl_seconds", "refresh_ttl_seconds", "login_attempts", "login_window_seconds"):
+    for key in ("token_ttl_seconds", "refresh_ttl_seconds", "login_attempts", "login_window_seconds",
+                "min_password_length"):
         if key in values and values[key] <= 0:
             raise ConfigError(f"auth.{key} must be positive")
     mode = values.get("mode")

@@ -129,6 +129,14 @@ def set_user(path: Path, name: str, password: str, cost: int = DEFAULT_COST) -> 
     return existed
 
 
+def list_users(path: Path) -> list[str]:
+    """User names in file order (entries that are not bcrypt are skipped, with a warning)."""
+    try:
+        return list(parse(path.read_text(), str(path)))
+    except FileNotFoundError:
+        return []
+
+
 def remove_user(path: Path, name: str) -> bool:
     lines, existed = _lines_without(path, name)
     if existed:
