@@ -12,6 +12,7 @@ from ocispec import mediatypes as mt
 from ocispec.digest import Digest, new_hasher
 
 from .layers import DEFAULT_MAX_LAYER_BYTES, DecompressedLayer
+from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
 from .store import Store
 from .unpack import Root, UnpackOptions, UnsafeLayer, apply_layer
 
@@ -35,12 +36,12 @@ def verify_blob(store: Store, digest: Digest) -> None:
 def unpack_image(store: Store, manifest_digest: Digest, bundle: Path, *, allow_devices: bool = False,
                  max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> UnpackOptions:
     verify_blob(store, manifest_digest)
-    manifest = json.loads(store.read_blob(manifest_digest))
+    manifest = store.read_json(manifest_digest, MANIFEST_LIMIT, "manifest")
     if manifest.get("mediaType") in mt.INDEXES or "manifests" in manifest:
         raise BundleError("that reference is an index; pull one platform to unpack it")
     config_digest = Digest.parse(manifest["config"]["digest"])
     verify_blob(store, config_digest)
-    config = json.loads(store.read_blob(config_digest))
+    config = store.read_json(config_digest, CONFIG_LIMIT, "image config")
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
     rootfs = bundle / "rootfs"
     if rootfs.exists() and any(rootfs.iterdir()):

@@ -17,6 +17,7 @@ from ocispec.digest import Digest
 from . import credentials as creds
 from .bundle import BundleError, unpack_image
 from .layers import LayerError
+from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
 from .unpack import UnsafeLayer
 from .export import export_docker_archive, export_oci, parse_oci_target
 from .platform import Platform
@@ -161,7 +162,8 @@ def _pull(args, store: Store) -> int:
     result = asyncio.run(pull(reference, store, registries, creds.lookup, options))
     if args.output and args.output.startswith("docker-archive:"):
         repo_tag = f"{reference.name}:{reference.tag}" if reference.tag else None
-        export_docker_archive(store, result.descriptor, Path(args.output.split(":", 1)[1]), repo_tag)
+        export_docker_archive(store, result.descriptor, Path(args.output.split(":", 1)[1]), repo_tag,
+                              args.max_layer_bytes)
     elif args.output:
         directory, tag = parse_oci_target(args.output)
         export_oci(store, result.descriptor, directory, tag or reference.tag or "latest")
@@ -302,10 +304,11 @@ def _inspect(args, store: Store) -> int:
     image = store.find(str(reference))
     if image is not None:
         digest = Digest.parse(image.descriptor["digest"])
-        raw = store.read_blob(digest)
-        document = json.loads(raw)
-        config = json.loads(store.read_blob(Digest.parse(document["config"]["digest"]))) if "config" in document else None
-        info = describe(str(reference), digest, image.descriptor["mediaType"], raw, document, config)
+        document = store.read_json(digest, MANIFEST_LIMIT, "manifest")
+        config = store.read_json(Digest.parse(document["config"]["digest"]), CONFIG_LIMIT, "image config") \
+            if "config" in document else None
+        info = describe(str(reference), digest, image.descriptor["mediaType"], store.read_blob(digest), document,
+                        config)
     else:
         info = asyncio.run(inspect(reference, Registries.load(args.registries_conf), creds.lookup))
     if args.raw:

@@ -15,13 +15,13 @@ from ocispec.digest import Digest, InvalidDigest, new_hasher
 from ocispec.reference import Reference
 
 from .credentials import Credentials
+from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
 from .platform import Platform, choose, runnable_entries
 from .progress import Progress, Quiet
 from .registries import Endpoint, Registries
 from .store import Store
 from .transport import RegistryClient, RegistryError, read_limited
 
-MANIFEST_LIMIT = 4 << 20
 CHUNK = 1 << 20
 RESUME_ATTEMPTS = 5
 
@@ -236,6 +236,9 @@ async def _pull_from(client: RegistryClient, reference: Reference, store: Store,
     for manifest in manifests:
         document = manifest.document
         if "manifests" not in document:  # by structure: the digest covers it, not a header
+            if document["config"]["size"] > CONFIG_LIMIT:
+                raise VerificationError(f"the image config of {manifest.digest} is larger than {CONFIG_LIMIT} "
+                                        "bytes; refusing it")
             for descriptor in [document["config"], *document.get("layers", [])]:
                 blobs.setdefault(descriptor["digest"], descriptor)
 

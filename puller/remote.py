@@ -11,11 +11,11 @@ import aiohttp
 from ocispec.digest import Digest
 from ocispec.reference import Reference
 
+from .limits import CONFIG_LIMIT
 from .pull import fetch_manifest
 from .registries import Registries
 from .transport import RegistryClient, RegistryError, read_limited
 
-CONFIG_LIMIT = 4 << 20
 TAGS_PAGE_LIMIT = 4 << 20
 
 
