@@ -147,6 +147,10 @@ def main(argv: list[str]) -> int:
         text = f"malformed image data: missing {exc}" if isinstance(exc, KeyError) else str(exc)
         print(f"kura: {printable(text)}", file=sys.stderr)
         return 1
+    except RecursionError:
+        # Only hostile input nests this deep (JSON documents, links in archives).
+        print("kura: malformed image data: nested too deeply to read", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kura: interrupted", file=sys.stderr)
         return 130
@@ -318,12 +322,14 @@ def _inspect(args, store: Store) -> int:
     elif args.json:
         print(json.dumps({k: v for k, v in info.items() if k not in ("raw", "config")}, indent=2))
     else:
-        print(f"Reference:  {info['reference']}\nDigest:     {info['digest']}\nMedia type: {info['mediaType']}")
+        # Registry- and image-supplied text: never a control sequence to the terminal.
+        print(f"Reference:  {info['reference']}\nDigest:     {info['digest']}\n"
+              f"Media type: {printable(info['mediaType'])}")
         if "platforms" in info:
-            print("Platforms:  " + ", ".join(info["platforms"]))
+            print("Platforms:  " + ", ".join(printable(p) for p in info["platforms"]))
         for key in ("platform", "created", "entrypoint", "cmd"):
             if info.get(key) is not None:
-                print(f"{key.capitalize() + ':':11} {info[key]}")
+                print(f"{key.capitalize() + ':':11} {printable(str(info[key]))}")
         for layer in info.get("layers", []):
             print(f"Layer:      {layer['digest']} ({layer['size']} bytes)")
     return 0
@@ -332,7 +338,7 @@ def _inspect(args, store: Store) -> int:
 def _tags(args) -> int:
     from .remote import list_tags
     tags = asyncio.run(list_tags(Reference.parse(args.reference), Registries.load(args.registries_conf), creds.lookup))
-    print(json.dumps(tags) if args.json else "\n".join(tags))
+    print(json.dumps(tags) if args.json else "\n".join(printable(tag) for tag in tags))
     return 0
 
 
@@ -392,7 +398,8 @@ def _images(args, store: Store) -> int:
         return 0
     print(f"{'REFERENCE':50} {'DIGEST':20} {'PLATFORM':16} SIZE")
     for row in rows:
-        print(f"{row['reference']:50} {row['digest'][7:19]:20} {row['platform'] or '-':16} {row['size']}")
+        print(f"{printable(row['reference']):50} {row['digest'][7:19]:20} {printable(row['platform']) or '-':16} "
+              f"{row['size']}")
     return 0
 
 

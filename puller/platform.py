@@ -53,6 +53,12 @@ def _variant(p: Platform) -> str | None:
     return "v8" if p.architecture == "arm64" and p.variant in (None, "v8") else p.variant
 
 
+def well_formed(descriptor: dict) -> bool:
+    """The descriptor's platform, if any, has the string fields the image-spec gives it."""
+    p = descriptor.get("platform") or {}
+    return all(isinstance(p.get(k, ""), str) for k in ("os", "architecture", "variant", "os.version"))
+
+
 def is_attestation(descriptor: dict) -> bool:
     p = descriptor.get("platform") or {}
     return (ATTESTATION_ANNOTATION in (descriptor.get("annotations") or {})

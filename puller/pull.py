@@ -12,15 +12,16 @@ import aiohttp
 
 from ocispec import mediatypes as mt
 from ocispec.digest import Digest, InvalidDigest, new_hasher
+from ocispec.manifest import ManifestInvalid, ManifestUnsupported, parse_manifest
 from ocispec.reference import Reference
 
 from .credentials import Credentials
 from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
-from .platform import Platform, choose, runnable_entries
+from .platform import Platform, choose, runnable_entries, well_formed
 from .progress import Progress, Quiet
 from .registries import Endpoint, Registries
 from .store import Store
-from .transport import RegistryClient, RegistryError, read_limited
+from .transport import RegistryClient, RegistryError, printable, read_limited
 
 CHUNK = 1 << 20
 RESUME_ATTEMPTS = 5
@@ -54,10 +55,7 @@ class _Manifest:
     data: bytes
     media_type: str
     digest: Digest
-
-    @property
-    def document(self) -> dict:
-        return json.loads(self.data)
+    document: dict
 
     def descriptor(self, **extra) -> dict:
         return {"mediaType": self.media_type, "digest": str(self.digest), "size": len(self.data), **extra}
@@ -80,15 +78,18 @@ async def fetch_manifest(client: RegistryClient, reference: str, expected: Diges
         raise RegistryError(f"{reference} is a Docker schema 1 image, which Kura does not support")
     try:
         document = json.loads(data)
-    except ValueError:
-        raise VerificationError(f"manifest {reference} is not JSON") from None
+    except (ValueError, RecursionError):
+        raise VerificationError(f"manifest {reference} is not JSON (or is nested too deeply)") from None
     if not isinstance(document, dict) or document.get("schemaVersion") == 1:
         raise RegistryError(f"{reference} is not a schema 2 / OCI manifest, which is all Kura supports")
+    if not isinstance(document.get("mediaType") or "", str):
+        raise VerificationError(f"manifest {reference}: its mediaType is not a string")
     # The document's own mediaType is covered by the digest; the header is not.
     media_type = document.get("mediaType") or (header_type if header_type in mt.MANIFESTS else None) \
         or (mt.OCI_INDEX if "manifests" in document else mt.OCI_MANIFEST)
     if ("manifests" in document) != (media_type in mt.INDEXES) or media_type not in mt.MANIFESTS:
-        raise VerificationError(f"manifest {reference}: media type {media_type} does not fit its content")
+        raise VerificationError(f"manifest {reference}: media type {printable(media_type)} does not fit its content")
+    _check_structure(reference, data, media_type, document)
     algorithm = expected.algorithm if expected else "sha256"
     digest = Digest.of_bytes(data, algorithm)
     if expected is not None and digest != expected:
@@ -100,7 +101,18 @@ async def fetch_manifest(client: RegistryClient, reference: str, expected: Diges
             claimed = None
         if claimed and Digest.of_bytes(data, claimed.algorithm) != claimed:
             raise VerificationError(f"manifest digest mismatch: registry says {claimed}, content is {digest}")
-    return _Manifest(data, media_type, digest)
+    return _Manifest(data, media_type, digest, document)
+
+
+def _check_structure(reference: str, data: bytes, media_type: str, document: dict) -> None:
+    """Every descriptor well-formed (digest, integer size, lists where lists belong), so that
+    nothing later trips over a registry's malformed document."""
+    try:
+        parse_manifest(data, media_type)
+    except (ManifestInvalid, ManifestUnsupported, RecursionError) as exc:
+        raise VerificationError(f"manifest {reference} is malformed: {exc}") from None
+    if not all(well_formed(entry) for entry in document.get("manifests", [])):
+        raise VerificationError(f"manifest {reference} is malformed: a platform's fields are not strings")
 
 
 async def download_blob(client: RegistryClient, descriptor: dict, store: Store, progress: Progress) -> bool:
