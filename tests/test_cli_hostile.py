@@ -231,3 +231,67 @@ async def test_platforms_from_an_index_are_printed_without_control_characters(re
     assert images.returncode == 0, images.stderr
     no_control_characters(images.stdout)
     assert "linux/amd64/v1" in images.stdout
+
+
+# ------------------------------------------------------------------------ nested indexes
+
+def other_image() -> bytes:
+    """The same image under another digest, for a second platform."""
+    document = manifest_document()
+    document["annotations"] = {"org.opencontainers.image.title": "arm64"}
+    return json.dumps(document).encode()
+
+
+def nested(depth: int, leaf_platform: dict | None = AMD64, outer_platform: dict | None = None) -> dict[str, bytes]:
+    """Tag "nested": `depth` indexes in all, each holding the next (with `outer_platform`), the
+    innermost holding an arm64 image and the image for `leaf_platform`."""
+    arm64 = other_image()
+    document = index_of((arm64, ARM64), (image(LAYER)[0], leaf_platform))
+    documents = {sha256(arm64): arm64}
+    for _ in range(depth - 1):
+        documents[sha256(document)] = document
+        document = index_of((document, outer_platform))
+    documents["nested"] = document
+    return documents
+
+
+@pytest.mark.parametrize("depth, outer_platform", [(2, None), (2, AMD64), (4, None)],
+                         ids=["outer entry without platform", "outer entry with platform", "four levels"])
+async def test_nested_index_resolves_to_the_platform_image(depth, outer_platform, registry, home, tmp_path):
+    host, faults = await registry(manifests=nested(depth, outer_platform=outer_platform))
+    bundle = tmp_path / "bundle"
+    ran = await kura(home, "pull", "--quiet", "--platform", "linux/amd64", "--unpack", str(bundle),
+                     f"{host}/hostile:nested")
+    assert ran.returncode == 0, ran.stderr
+    assert (bundle / "rootfs" / "hello.txt").read_bytes() == b"hello\n"
+    [stored] = json.loads((await kura(home, "images", "--json")).stdout)
+    assert stored["digest"] == sha256(image(LAYER)[0]) and stored["platform"] == "linux/amd64"
+    assert not any(sha256(other_image()) in r for r in faults.requests)  # only what this platform needs
+
+
+async def test_nested_index_with_every_platform(registry, home):
+    documents = nested(3)
+    host, faults = await registry(manifests=documents)
+    ran = await kura(home, "pull", "--quiet", "--all-platforms", f"{host}/hostile:nested")
+    assert ran.returncode == 0, ran.stderr
+    assert any(sha256(LAYER)[:15] in r for r in faults.requests)  # the images' blobs were fetched
+    assert any(sha256(other_image()) in r for r in faults.requests)
+    [stored] = json.loads((await kura(home, "images", "--json")).stdout)
+    assert stored["digest"] == sha256(documents["nested"])
+
+
+async def test_nested_index_has_no_such_platform(registry, home):
+    host, _ = await registry(manifests=nested(2, leaf_platform={"os": "linux", "architecture": "s390x"}))
+    message = one_line_error(await kura(home, "pull", "--quiet", "--platform", "linux/amd64",
+                                        f"{host}/hostile:nested"))
+    assert "linux/amd64" in message and "linux/s390x" in message and "linux/arm64" in message
+
+
+@pytest.mark.parametrize("all_platforms", [False, True])
+async def test_index_nesting_is_bounded(all_platforms, registry, home):
+    host, faults = await registry(manifests=nested(6, outer_platform=AMD64))
+    flags = ["--all-platforms"] if all_platforms else ["--platform", "linux/amd64"]
+    message = one_line_error(await kura(home, "pull", "--quiet", *flags, f"{host}/hostile:nested"))
+    assert "nested" in message
+    assert len([r for r in faults.requests if r.startswith("GET manifest")]) <= 5
+    assert json.loads((await kura(home, "images", "--json")).stdout) == []
