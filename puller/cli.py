@@ -206,16 +206,21 @@ def _login(args) -> int:
         return 2
     server = normalise_server(args.server)
     user = args.username
-    if not user:
+    if user is None:
         if not sys.stdin.isatty():
             raise ValueError("give -u USER when stdin is not a terminal")
         user = input("Username: ").strip()
+    if not user:
+        raise ValueError("empty username; nothing was sent")
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     elif sys.stdin.isatty():
         password = getpass.getpass("Password: ")
     else:
         raise ValueError("use --password-stdin to read the password from a pipe")
+    if not password:
+        # It would be refused anyway, and count as a failed login towards the server's lock-out.
+        raise ValueError("empty password; nothing was sent")
     credentials = creds.Credentials(user, password)
     insecure = any(e.insecure for e in Registries.load().entries if e.location == server)
     asyncio.run(verify(server, credentials, insecure))

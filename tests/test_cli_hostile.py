@@ -295,3 +295,16 @@ async def test_index_nesting_is_bounded(all_platforms, registry, home):
     assert "nested" in message
     assert len([r for r in faults.requests if r.startswith("GET manifest")]) <= 5
     assert json.loads((await kura(home, "images", "--json")).stdout) == []
+
+
+# ------------------------------------------------------------------------------- login
+
+@pytest.mark.parametrize("user, password", [("alice", b"\n"), ("alice", b""), ("", b"secret\n")],
+                         ids=["empty line", "nothing on stdin", "empty user"])
+async def test_login_with_an_empty_password_or_user_sends_nothing(user, password, registry, home):
+    host, faults = await registry()
+    ran = await kura(home, "login", "-u", user, "--password-stdin", host, stdin=password)
+    message = one_line_error(ran)
+    assert "empty" in message
+    assert faults.requests == []
+    assert not (home / "docker" / "config.json").exists()
