@@ -9,7 +9,9 @@ manifest is written for them, as `docker push` would."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import posixpath
 import re
 import tarfile
 import zlib
@@ -17,7 +19,9 @@ from pathlib import Path
 
 from ocispec import mediatypes as mt
 
+from .layers import DecompressedLayer
 from .push import PushError, Source, source_from_layout
+from .unpack import MAX_LINK_HOPS, tar_members
 
 _LAYOUT_MEMBER = re.compile(r"(?:\./)?(oci-layout|index\.json|blobs/sha256/[a-f0-9]{64})")
 _CHUNK = 1 << 20
@@ -26,7 +30,7 @@ _JSON_LIMIT = 4 << 20  # manifest.json, index.json, image configs
 
 def oci_archive(path: Path, tag: str | None, scratch: Path) -> Source:
     with tarfile.open(path) as archive:
-        for member in archive:
+        for member in tar_members(archive):
             match = _LAYOUT_MEMBER.fullmatch(member.name)
             if not match or not member.isreg():
                 continue
@@ -70,12 +74,16 @@ def _store(scratch: Path, data_path: Path | None = None, data: bytes | None = No
 
 def docker_archive(path: Path, reference: str | None, scratch: Path) -> Source:
     with tarfile.open(path) as archive:
-        # Links included: legacy `docker save` links shared layers; extractfile resolves them
-        # to members of this archive.
-        members = {m.name.removeprefix("./"): m for m in archive.getmembers() if m.isreg() or m.islnk() or m.issym()}
+        # Links included: legacy `docker save` links shared layers; they are followed to a
+        # regular member of this archive (see _regular).
+        members = {_key(m.name): m for m in archive.getmembers() if m.isreg() or m.islnk() or m.issym()}
         if "manifest.json" not in members:
             raise PushError(f"{path} is not a docker archive (no manifest.json)")
-        entries = _json_member(archive, members["manifest.json"], path)
+
+        def read_member(name: str):
+            return archive.extractfile(_regular(members, name, path))
+
+        entries = _json_member(read_member("manifest.json"), "manifest.json", path)
         if not isinstance(entries, list) or not all(
                 isinstance(e, dict) and isinstance(e.get("Config"), str) and isinstance(e.get("Layers"), list)
                 and all(isinstance(x, str) for x in e["Layers"]) for e in entries):
@@ -86,22 +94,13 @@ def docker_archive(path: Path, reference: str | None, scratch: Path) -> Source:
             raise PushError(f"{path}: {'no image ' + repr(reference) if reference else 'several images; name one'}"
                             if not entries or reference else f"{path}: several images; name one with :REF")
         entry = entries[0]
-
-        def read_member(name: str):
-            member = members.get(name.removeprefix("./"))
-            source = archive.extractfile(member) if member is not None else None
-            if source is None:
-                raise PushError(f"{path}: {name} is missing from the archive")
-            return source
-
-        config_member = members.get(entry["Config"].removeprefix("./"))
-        if config_member is None or config_member.size > _JSON_LIMIT:
-            raise PushError(f"{path}: the image config {entry['Config']} is missing or implausibly large")
-        config = read_member(entry["Config"]).read()
-        try:
-            diff_ids = json.loads(config)["rootfs"]["diff_ids"]
-        except (ValueError, KeyError, TypeError):
-            raise PushError(f"{path}: {entry['Config']} is not an image config with rootfs.diff_ids") from None
+        config_file = read_member(entry["Config"])
+        config = config_file.read(_JSON_LIMIT + 1)
+        if len(config) > _JSON_LIMIT:
+            raise PushError(f"{path}: the image config {entry['Config']} is implausibly large")
+        diff_ids = (_json_bytes(config, entry["Config"], path).get("rootfs") or {}).get("diff_ids")
+        if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+            raise PushError(f"{path}: {entry['Config']} is not an image config with rootfs.diff_ids")
         if len(diff_ids) != len(entry["Layers"]):
             raise PushError(f"{path}: {len(entry['Layers'])} layers but {len(diff_ids)} diff_ids in the config")
         config_digest, config_size = _store(scratch, data=config)
@@ -109,24 +108,8 @@ def docker_archive(path: Path, reference: str | None, scratch: Path) -> Source:
         for number, name in enumerate(entry["Layers"]):
             temp = scratch / f"layer-{number}.tmp"
             with read_member(name) as src, open(temp, "wb") as out:
-                head = src.read(2)
-                if head == b"\x1f\x8b":  # already gzip (newer docker save): check it inflates to its diff_id
-                    out.write(head)
-                    plain = hashlib.sha256()
-                    inflater = zlib.decompressobj(wbits=47)
-                    plain.update(inflater.decompress(head))
-                    while chunk := src.read(_CHUNK):
-                        out.write(chunk)
-                        plain.update(inflater.decompress(chunk))
-                else:
-                    plain = hashlib.sha256(head)
-                    compressor = _gzip_compressor()
-                    out.write(compressor.compress(head))
-                    while chunk := src.read(_CHUNK):
-                        plain.update(chunk)
-                        out.write(compressor.compress(chunk))
-                    out.write(compressor.flush())
-            if f"sha256:{plain.hexdigest()}" != diff_ids[number]:
+                diff_id = _gzip_layer(src, out)
+            if diff_id != diff_ids[number]:
                 raise PushError(f"{path}: layer {name} does not match diff_id {diff_ids[number]} of the config")
             digest, size = _store(scratch, data_path=temp)
             layers.append({"mediaType": mt.DOCKER_LAYER_GZIP, "size": size, "digest": digest})
@@ -137,13 +120,76 @@ def docker_archive(path: Path, reference: str | None, scratch: Path) -> Source:
     return Source(scratch, {"mediaType": mt.DOCKER_MANIFEST, "digest": digest, "size": size})
 
 
-def _json_member(archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path):
-    if member.size > _JSON_LIMIT:
-        raise PushError(f"{path}: {member.name} is implausibly large")
+def _gzip_layer(src, out) -> str:
+    """Copy a layer to `out` gzip-compressed (compressing it if it is not already); returns
+    the sha256 of its uncompressed tar (its diff_id)."""
+    head = src.read(2)
+    if head == b"\x1f\x8b":  # already gzip (newer docker save): check it inflates to its diff_id
+        stream = DecompressedLayer(_Copying(head, src, out), mt.DOCKER_LAYER_GZIP)
+        stream.drain()
+        return stream.diff_id
+    plain = hashlib.sha256(head)
+    compressor = _gzip_compressor()
+    out.write(compressor.compress(head))
+    while chunk := src.read(_CHUNK):
+        plain.update(chunk)
+        out.write(compressor.compress(chunk))
+    out.write(compressor.flush())
+    return f"sha256:{plain.hexdigest()}"
+
+
+class _Copying:
+    """Reads `source` (after `head`, already read from it), writing all it returns to `out`."""
+
+    def __init__(self, head: bytes, source, out):
+        self.head, self.source, self.out = head, source, out
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            data, self.head = self.head, b""
+        else:
+            data = self.source.read(n)
+        self.out.write(data)
+        return data
+
+
+def _key(name: str) -> str:
+    return posixpath.normpath(name).lstrip("/")
+
+
+def _regular(members: dict[str, tarfile.TarInfo], name: str, path: Path) -> tarfile.TarInfo:
+    """The regular member `name` is, following its symbolic and hard links inside the archive
+    (tarfile itself would follow a loop until Python's recursion limit)."""
+    current = name
+    for _ in range(MAX_LINK_HOPS):
+        member = members.get(_key(current))
+        if member is None:
+            raise PushError(f"{path}: {name} is missing from the archive" if current == name else
+                            f"{path}: {name} links to {current}, which is not in the archive")
+        if member.isreg():
+            return member
+        target = member.linkname
+        if member.issym() and not target.startswith("/"):
+            target = posixpath.join(posixpath.dirname(member.name), target)
+        current = target
+    raise PushError(f"{path}: {name} is a link that goes round in circles (or through more than {MAX_LINK_HOPS})")
+
+
+def _json_member(source, name: str, path: Path):
+    data = source.read(_JSON_LIMIT + 1)
+    if len(data) > _JSON_LIMIT:
+        raise PushError(f"{path}: {name} is implausibly large")
     try:
-        return json.load(archive.extractfile(member))
-    except ValueError:
-        raise PushError(f"{path}: {member.name} is not JSON") from None
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise PushError(f"{path}: {name} is not JSON (or is nested too deeply)") from None
+
+
+def _json_bytes(data: bytes, name: str, path: Path) -> dict:
+    document = _json_member(io.BytesIO(data), name, path)
+    if not isinstance(document, dict):
+        raise PushError(f"{path}: {name} is not a JSON object")
+    return document
 
 
 def split_archive_target(text: str) -> tuple[Path, str | None]:

@@ -12,6 +12,7 @@ from ocispec import mediatypes as mt
 from ocispec.digest import Digest, new_hasher
 
 from .layers import DEFAULT_MAX_LAYER_BYTES, DecompressedLayer
+from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
 from .store import Store
 from .unpack import Root, UnpackOptions, UnsafeLayer, apply_layer
 
@@ -32,15 +33,43 @@ def verify_blob(store: Store, digest: Digest) -> None:
         raise BundleError(f"stored blob {digest} is corrupt; pull the image again")
 
 
+def check_config(config: dict) -> None:
+    """The image config fields a bundle is made from have the types the image-spec gives them."""
+    def fail(field: str, kind: str):
+        raise BundleError(f"the image config's {field} is not {kind}")
+
+    def strings(value) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    rootfs = config.get("rootfs")
+    if rootfs is not None and not (isinstance(rootfs, dict) and strings(rootfs.get("diff_ids") or [])):
+        fail("rootfs", "an object with a list of diff_ids")
+    runtime = config.get("config")
+    if runtime is None:
+        return
+    if not isinstance(runtime, dict):
+        fail("config", "an object")
+    for field in ("Entrypoint", "Cmd", "Env"):
+        if runtime.get(field) is not None and not strings(runtime[field]):
+            fail(f"config.{field}", "a list of strings")
+    for field in ("User", "WorkingDir"):
+        if runtime.get(field) is not None and not isinstance(runtime[field], str):
+            fail(f"config.{field}", "a string")
+    labels = runtime.get("Labels")
+    if labels is not None and not (isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values())):
+        fail("config.Labels", "an object of strings")
+
+
 def unpack_image(store: Store, manifest_digest: Digest, bundle: Path, *, allow_devices: bool = False,
                  max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> UnpackOptions:
     verify_blob(store, manifest_digest)
-    manifest = json.loads(store.read_blob(manifest_digest))
+    manifest = store.read_json(manifest_digest, MANIFEST_LIMIT, "manifest")
     if manifest.get("mediaType") in mt.INDEXES or "manifests" in manifest:
         raise BundleError("that reference is an index; pull one platform to unpack it")
     config_digest = Digest.parse(manifest["config"]["digest"])
     verify_blob(store, config_digest)
-    config = json.loads(store.read_blob(config_digest))
+    config = store.read_json(config_digest, CONFIG_LIMIT, "image config")
+    check_config(config)
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
     rootfs = bundle / "rootfs"
     if rootfs.exists() and any(rootfs.iterdir()):

@@ -17,6 +17,7 @@ from ocispec.digest import Digest
 from . import credentials as creds
 from .bundle import BundleError, unpack_image
 from .layers import LayerError
+from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
 from .unpack import UnsafeLayer
 from .export import export_docker_archive, export_oci, parse_oci_target
 from .platform import Platform
@@ -146,6 +147,10 @@ def main(argv: list[str]) -> int:
         text = f"malformed image data: missing {exc}" if isinstance(exc, KeyError) else str(exc)
         print(f"kura: {printable(text)}", file=sys.stderr)
         return 1
+    except RecursionError:
+        # Only hostile input nests this deep (JSON documents, links in archives).
+        print("kura: malformed image data: nested too deeply to read", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kura: interrupted", file=sys.stderr)
         return 130
@@ -161,7 +166,8 @@ def _pull(args, store: Store) -> int:
     result = asyncio.run(pull(reference, store, registries, creds.lookup, options))
     if args.output and args.output.startswith("docker-archive:"):
         repo_tag = f"{reference.name}:{reference.tag}" if reference.tag else None
-        export_docker_archive(store, result.descriptor, Path(args.output.split(":", 1)[1]), repo_tag)
+        export_docker_archive(store, result.descriptor, Path(args.output.split(":", 1)[1]), repo_tag,
+                              args.max_layer_bytes)
     elif args.output:
         directory, tag = parse_oci_target(args.output)
         export_oci(store, result.descriptor, directory, tag or reference.tag or "latest")
@@ -200,16 +206,21 @@ def _login(args) -> int:
         return 2
     server = normalise_server(args.server)
     user = args.username
-    if not user:
+    if user is None:
         if not sys.stdin.isatty():
             raise ValueError("give -u USER when stdin is not a terminal")
         user = input("Username: ").strip()
+    if not user:
+        raise ValueError("empty username; nothing was sent")
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     elif sys.stdin.isatty():
         password = getpass.getpass("Password: ")
     else:
         raise ValueError("use --password-stdin to read the password from a pipe")
+    if not password:
+        # It would be refused anyway, and count as a failed login towards the server's lock-out.
+        raise ValueError("empty password; nothing was sent")
     credentials = creds.Credentials(user, password)
     insecure = any(e.insecure for e in Registries.load().entries if e.location == server)
     asyncio.run(verify(server, credentials, insecure))
@@ -302,10 +313,11 @@ def _inspect(args, store: Store) -> int:
     image = store.find(str(reference))
     if image is not None:
         digest = Digest.parse(image.descriptor["digest"])
-        raw = store.read_blob(digest)
-        document = json.loads(raw)
-        config = json.loads(store.read_blob(Digest.parse(document["config"]["digest"]))) if "config" in document else None
-        info = describe(str(reference), digest, image.descriptor["mediaType"], raw, document, config)
+        document = store.read_json(digest, MANIFEST_LIMIT, "manifest")
+        config = store.read_json(Digest.parse(document["config"]["digest"]), CONFIG_LIMIT, "image config") \
+            if "config" in document else None
+        info = describe(str(reference), digest, image.descriptor["mediaType"], store.read_blob(digest), document,
+                        config)
     else:
         info = asyncio.run(inspect(reference, Registries.load(args.registries_conf), creds.lookup))
     if args.raw:
@@ -315,12 +327,14 @@ def _inspect(args, store: Store) -> int:
     elif args.json:
         print(json.dumps({k: v for k, v in info.items() if k not in ("raw", "config")}, indent=2))
     else:
-        print(f"Reference:  {info['reference']}\nDigest:     {info['digest']}\nMedia type: {info['mediaType']}")
+        # Registry- and image-supplied text: never a control sequence to the terminal.
+        print(f"Reference:  {info['reference']}\nDigest:     {info['digest']}\n"
+              f"Media type: {printable(info['mediaType'])}")
         if "platforms" in info:
-            print("Platforms:  " + ", ".join(info["platforms"]))
+            print("Platforms:  " + ", ".join(printable(p) for p in info["platforms"]))
         for key in ("platform", "created", "entrypoint", "cmd"):
             if info.get(key) is not None:
-                print(f"{key.capitalize() + ':':11} {info[key]}")
+                print(f"{key.capitalize() + ':':11} {printable(str(info[key]))}")
         for layer in info.get("layers", []):
             print(f"Layer:      {layer['digest']} ({layer['size']} bytes)")
     return 0
@@ -329,7 +343,7 @@ def _inspect(args, store: Store) -> int:
 def _tags(args) -> int:
     from .remote import list_tags
     tags = asyncio.run(list_tags(Reference.parse(args.reference), Registries.load(args.registries_conf), creds.lookup))
-    print(json.dumps(tags) if args.json else "\n".join(tags))
+    print(json.dumps(tags) if args.json else "\n".join(printable(tag) for tag in tags))
     return 0
 
 
@@ -389,7 +403,8 @@ def _images(args, store: Store) -> int:
         return 0
     print(f"{'REFERENCE':50} {'DIGEST':20} {'PLATFORM':16} SIZE")
     for row in rows:
-        print(f"{row['reference']:50} {row['digest'][7:19]:20} {row['platform'] or '-':16} {row['size']}")
+        print(f"{printable(row['reference']):50} {row['digest'][7:19]:20} {printable(row['platform']) or '-':16} "
+              f"{row['size']}")
     return 0
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from ocispec import mediatypes as mt
 from ocispec.digest import Digest
 
-from .layers import DecompressedLayer
+from .layers import DEFAULT_MAX_LAYER_BYTES, DecompressedLayer
+from .limits import MANIFEST_LIMIT
 from .store import REF_NAME, Store
 
 
@@ -55,22 +56,33 @@ def export_oci(store: Store, descriptor: dict, directory: Path, tag: str) -> Non
     os.replace(tmp, index_path)
 
 
-def export_docker_archive(store: Store, descriptor: dict, path: Path, repo_tag: str | None) -> None:
+def export_docker_archive(store: Store, descriptor: dict, path: Path, repo_tag: str | None,
+                          max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> None:
     """A `docker save` archive: manifest.json, the config as <hex>.json, and each layer
     uncompressed as <diff_id hex>/layer.tar (what `docker load` and skopeo read)."""
-    manifest = json.loads(store.read_blob(Digest.parse(descriptor["digest"])))
+    manifest = store.read_json(Digest.parse(descriptor["digest"]), MANIFEST_LIMIT, "manifest")
     if "layers" not in manifest:
         raise ValueError("docker-archive: pick one platform (the reference is an index)")
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        _write_docker_archive(store, manifest, tmp, repo_tag, max_layer_bytes)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a layer refused half-way leaves no half-written archive
+        raise
+    os.replace(tmp, path)
+
+
+def _write_docker_archive(store: Store, manifest: dict, path: Path, repo_tag: str | None,
+                          max_layer_bytes: int) -> None:
     config_digest = Digest.parse(manifest["config"]["digest"])
     config_name = f"{config_digest.encoded}.json"
     layer_names = []
-    tmp = path.with_name(path.name + ".partial")
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as archive:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
         archive.add(store.blob_path(config_digest), arcname=config_name)
         for layer in manifest["layers"]:
             with tempfile.TemporaryFile(dir=store.scratch) as plain:
                 with open(store.blob_path(Digest.parse(layer["digest"])), "rb") as raw:
-                    stream = DecompressedLayer(raw, layer["mediaType"])
+                    stream = DecompressedLayer(raw, layer["mediaType"], max_layer_bytes)
                     while chunk := stream.read(1 << 20):
                         plain.write(chunk)
                 name = f"{stream.diff_id.split(':', 1)[1]}/layer.tar"
@@ -86,4 +98,3 @@ def export_docker_archive(store: Store, descriptor: dict, path: Path, repo_tag: 
         info.size = len(data)
         info.mode = 0o644
         archive.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)

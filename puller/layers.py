@@ -1,4 +1,6 @@
-"""Streaming decompression of layer blobs, with a cap against decompression bombs."""
+"""Streaming decompression of layer blobs, in bounded memory, with a cap against decompression
+bombs: every read inflates at most what it was asked for (one chunk), so a layer that expands
+a thousandfold is refused at the limit without ever being held."""
 
 from __future__ import annotations
 
@@ -29,26 +31,82 @@ def _gzip_decompressor():
         return zlib.decompressobj(wbits=47)
 
 
+def _gzip_errors() -> tuple[type[Exception], ...]:
+    try:
+        from isal import isal_zlib
+        return zlib.error, isal_zlib.error
+    except ImportError:
+        return (zlib.error,)
+
+
+class _Gunzip:
+    """Inflates gzip (concatenated members too), at most `n` bytes a call."""
+    kind = "gzip"
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.inflater = _gzip_decompressor()
+        self.errors = _gzip_errors()
+
+    def read(self, n: int) -> bytes:
+        while True:
+            if self.inflater.unconsumed_tail:
+                data = self.inflater.decompress(self.inflater.unconsumed_tail, n)
+            elif self.inflater.eof:
+                rest = self.inflater.unused_data or self.raw.read(CHUNK)
+                if not rest:
+                    return b""
+                self.inflater = _gzip_decompressor()  # the next member of a concatenated stream
+                data = self.inflater.decompress(rest, n)
+            else:
+                chunk = self.raw.read(CHUNK)
+                if not chunk:
+                    raise LayerError("layer is not valid gzip data: the stream is truncated")
+                data = self.inflater.decompress(chunk, n)
+            if data:
+                return data
+
+
+class _Unzstd:
+    """zstd frames (several in a row too) through a reader that inflates at most `n` bytes a call
+    (zstandard's decompressobj has no output bound)."""
+
+    kind = "zstd"
+
+    def __init__(self, raw):
+        import zstandard
+        self.reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK, read_across_frames=True)
+        self.errors = (zstandard.ZstdError,)
+
+    def read(self, n: int) -> bytes:
+        return self.reader.read(n)
+
+
+class _Plain:
+    kind = "tar"
+    errors = ()
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def read(self, n: int) -> bytes:
+        return self.raw.read(n)
+
+
 class DecompressedLayer:
     """A file-like reader of a layer's uncompressed tar stream. Counts and hashes what it
-    yields (the diff_id) and stops past `limit` bytes."""
+    yields (the diff_id) and refuses to go past `limit` bytes."""
 
     def __init__(self, raw, media_type: str, limit: int = DEFAULT_MAX_LAYER_BYTES):
-        self.raw = raw
         self.limit = limit
         self.size = 0
         self.hasher = hashlib.sha256()
-        self._buffer = bytearray()
-        self._eof = False
         if media_type in GZIP_TYPES:
-            self._kind = "gzip"
-            self._inflater = _gzip_decompressor()
+            self._source = _Gunzip(raw)
         elif media_type in ZSTD_TYPES:
-            import zstandard
-            self._kind = "zstd"
-            self._inflater = zstandard.ZstdDecompressor().decompressobj()
+            self._source = _Unzstd(raw)
         elif media_type in TAR_TYPES:
-            self._kind = "tar"
+            self._source = _Plain(raw)
         else:
             raise LayerError(f"unsupported layer media type {media_type!r}")
 
@@ -56,33 +114,16 @@ class DecompressedLayer:
     def diff_id(self) -> str:
         return "sha256:" + self.hasher.hexdigest()
 
-    def _fill(self, wanted: int) -> None:
-        while len(self._buffer) < wanted and not self._eof:
-            chunk = self.raw.read(CHUNK)
-            if not chunk:
-                self._eof = True
-                if self._kind == "gzip":
-                    self._buffer += self._inflater.flush()
-                break
-            if self._kind == "tar":
-                self._buffer += chunk
-            elif self._kind == "gzip":
-                data = self._inflater.decompress(chunk)
-                # Concatenated gzip members: start a new inflater on what is left over.
-                while self._inflater.eof and self._inflater.unused_data:
-                    rest = self._inflater.unused_data
-                    self._inflater = _gzip_decompressor()
-                    data += self._inflater.decompress(rest)
-                self._buffer += data
-            else:
-                self._buffer += self._inflater.decompress(chunk)
-
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             n = CHUNK
-        self._fill(n)
-        out = bytes(self._buffer[:n])
-        del self._buffer[:n]
+        # Never more than one chunk (and never past the limit, plus one byte to notice it)
+        # is inflated, whatever a caller asks for.
+        wanted = min(n, CHUNK, self.limit - self.size + 1)
+        try:
+            out = self._source.read(wanted) if wanted > 0 else b""
+        except self._source.errors as exc:
+            raise LayerError(f"layer is not valid {self._source.kind} data: {exc}") from None
         self.size += len(out)
         if self.size > self.limit:
             raise LayerError(f"layer decompresses to more than {self.limit} bytes (limit); refusing it")
@@ -93,3 +134,4 @@ class DecompressedLayer:
         """Read to the end (tar padding after the last member counts for the diff_id)."""
         while self.read(CHUNK):
             pass
+

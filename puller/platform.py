@@ -53,6 +53,12 @@ def _variant(p: Platform) -> str | None:
     return "v8" if p.architecture == "arm64" and p.variant in (None, "v8") else p.variant
 
 
+def well_formed(descriptor: dict) -> bool:
+    """The descriptor's platform, if any, has the string fields the image-spec gives it."""
+    p = descriptor.get("platform") or {}
+    return all(isinstance(p.get(k, ""), str) for k in ("os", "architecture", "variant", "os.version"))
+
+
 def is_attestation(descriptor: dict) -> bool:
     p = descriptor.get("platform") or {}
     return (ATTESTATION_ANNOTATION in (descriptor.get("annotations") or {})
@@ -63,13 +69,21 @@ def runnable_entries(index: dict) -> list[dict]:
     return [d for d in index.get("manifests", []) if not is_attestation(d)]
 
 
+def matching(index: dict, wanted: Platform) -> list[dict]:
+    """The index's entries for `wanted`, the best first (an exact variant before none)."""
+    found = [d for d in runnable_entries(index) if (p := Platform.of(d)) and p.matches(wanted)]
+    found.sort(key=lambda d: Platform.of(d).variant != wanted.variant)
+    return found
+
+
+def platforms_in(index: dict) -> set[str]:
+    return {str(p) for d in runnable_entries(index) if (p := Platform.of(d))}
+
+
 def choose(index: dict, wanted: Platform) -> dict:
     """The index entry for `wanted`; the error lists the platforms that exist."""
-    entries = runnable_entries(index)
-    exact = [d for d in entries if (p := Platform.of(d)) and p.matches(wanted)]
-    if exact:
-        # Prefer an exact variant match over a variant-less one.
-        exact.sort(key=lambda d: Platform.of(d).variant != wanted.variant)
-        return exact[0]
-    available = sorted({str(p) for d in entries if (p := Platform.of(d))})
+    found = matching(index, wanted)
+    if found:
+        return found[0]
+    available = sorted(platforms_in(index))
     raise LookupError(f"no image for platform {wanted}; available: {', '.join(available) or 'none'}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from .transport import printable
+
 
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -36,7 +38,7 @@ class Lines(Progress):
         print(f"{name[:19]}: {note}", file=self.stream, flush=True)
 
     def message(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        print(printable(text), file=self.stream, flush=True)
 
 
 class Bars(Progress):
@@ -65,7 +67,7 @@ class Bars(Progress):
 
     def message(self, text: str) -> None:
         self._clear()
-        print(text, file=self.stream, flush=True)
+        print(printable(text), file=self.stream, flush=True)
         self._draw(force=True)
 
     def _bar(self, done: int, total: int) -> str:

@@ -12,16 +12,17 @@ import aiohttp
 
 from ocispec import mediatypes as mt
 from ocispec.digest import Digest, InvalidDigest, new_hasher
+from ocispec.manifest import ManifestInvalid, ManifestUnsupported, parse_manifest
 from ocispec.reference import Reference
 
 from .credentials import Credentials
-from .platform import Platform, choose, runnable_entries
+from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
+from .platform import Platform, matching, platforms_in, runnable_entries, well_formed
 from .progress import Progress, Quiet
 from .registries import Endpoint, Registries
 from .store import Store
-from .transport import RegistryClient, RegistryError, read_limited
+from .transport import RegistryClient, RegistryError, printable, read_limited
 
-MANIFEST_LIMIT = 4 << 20
 CHUNK = 1 << 20
 RESUME_ATTEMPTS = 5
 
@@ -54,10 +55,11 @@ class _Manifest:
     data: bytes
     media_type: str
     digest: Digest
+    document: dict
 
     @property
-    def document(self) -> dict:
-        return json.loads(self.data)
+    def is_index(self) -> bool:
+        return self.media_type in mt.INDEXES
 
     def descriptor(self, **extra) -> dict:
         return {"mediaType": self.media_type, "digest": str(self.digest), "size": len(self.data), **extra}
@@ -80,15 +82,18 @@ async def fetch_manifest(client: RegistryClient, reference: str, expected: Diges
         raise RegistryError(f"{reference} is a Docker schema 1 image, which Kura does not support")
     try:
         document = json.loads(data)
-    except ValueError:
-        raise VerificationError(f"manifest {reference} is not JSON") from None
+    except (ValueError, RecursionError):
+        raise VerificationError(f"manifest {reference} is not JSON (or is nested too deeply)") from None
     if not isinstance(document, dict) or document.get("schemaVersion") == 1:
         raise RegistryError(f"{reference} is not a schema 2 / OCI manifest, which is all Kura supports")
+    if not isinstance(document.get("mediaType") or "", str):
+        raise VerificationError(f"manifest {reference}: its mediaType is not a string")
     # The document's own mediaType is covered by the digest; the header is not.
     media_type = document.get("mediaType") or (header_type if header_type in mt.MANIFESTS else None) \
         or (mt.OCI_INDEX if "manifests" in document else mt.OCI_MANIFEST)
     if ("manifests" in document) != (media_type in mt.INDEXES) or media_type not in mt.MANIFESTS:
-        raise VerificationError(f"manifest {reference}: media type {media_type} does not fit its content")
+        raise VerificationError(f"manifest {reference}: media type {printable(media_type)} does not fit its content")
+    _check_structure(reference, data, media_type, document)
     algorithm = expected.algorithm if expected else "sha256"
     digest = Digest.of_bytes(data, algorithm)
     if expected is not None and digest != expected:
@@ -100,7 +105,18 @@ async def fetch_manifest(client: RegistryClient, reference: str, expected: Diges
             claimed = None
         if claimed and Digest.of_bytes(data, claimed.algorithm) != claimed:
             raise VerificationError(f"manifest digest mismatch: registry says {claimed}, content is {digest}")
-    return _Manifest(data, media_type, digest)
+    return _Manifest(data, media_type, digest, document)
+
+
+def _check_structure(reference: str, data: bytes, media_type: str, document: dict) -> None:
+    """Every descriptor well-formed (digest, integer size, lists where lists belong), so that
+    nothing later trips over a registry's malformed document."""
+    try:
+        parse_manifest(data, media_type)
+    except (ManifestInvalid, ManifestUnsupported, RecursionError) as exc:
+        raise VerificationError(f"manifest {reference} is malformed: {exc}") from None
+    if not all(well_formed(entry) for entry in document.get("manifests", [])):
+        raise VerificationError(f"manifest {reference} is malformed: a platform's fields are not strings")
 
 
 async def download_blob(client: RegistryClient, descriptor: dict, store: Store, progress: Progress) -> bool:
@@ -217,25 +233,25 @@ async def pull(reference: Reference, store: Store, registries: Registries,
 async def _pull_from(client: RegistryClient, reference: Reference, store: Store, options: PullOptions) -> PullResult:
     report = options.progress.message if options.verbose else None
     top = await fetch_manifest(client, reference.reference, reference.digest, report)
-    manifests = [top]
-    recorded = top
-    if top.media_type in mt.INDEXES:
+    manifests, recorded, platform = [top], top, None
+    if top.is_index:
+        nested = _NestedIndexes(client)
         if options.all_platforms:
-            entries = runnable_entries(top.document)
+            manifests += await nested.everything(top)
         else:
-            try:
-                entries = [choose(top.document, options.platform)]
-            except LookupError as exc:
-                raise RegistryError(str(exc)) from None
-        children = [await fetch_manifest(client, e["digest"], Digest.parse(e["digest"])) for e in entries]
-        manifests += children
-        if not options.all_platforms:
-            recorded = children[0]
-            manifests = children
+            found = await nested.pick(top, options.platform)
+            if found is None:
+                available = ", ".join(sorted(nested.platforms)) or "none"
+                raise RegistryError(f"no image for platform {options.platform}; available: {available}")
+            recorded, platform = found
+            manifests = [recorded]
     blobs: dict[str, dict] = {}
     for manifest in manifests:
         document = manifest.document
         if "manifests" not in document:  # by structure: the digest covers it, not a header
+            if document["config"]["size"] > CONFIG_LIMIT:
+                raise VerificationError(f"the image config of {manifest.digest} is larger than {CONFIG_LIMIT} "
+                                        "bytes; refusing it")
             for descriptor in [document["config"], *document.get("layers", [])]:
                 blobs.setdefault(descriptor["digest"], descriptor)
 
@@ -253,7 +269,7 @@ async def _pull_from(client: RegistryClient, reference: Reference, store: Store,
         if missing:
             raise VerificationError(f"blobs missing after the pull: {', '.join(missing)}")
         descriptor = recorded.descriptor()
-        if recorded is not top and (platform := _platform_of(top, recorded)):
+        if platform:
             descriptor["platform"] = platform
         store.add(str(reference), descriptor)
         store.record_sources(list(blobs), client.endpoint.host, client.endpoint.repository)
@@ -262,11 +278,53 @@ async def _pull_from(client: RegistryClient, reference: Reference, store: Store,
                       downloaded=sum(results), reused=len(results) - sum(results))
 
 
-def _platform_of(index: _Manifest, child: _Manifest) -> dict | None:
-    for entry in index.document.get("manifests", []):
-        if entry.get("digest") == str(child.digest):
-            return entry.get("platform")
-    return None
+MAX_INDEX_DEPTH = 4  # indexes on the way to an image, the top one included
+MAX_NESTED_INDEXES = 16  # indexes fetched below the top one, in all
+
+
+class _NestedIndexes:
+    """Image indexes that hold indexes, as containerd and containers/image follow them: the
+    platform is chosen at each level. Bounded in depth and in number, against a registry that
+    nests without end."""
+
+    def __init__(self, client: RegistryClient):
+        self.client = client
+        self.fetched = 0
+        self.platforms: set[str] = set()  # every platform seen, for the error when none fits
+
+    async def _child(self, entry: dict, depth: int) -> _Manifest:
+        child = await fetch_manifest(self.client, entry["digest"], Digest.parse(entry["digest"]))
+        if child.is_index:
+            self.fetched += 1
+            if depth > MAX_INDEX_DEPTH or self.fetched > MAX_NESTED_INDEXES:
+                raise RegistryError(f"image indexes nested more than {MAX_INDEX_DEPTH} deep (or more than "
+                                    f"{MAX_NESTED_INDEXES} of them); refusing to follow them further")
+        return child
+
+    async def pick(self, index: _Manifest, wanted: Platform, depth: int = 1) -> tuple[_Manifest, dict | None] | None:
+        """The image for `wanted` and its platform, or None. Entries for that platform come
+        first; an index entry without a platform may hold it too."""
+        self.platforms |= platforms_in(index.document)
+        candidates = matching(index.document, wanted) + [
+            e for e in runnable_entries(index.document) if Platform.of(e) is None and e.get("mediaType") in mt.INDEXES]
+        for entry in candidates:
+            child = await self._child(entry, depth + 1)
+            if not child.is_index:
+                if Platform.of(entry) is not None:
+                    return child, entry["platform"]
+            elif (found := await self.pick(child, wanted, depth + 1)) is not None:
+                return found
+        return None
+
+    async def everything(self, index: _Manifest, depth: int = 1) -> list[_Manifest]:
+        """Every runnable manifest below `index`, nested indexes included."""
+        found = []
+        for entry in runnable_entries(index.document):
+            child = await self._child(entry, depth + 1)
+            found.append(child)
+            if child.is_index:
+                found += await self.everything(child, depth + 1)
+        return found
 
 
 __all__ = ["PullOptions", "PullResult", "pull", "fetch_manifest", "download_blob", "Endpoint"]

@@ -84,6 +84,20 @@ class Store:
     def read_blob(self, digest: Digest) -> bytes:
         return self.blob_path(digest).read_bytes()
 
+    def read_json(self, digest: Digest, limit: int, what: str) -> dict:
+        """A stored manifest or config as a JSON object, refused unread when over `limit` bytes."""
+        with open(self.blob_path(digest), "rb") as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                raise StoreError(f"{what} {digest} is larger than {limit} bytes; refusing to read it")
+            data = f.read(limit + 1)
+        try:
+            document = json.loads(data)
+        except (ValueError, RecursionError):
+            raise StoreError(f"{what} {digest} is not JSON (or is nested too deeply)") from None
+        if not isinstance(document, dict):
+            raise StoreError(f"{what} {digest} is not a JSON object")
+        return document
+
     # -- index ------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self):

@@ -24,6 +24,9 @@ from .layers import CHUNK, DecompressedLayer
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_LINK_HOPS = 40
+# PAX and GNU long-name headers are read whole into memory: at most this (Go's archive/tar,
+# which containerd and Docker unpack with, has the same bound).
+MAX_SPECIAL_HEADER = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -119,11 +122,30 @@ class Root:
             os.unlink(name, dir_fd=parent)
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    def _proc_member(self, tarfile_):
+        if self.type in _SPECIAL_HEADERS and self.size > MAX_SPECIAL_HEADER:
+            raise UnsafeLayer(f"a tar extended header of {self.size} bytes (more than {MAX_SPECIAL_HEADER})")
+        return super()._proc_member(tarfile_)
+
+
+_SPECIAL_HEADERS = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                    tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
+
+
+def tar_members(archive: tarfile.TarFile):
+    """The entries of a tar read once in order, without TarFile keeping each one in `.members`
+    (a layer of a million entries would otherwise hold them all until the end)."""
+    while (member := archive.next()) is not None:
+        archive.members.clear()
+        yield member
+
+
 def apply_layer(root: Root, tar_stream: DecompressedLayer, options: UnpackOptions) -> None:
     created: set[tuple[str, ...]] = set()  # what this layer made (and their parents): whiteouts do not touch it
     directories: list[tuple[tuple[str, ...], tarfile.TarInfo, tuple[int, int]]] = []
-    with tarfile.open(fileobj=tar_stream, mode="r|", errorlevel=2) as archive:
-        for member in archive:
+    with tarfile.open(fileobj=tar_stream, mode="r|", errorlevel=2, tarinfo=_BoundedTarInfo) as archive:
+        for member in tar_members(archive):
             parts = clean_name(member.name)
             if not parts:
                 continue  # the root itself: "./"

@@ -34,3 +34,15 @@ def test_pipes_get_lines_and_quiet_gets_nothing():
     progress.done("x" * 30, "downloaded")
     assert stream.getvalue() == "x" * 19 + ": downloaded\n"
     assert isinstance(for_terminal(True, stream), Quiet)
+
+
+def test_messages_carry_no_control_sequences():
+    """Messages quote registry text (mirror failures, rate limits): no escape reaches the terminal."""
+    hostile = "mirror failed (realm \x1b]0;owned\x07 said \x1b[2J)"
+    pipe, tty = io.StringIO(), FakeTty()
+    Lines(pipe).message(hostile)
+    bars = Bars(tty)
+    bars.message(hostile)
+    assert "\x07" not in pipe.getvalue() and "\x1b" not in pipe.getvalue()
+    assert "\x07" not in tty.getvalue() and "]0;owned" in tty.getvalue()
+    assert "\x1b]" not in tty.getvalue() and "\x1b[2J" not in tty.getvalue()  # only the bars' own redraws

@@ -180,6 +180,22 @@ def test_decompression_bomb_is_stopped(world):
     world.untouched()
 
 
+def test_oversized_extended_header_is_refused(world):
+    """tarfile reads a PAX or GNU long-name header whole: past 1 MiB (Go's archive/tar bound)
+    it is refused before being read, so a compressed gigabyte of header cannot fill memory."""
+    data = layer(entry("f", data=b"1"), pax={"f": {"comment": "x" * (2 << 20)}})
+    with pytest.raises(UnsafeLayer, match="extended header"):
+        world.apply(gzip.compress(data), media_type=GZIP)
+    long_name = "d/" * 50 + "f" * 200  # a GNU long-name header well under the bound still works
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        info, content = entry(long_name, data=b"deep")
+        archive.addfile(info, io.BytesIO(content))
+    world.apply(buffer.getvalue())
+    assert (world.root / long_name).read_bytes() == b"deep"
+    world.untouched()
+
+
 # ---------------------------------------------------------------- changeset rules
 
 def test_whiteouts_and_opaque_directories(world):

@@ -2,7 +2,9 @@
 
 It serves one image (a manifest, a config and one layer) and can be told to lie about a
 digest, send more bytes than promised, drop the connection half-way through a blob (and
-honour Range on the retry), answer 404, demand credentials, or rate-limit."""
+honour Range on the retry), answer 404, demand credentials, or rate-limit; or, as a hostile
+registry would, serve any bytes as a manifest (by tag or digest), any config, any layer
+media type, and any tag list."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+TAR_LAYER = "application/vnd.oci.image.layer.v1.tar"
+CONFIG = b'{"architecture":"amd64","os":"linux","config":{"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":[]}}'
 
 
 def sha256(data: bytes) -> str:
@@ -30,22 +35,36 @@ class Faults:
     rate_limit_once: bool = False      # 429 once, then serve
     redirect_blobs_to: str | None = None  # 307 every blob GET to this base URL (a "CDN")
     rate_limit_headers: bool = False   # ratelimit-limit/-remaining on manifests, as Docker Hub sends
+    layer_media_type: str = TAR_LAYER  # what the image's manifest calls its layer
+    config: bytes = CONFIG             # the image's config blob
+    manifests: dict[str, bytes] = field(default_factory=dict)  # tag or digest -> bytes served instead
+    tags: object = None                # the tags/list body's "tags" (anything a registry may send)
     requests: list[str] = field(default_factory=list)
 
 
-def image(layer: bytes) -> tuple[bytes, bytes, bytes]:
-    config = b'{"architecture":"amd64","os":"linux","config":{"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":[]}}'
+def image(layer: bytes, layer_media_type: str = TAR_LAYER, config: bytes = CONFIG) -> tuple[bytes, bytes, bytes]:
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(config),
                    "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256(layer),
-                    "size": len(layer)}]}).encode()
+        "layers": [{"mediaType": layer_media_type, "digest": sha256(layer), "size": len(layer)}]}).encode()
     return manifest, config, layer
 
 
+def index_of(*manifests: tuple[bytes, dict | None]) -> bytes:
+    """An image index over (manifest or index bytes, platform) pairs."""
+    entries = []
+    for data, platform in manifests:
+        entry = {"mediaType": json.loads(data).get("mediaType", OCI_MANIFEST), "digest": sha256(data),
+                 "size": len(data)}
+        if platform is not None:
+            entry["platform"] = platform
+        entries.append(entry)
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+
+
 def make_app(layer: bytes, faults: Faults) -> web.Application:
-    manifest, config, _ = image(layer)
+    manifest, config, _ = image(layer, faults.layer_media_type, faults.config)
     blobs = {sha256(config): config, sha256(layer): layer}
 
     def authorized(request: web.Request) -> bool:
@@ -64,13 +83,22 @@ def make_app(layer: bytes, faults: Faults) -> web.Application:
         return web.json_response({}) if authorized(request) else challenge()
 
     async def get_manifest(request):
-        faults.requests.append(f"GET manifest {request.match_info['ref']}")
+        ref = request.match_info["ref"]
+        faults.requests.append(f"GET manifest {ref}")
         if not authorized(request):
             return challenge()
+        if ref in faults.manifests:
+            body = faults.manifests[ref]
+            media_type = OCI_INDEX if b'"manifests"' in body[:1 << 20] else OCI_MANIFEST
+            return web.Response(body=body, content_type=media_type)
         headers = {"Docker-Content-Digest": sha256(manifest)}
         if faults.rate_limit_headers:
             headers.update({"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "76;w=21600"})
         return web.Response(body=manifest, content_type=OCI_MANIFEST, headers=headers)
+
+    async def list_tags(request):
+        faults.requests.append("GET tags")
+        return web.json_response({"name": request.match_info["name"], "tags": faults.tags})
 
     async def get_blob(request):
         digest = request.match_info["digest"]
@@ -112,6 +140,7 @@ def make_app(layer: bytes, faults: Faults) -> web.Application:
     app.router.add_get("/v2/", version)
     app.router.add_get("/v2/{name:.+}/manifests/{ref}", get_manifest)
     app.router.add_get("/v2/{name:.+}/blobs/{digest}", get_blob)
+    app.router.add_get("/v2/{name:.+}/tags/list", list_tags)
     return app
 
 
