@@ -156,6 +156,7 @@ def _pull(args, store: Store) -> int:
     registries = Registries.load(args.registries_conf)
     progress = for_terminal(args.quiet)
     options = PullOptions(platform=Platform.parse(args.platform) if args.platform else Platform.host(),
+                          explicit_platform=bool(args.platform),
                           all_platforms=args.all_platforms, jobs=args.jobs, progress=progress,
                           verbose=args.verbose)
     result = asyncio.run(pull(reference, store, registries, creds.lookup, options))
@@ -356,6 +357,7 @@ def _copy(args) -> int:
         else:
             store = Store(Path(scratch))
             options = PullOptions(platform=Platform.parse(args.platform) if args.platform else Platform.host(),
+                                  explicit_platform=bool(args.platform),
                                   all_platforms=args.all_platforms, progress=progress)
             result = asyncio.run(pull(Reference.parse(args.source), store, registries, creds.lookup, options))
             source = Source(store.root, result.descriptor)

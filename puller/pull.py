@@ -15,13 +15,15 @@ from ocispec.digest import Digest, InvalidDigest, new_hasher
 from ocispec.reference import Reference
 
 from .credentials import Credentials
-from .platform import Platform, choose, runnable_entries
+from .platform import Platform, choose, fits, runnable_entries
 from .progress import Progress, Quiet
 from .registries import Endpoint, Registries
 from .store import Store
 from .transport import RegistryClient, RegistryError, read_limited
 
 MANIFEST_LIMIT = 4 << 20
+CONFIG_LIMIT = 4 << 20
+IMAGE_CONFIGS = {mt.OCI_CONFIG, mt.DOCKER_CONFIG}
 CHUNK = 1 << 20
 RESUME_ATTEMPTS = 5
 
@@ -33,6 +35,8 @@ class VerificationError(RegistryError):
 @dataclass
 class PullOptions:
     platform: Platform = field(default_factory=Platform.host)
+    explicit_platform: bool = False
+    """--platform was given: a single-platform image must be that platform too."""
     all_platforms: bool = False
     jobs: int = 4
     progress: Progress = field(default_factory=Quiet)
@@ -232,6 +236,9 @@ async def _pull_from(client: RegistryClient, reference: Reference, store: Store,
         if not options.all_platforms:
             recorded = children[0]
             manifests = children
+    prefetched: dict[str, bytes] = {}
+    if top.media_type not in mt.INDEXES and options.explicit_platform and not options.all_platforms:
+        prefetched = await _require_platform(client, top, reference, options.platform)
     blobs: dict[str, dict] = {}
     for manifest in manifests:
         document = manifest.document
@@ -242,6 +249,11 @@ async def _pull_from(client: RegistryClient, reference: Reference, store: Store,
     semaphore = asyncio.Semaphore(max(1, options.jobs))
 
     async def fetch(descriptor: dict) -> bool:
+        digest = Digest.parse(descriptor["digest"])
+        if str(digest) in prefetched and not store.has_blob(digest, descriptor["size"]):
+            store.put_bytes(prefetched[str(digest)], digest)
+            options.progress.done(digest.encoded[:12], "downloaded")
+            return True
         async with semaphore:
             return await download_blob(client, descriptor, store, options.progress)
 
@@ -260,6 +272,35 @@ async def _pull_from(client: RegistryClient, reference: Reference, store: Store,
     options.progress.close()
     return PullResult(reference, recorded.digest, recorded.media_type, descriptor,
                       downloaded=sum(results), reused=len(results) - sum(results))
+
+
+async def _require_platform(client: RegistryClient, manifest: _Manifest, reference: Reference,
+                            wanted: Platform) -> dict[str, bytes]:
+    """Refuse a single image of another platform than `wanted`, by its config's os, architecture
+    and variant. Returns the config, verified, so that it is not fetched twice."""
+    descriptor = manifest.document.get("config")
+    if not isinstance(descriptor, dict) or descriptor.get("mediaType") not in IMAGE_CONFIGS:
+        return {}  # an artifact: no platform to compare
+    digest = Digest.parse(descriptor["digest"])
+    scope = f"repository:{client.endpoint.repository}:pull"
+    async with client.request("GET", client.repo_path(f"blobs/{digest}"), scope=scope) as r:
+        if r.status == 404:
+            raise RegistryError(f"config {digest} not found in {client.endpoint.host}/{client.endpoint.repository}")
+        data = await read_limited(r, CONFIG_LIMIT, "image config")
+    if Digest.of_bytes(data, digest.algorithm) != digest or len(data) != descriptor.get("size"):
+        raise VerificationError(f"image config does not match {digest}")
+    try:
+        config = json.loads(data)
+    except ValueError:
+        raise VerificationError(f"image config {digest} is not JSON") from None
+    offered = Platform.of({"platform": config}) if isinstance(config, dict) else None
+    if offered is not None and not fits(offered, wanted):
+        raise PlatformMismatch(f"{reference} is {offered} only; asked for {wanted}")
+    return {str(digest): data}
+
+
+class PlatformMismatch(RegistryError):
+    pass
 
 
 def _platform_of(index: _Manifest, child: _Manifest) -> dict | None:

@@ -2,10 +2,12 @@
 
 It serves one image (a manifest, a config and one layer) and can be told to lie about a
 digest, send more bytes than promised, drop the connection half-way through a blob (and
-honour Range on the retry), answer 404, demand credentials, or rate-limit."""
+honour Range on the retry), ignore Range, stall half-way through the layer, answer 503 once,
+answer 404, demand credentials, or rate-limit. Every layer request's Range is recorded."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -30,11 +32,18 @@ class Faults:
     rate_limit_once: bool = False      # 429 once, then serve
     redirect_blobs_to: str | None = None  # 307 every blob GET to this base URL (a "CDN")
     rate_limit_headers: bool = False   # ratelimit-limit/-remaining on manifests, as Docker Hub sends
+    ignore_range: bool = False         # always 200 with the whole blob
+    stall_after: int | None = None     # send this many layer bytes, then hang until `released` is set
+    unavailable_once: bool = False     # 503 for the first manifest request
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    layer_bytes_sent: int = 0
     requests: list[str] = field(default_factory=list)
 
 
-def image(layer: bytes) -> tuple[bytes, bytes, bytes]:
-    config = b'{"architecture":"amd64","os":"linux","config":{"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":[]}}'
+AMD64_CONFIG = b'{"architecture":"amd64","os":"linux","config":{"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":[]}}'
+
+
+def image(layer: bytes, config: bytes = AMD64_CONFIG) -> tuple[bytes, bytes, bytes]:
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(config),
@@ -44,8 +53,8 @@ def image(layer: bytes) -> tuple[bytes, bytes, bytes]:
     return manifest, config, layer
 
 
-def make_app(layer: bytes, faults: Faults) -> web.Application:
-    manifest, config, _ = image(layer)
+def make_app(layer: bytes, faults: Faults, config: bytes = AMD64_CONFIG) -> web.Application:
+    manifest, config, _ = image(layer, config)
     blobs = {sha256(config): config, sha256(layer): layer}
 
     def authorized(request: web.Request) -> bool:
@@ -67,6 +76,9 @@ def make_app(layer: bytes, faults: Faults) -> web.Application:
         faults.requests.append(f"GET manifest {request.match_info['ref']}")
         if not authorized(request):
             return challenge()
+        if faults.unavailable_once:
+            faults.unavailable_once = False
+            return web.json_response({"errors": [{"code": "UNAVAILABLE"}]}, status=503)
         headers = {"Docker-Content-Digest": sha256(manifest)}
         if faults.rate_limit_headers:
             headers.update({"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "76;w=21600"})
@@ -92,12 +104,19 @@ def make_app(layer: bytes, faults: Faults) -> web.Application:
             if faults.oversize_layer:
                 body = body + b"extra bytes"
         start = 0
-        if request.headers.get("Range", "").startswith("bytes="):
+        if request.headers.get("Range", "").startswith("bytes=") and not faults.ignore_range:
             start = int(request.headers["Range"][6:].split("-")[0])
         status = 206 if start else 200
         response = web.StreamResponse(status=status)
         response.content_length = len(body) - start
+        if start:
+            response.headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
         await response.prepare(request)
+        if body == layer and faults.stall_after is not None and not faults.released.is_set():
+            await response.write(body[start:start + faults.stall_after])
+            faults.layer_bytes_sent += min(faults.stall_after, len(body) - start)
+            await faults.released.wait()  # the client gives up (or is killed) first
+            return response
         if body == layer and faults.drop_after is not None and start == 0:
             cut = faults.drop_after
             faults.drop_after = None
