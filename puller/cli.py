@@ -371,8 +371,10 @@ def _copy(args) -> int:
                 export_docker_archive(store, source.top, Path(args.destination.split(":", 1)[1]), None)
         else:
             destination = Reference.parse(args.destination)
+            # Blobs pulled from the destination's own registry are mounted from their repository.
+            known = store.sources if store is not None else None
             digest, counts = asyncio.run(push(source, destination, registries, creds.lookup,
-                                              PushOptions(progress=progress)))
+                                              PushOptions(progress=progress, known_sources=known)))
             _report_push(args, destination, digest, counts)
     return 0
 

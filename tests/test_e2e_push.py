@@ -125,6 +125,29 @@ def test_second_repository_mounts_instead_of_uploading(plain_kura, env):
     assert '"PATCH /v2/mount/b/' not in access and 'PUT /v2/mount/b/blobs/uploads' not in access
 
 
+def test_copy_within_a_registry_mounts_and_between_registries_uploads(plain_kura, env, tmp_path):
+    server, log = plain_kura
+    host = server.host
+    assert kura("push", f"oci:{IMAGES / 'redis'}:7", f"{host}/copy-src/redis:7", "-q", env=env).returncode == 0
+    copied = kura("copy", f"{host}/copy-src/redis:7", f"{host}/copy-dst/redis:7", env=env)
+    assert copied.returncode == 0, copied.stderr
+    assert "0 uploaded, 5 mounted" in copied.stdout, copied.stdout + copied.stderr
+    access = log.read_text()
+    assert access.count('"POST /v2/copy-dst/redis/blobs/uploads/?mount=sha256:') == 5
+    assert "from=copy-src/redis" in access
+    assert '"PATCH /v2/copy-dst/' not in access and '"PUT /v2/copy-dst/redis/blobs/uploads' not in access
+    assert not list((server.root / "uploads").iterdir())  # no upload session was opened
+    # Another registry has none of the blobs: everything is uploaded there.
+    other = start_kura(tmp_path / "other" / "data", None)
+    try:
+        copied = kura("copy", f"{host}/copy-src/redis:7", f"{other.host}/x/redis:7", env=env)
+        assert copied.returncode == 0, copied.stderr
+        assert "5 uploaded, 0 mounted" in copied.stdout, copied.stdout
+        assert tag_digest(IMAGES / "redis", "7") in copied.stdout
+    finally:
+        stop(other)
+
+
 def test_push_mounts_from_where_the_store_saw_the_blobs(plain_kura, env, tmp_path):
     server, log = plain_kura
     store = str(tmp_path / "store")
