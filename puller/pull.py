@@ -208,7 +208,8 @@ async def pull(reference: Reference, store: Store, registries: Registries,
     async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
         for endpoint in endpoints:
             client = RegistryClient(session, endpoint, credentials(endpoint.host),
-                                    on_rate_limit=options.progress.message)
+                                    on_rate_limit=options.progress.message,
+                                    on_retry=options.progress.message if options.verbose else None)
             try:
                 return await _pull_from(client, reference, store, options)
             except RegistryError as exc:

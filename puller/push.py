@@ -57,6 +57,9 @@ class Source:
 
 
 def source_from_layout(directory: Path, tag: str | None) -> Source:
+    if not directory.is_dir():
+        raise PushError(f"{directory} {'is not a directory' if directory.exists() else 'does not exist'} "
+                        "(oci:DIR[:TAG] needs an OCI image layout directory)")
     index_path = directory / "index.json"
     if not index_path.is_file() or index_path.stat().st_size > INDEX_LIMIT:
         raise PushError(f"{directory} is not an OCI image layout (no index.json, or an oversized one)")
@@ -82,6 +85,7 @@ class PushOptions:
     progress: Progress = field(default_factory=Quiet)
     known_sources: Callable[[str, str], list[str]] | None = None
     """(digest, host) -> repositories of that registry known to hold the blob (the store's records)."""
+    verbose: bool = False
 
 
 def verify_file(path: Path, digest: Digest) -> int:
@@ -278,7 +282,8 @@ async def push(source: Source, destination: Reference, registries: Registries,
                credentials: Callable[[str], Credentials | None], options: PushOptions) -> tuple[str, dict]:
     endpoint = registries.endpoints(destination)[-1]  # mirrors are for pulling
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)) as s:
-        client = RegistryClient(s, endpoint, credentials(endpoint.host))
+        client = RegistryClient(s, endpoint, credentials(endpoint.host),
+                                on_retry=options.progress.message if options.verbose else None)
         pusher = Pusher(client, source, options)
         counts = await pusher.image(source.top, destination.reference)
     options.progress.close()

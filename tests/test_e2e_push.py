@@ -334,3 +334,26 @@ def test_push_archives(plain_kura, env, tmp_path):
                     "--unpack", str(tmp_path / "bundle"), env=env)
     assert unpacked.returncode == 0, unpacked.stderr
     assert (tmp_path / "bundle" / "rootfs" / "usr" / "bin" / "redis-server").exists()
+
+
+def test_copy_from_archives(plain_kura, env, tmp_path):
+    """`kura copy docker-archive:FILE DEST` and `oci-archive:FILE[:TAG] DEST`, to a registry or a layout."""
+    server, _ = plain_kura
+    docker_tar, oci_tar = tmp_path / "redis-docker.tar", tmp_path / "redis-oci.tar"
+    for target in (f"docker-archive:{docker_tar}:library/redis:7", f"oci-archive:{oci_tar}:7"):
+        subprocess.run(["skopeo", "copy", f"oci:{IMAGES / 'redis'}:7", target], check=True, capture_output=True,
+                       timeout=300)
+    copied = kura("copy", f"oci-archive:{oci_tar}:7", f"{server.host}/copy-archive/oci:7", env=env)
+    assert copied.returncode == 0, copied.stderr
+    assert tag_digest(IMAGES / "redis", "7") in copied.stdout  # the very same manifest
+    copied = kura("copy", f"docker-archive:{docker_tar}", f"{server.host}/copy-archive/docker:7", "-q", env=env)
+    assert copied.returncode == 0, copied.stderr
+    info = json.loads(kura("inspect", f"{server.host}/copy-archive/docker:7", "--json", "--store",
+                           str(tmp_path / "s"), env=env).stdout)
+    assert info["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    copied = kura("copy", f"docker-archive:{docker_tar}", f"oci:{tmp_path / 'layout'}:7", "-q", env=env)
+    assert copied.returncode == 0, copied.stderr
+    assert tag_digest(tmp_path / "layout", "7") == info["digest"]
+    missing = kura("copy", f"docker-archive:{tmp_path / 'nope.tar'}", f"{server.host}/copy-archive/x:1", env=env)
+    assert missing.returncode == 1 and missing.stderr.startswith("kura: ") and "nope.tar" in missing.stderr
+    assert len(missing.stderr.splitlines()) == 1
