@@ -115,7 +115,9 @@ def make_app(layer: bytes, faults: Faults, config: bytes = AMD64_CONFIG) -> web.
         if body == layer and faults.stall_after is not None and not faults.released.is_set():
             await response.write(body[start:start + faults.stall_after])
             faults.layer_bytes_sent += min(faults.stall_after, len(body) - start)
-            await faults.released.wait()  # the client gives up (or is killed) first
+            await faults.released.wait()  # unless the client gives up (or is killed) first
+            if request.transport is not None:
+                request.transport.close()  # then the connection breaks off mid-body
             return response
         if body == layer and faults.drop_after is not None and start == 0:
             cut = faults.drop_after
