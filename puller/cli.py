@@ -281,7 +281,7 @@ def _push_from(args, store: Store, scratch: Path) -> int:
         source = Source(store.root, image.descriptor)
     destination = Reference.parse(args.destination or args.source)
     options = PushOptions(jobs=args.jobs, mount_from=args.mount_from, progress=for_terminal(args.quiet),
-                          known_sources=store.sources, verbose=args.verbose)
+                          known_sources=store.sources, verbose=args.verbose, sessions=store)
     registries = Registries.load(args.registries_conf)
     digest, counts = asyncio.run(push(source, destination, registries, creds.lookup, options))
     endpoint = registries.endpoints(destination)[-1]
