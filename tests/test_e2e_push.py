@@ -311,7 +311,8 @@ def test_interrupted_push_continues_its_upload_session(plain_kura, env, tmp_path
         try:
             deadline = time.monotonic() + 60
             while proxy.patches < 2:  # the first chunk is stored; the second hangs
-                assert first.poll() is None and time.monotonic() < deadline, first.stderr and first.stderr.read()
+                assert first.poll() is None, first.stderr.read()
+                assert time.monotonic() < deadline, "the push never reached its second chunk"
                 time.sleep(0.05)
             first.send_signal(signal.SIGINT)
             assert first.wait(30) == 130
