@@ -19,7 +19,7 @@ from .bundle import BundleError, unpack_image
 from .layers import LayerError
 from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
 from .unpack import UnsafeLayer
-from .export import export_docker_archive, export_oci, parse_oci_target
+from .export import check_output, export_docker_archive, export_oci, parse_oci_target
 from .platform import Platform
 from .progress import for_terminal
 from .pull import PullOptions, pull
@@ -39,8 +39,25 @@ def _unpack_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse a layer that decompresses to more (default 16 GiB)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line, like every other error (`--help` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"kura: {message} (see {self.prog} --help)\n")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, at least 1 (not {text!r})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kura")
+    parser = _Parser(prog="kura")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("pull", help="pull an image into the local store",
@@ -49,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", help="e.g. redis, user/app:1.0, localhost:5000/x@sha256:...")
     p.add_argument("--platform", help="os/arch[/variant] to pick from an index (default: this machine)")
     p.add_argument("--all-platforms", action="store_true", help="store every platform of an index")
-    p.add_argument("--jobs", type=int, default=4, help="blobs downloaded at once (default 4)")
+    p.add_argument("--jobs", type=_at_least_one, default=4, help="blobs downloaded at once (default 4)")
     p.add_argument("--registries-conf", type=Path, help="containers-registries.conf(5) file")
     p.add_argument("--output", help="also write the image to oci:DIR[:TAG] or docker-archive:FILE.tar")
     p.add_argument("--unpack", type=Path, metavar="BUNDLE_DIR", help="also unpack it into an OCI runtime bundle")
@@ -73,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or a reference in the local store")
     ps.add_argument("destination", nargs="?", help="where to push (default: the source reference)")
     ps.add_argument("--mount-from", help="repository of the same registry to mount blobs from")
-    ps.add_argument("--jobs", type=int, default=4, help="blobs uploaded at once (default 4)")
+    ps.add_argument("--jobs", type=_at_least_one, default=4, help="blobs uploaded at once (default 4)")
     ps.add_argument("--registries-conf", type=Path, help="containers-registries.conf(5) file")
     ps.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    ps.add_argument("--verbose", "-v", action="store_true", help="say what is retried and why")
     _store_argument(ps)
 
     li = commands.add_parser("login", help="log in to a registry (stored in Docker's config.json)",
@@ -89,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cp = commands.add_parser("copy", help="copy an image between registries and layouts",
                              description="Example: kura copy docker.io/library/redis:latest localhost:5000/redis:latest\n"
-                                         "SRC: a registry reference or oci:DIR[:TAG]; DEST: a registry reference, "
+                                         "SRC: a registry reference, oci:DIR[:TAG], oci-archive:FILE.tar[:TAG] or "
+                                         "docker-archive:FILE.tar[:REF];\nDEST: a registry reference, "
                                          "oci:DIR[:TAG] or docker-archive:FILE.tar",
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     cp.add_argument("source")
@@ -98,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--platform", help="os/arch[/variant] to pick from an index (default: this machine)")
     cp.add_argument("--registries-conf", type=Path, help="containers-registries.conf(5) file")
     cp.add_argument("--quiet", "-q", action="store_true")
+    cp.add_argument("--verbose", "-v", action="store_true", help="say what is retried and why")
 
     tg = commands.add_parser("tag", help="give a stored image another reference", description="Example: kura tag redis myredis:7")
     tg.add_argument("source")
@@ -158,9 +178,14 @@ def main(argv: list[str]) -> int:
 
 def _pull(args, store: Store) -> int:
     reference = Reference.parse(args.reference)
+    if args.output:
+        check_output(args.output)
+        if args.output.startswith("docker-archive:") and args.all_platforms:
+            raise ValueError("a docker-archive holds one platform; drop --all-platforms or use --output oci:DIR")
     registries = Registries.load(args.registries_conf)
     progress = for_terminal(args.quiet)
     options = PullOptions(platform=Platform.parse(args.platform) if args.platform else Platform.host(),
+                          explicit_platform=bool(args.platform),
                           all_platforms=args.all_platforms, jobs=args.jobs, progress=progress,
                           verbose=args.verbose)
     result = asyncio.run(pull(reference, store, registries, creds.lookup, options))
@@ -267,7 +292,7 @@ def _push_from(args, store: Store, scratch: Path) -> int:
         source = Source(store.root, image.descriptor)
     destination = Reference.parse(args.destination or args.source)
     options = PushOptions(jobs=args.jobs, mount_from=args.mount_from, progress=for_terminal(args.quiet),
-                          known_sources=store.sources)
+                          known_sources=store.sources, verbose=args.verbose, sessions=store)
     registries = Registries.load(args.registries_conf)
     digest, counts = asyncio.run(push(source, destination, registries, creds.lookup, options))
     endpoint = registries.endpoints(destination)[-1]
@@ -356,24 +381,39 @@ def _delete(args) -> int:
 
 
 def _copy(args) -> int:
-    """Through a private scratch store: pull (or read a layout), then push or export."""
+    """Through a private scratch store: pull (or read a layout or an archive), then push or export."""
     import tempfile
 
+    from .archives import docker_archive, oci_archive, split_archive_target
     from .push import PushOptions, Source, push, source_from_layout
     registries = Registries.load(args.registries_conf)
     progress = for_terminal(args.quiet)
+    to_files = args.destination.startswith(("oci:", "docker-archive:"))
+    if to_files:
+        check_output(args.destination)
     with tempfile.TemporaryDirectory(prefix="kura-copy-") as scratch:
         if args.source.startswith("oci:"):
             directory, tag = parse_oci_target(args.source)
             source = source_from_layout(directory, tag)
             store = None
+        elif args.source.startswith(("oci-archive:", "docker-archive:")):
+            kind, rest = args.source.split(":", 1)
+            file, name = split_archive_target(rest)
+            if not file.is_file():
+                raise ValueError(f"{file} {'is not a file' if file.exists() else 'does not exist'} "
+                                 f"({kind}:FILE.tar needs an archive)")
+            unpacked = Path(scratch) / "archive"
+            unpacked.mkdir()
+            source = (oci_archive if kind == "oci-archive" else docker_archive)(file, name, unpacked)
+            store = Store(unpacked)  # a layout now, which can be exported like a pulled image
         else:
             store = Store(Path(scratch))
             options = PullOptions(platform=Platform.parse(args.platform) if args.platform else Platform.host(),
-                                  all_platforms=args.all_platforms, progress=progress)
+                                  explicit_platform=bool(args.platform),
+                                  all_platforms=args.all_platforms, progress=progress, verbose=args.verbose)
             result = asyncio.run(pull(Reference.parse(args.source), store, registries, creds.lookup, options))
             source = Source(store.root, result.descriptor)
-        if args.destination.startswith("oci:") or args.destination.startswith("docker-archive:"):
+        if to_files:
             if store is None:
                 raise ValueError("copying from a layout to a layout or archive: use the files as they are")
             if args.destination.startswith("oci:"):
@@ -383,8 +423,11 @@ def _copy(args) -> int:
                 export_docker_archive(store, source.top, Path(args.destination.split(":", 1)[1]), None)
         else:
             destination = Reference.parse(args.destination)
+            # Blobs pulled from the destination's own registry are mounted from their repository.
+            known = store.sources if store is not None else None
             digest, counts = asyncio.run(push(source, destination, registries, creds.lookup,
-                                              PushOptions(progress=progress)))
+                                              PushOptions(progress=progress, known_sources=known,
+                                                          verbose=args.verbose)))
             _report_push(args, destination, digest, counts)
     return 0
 

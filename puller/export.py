@@ -31,6 +31,33 @@ def parse_oci_target(target: str) -> tuple[Path, str | None]:
     return Path(directory), tag or None
 
 
+def check_output(target: str) -> None:
+    """Refuse, before anything is downloaded, an output that cannot be written."""
+    if target.startswith("docker-archive:"):
+        name = target.split(":", 1)[1]
+        if not name:
+            raise ValueError("docker-archive: output needs a file name (docker-archive:FILE.tar)")
+        file = Path(name)
+        if file.is_dir():
+            raise ValueError(f"{file} is a directory; docker-archive: wants a file name")
+        _check_writable_directory(file.parent, file.parent)
+        return
+    directory, _ = parse_oci_target(target)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the layout's missing directories are created
+    _check_writable_directory(existing, directory)
+
+
+def _check_writable_directory(directory: Path, wanted: Path) -> None:
+    if not directory.exists():
+        raise ValueError(f"cannot write {wanted}: {directory} does not exist")
+    if not directory.is_dir():
+        raise ValueError(f"cannot write {wanted}: {directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {wanted}: {directory} is not writable")
+
+
 def export_oci(store: Store, descriptor: dict, directory: Path, tag: str) -> None:
     """Write (or add to) an OCI layout holding the image `descriptor` under `tag`."""
     (directory / "blobs").mkdir(parents=True, exist_ok=True)

@@ -87,3 +87,31 @@ def choose(index: dict, wanted: Platform) -> dict:
         return found[0]
     available = sorted(platforms_in(index))
     raise LookupError(f"no image for platform {wanted}; available: {', '.join(available) or 'none'}")
+
+
+def normalise(p: Platform) -> Platform:
+    """The canonical spelling, as containerd normalises: architecture aliases resolved, arm64/v8
+    written without its variant, arm without one is arm/v7; amd64 has none (its v2/v3
+    micro-architecture levels are not told apart here)."""
+    arch, variant = p.architecture.lower(), (p.variant or "").lower() or None
+    if arch == "i386":
+        arch, variant = "386", None
+    elif arch in ("x86_64", "x86-64", "amd64"):
+        arch, variant = "amd64", None
+    elif arch in ("aarch64", "arm64"):
+        arch = "arm64"
+        variant = None if variant in ("8", "v8", "v8.0") else "v9" if variant in ("9", "9.0", "v9.0") else variant
+    elif arch == "armhf":
+        arch, variant = "arm", "v7"
+    elif arch == "armel":
+        arch, variant = "arm", "v6"
+    elif arch == "arm":
+        variant = "v7" if variant in (None, "7") else f"v{variant}" if variant in ("5", "6", "8") else variant
+    os_name = p.os.lower()
+    return Platform("darwin" if os_name == "macos" else os_name, arch, variant)
+
+
+def fits(image: Platform, wanted: Platform) -> bool:
+    """Whether a single image of platform `image` is what `--platform wanted` asks for."""
+    image, wanted = normalise(image), normalise(wanted)
+    return (image.os, image.architecture, image.variant) == (wanted.os, wanted.architecture, wanted.variant)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,14 +18,16 @@ from ocispec.reference import Reference
 
 from .credentials import Credentials
 from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
-from .platform import Platform, matching, platforms_in, runnable_entries, well_formed
+from .platform import Platform, fits, matching, platforms_in, runnable_entries, well_formed
 from .progress import Progress, Quiet
 from .registries import Endpoint, Registries
 from .store import Store
-from .transport import RegistryClient, RegistryError, printable, read_limited
+from .transport import RegistryClient, RegistryError, cannot_resolve, printable, read_limited
 
+IMAGE_CONFIGS = {mt.OCI_CONFIG, mt.DOCKER_CONFIG}
 CHUNK = 1 << 20
 RESUME_ATTEMPTS = 5
+LOCK_POLL = 0.2  # seconds between looks at a blob another process is downloading
 
 
 class VerificationError(RegistryError):
@@ -34,6 +37,8 @@ class VerificationError(RegistryError):
 @dataclass
 class PullOptions:
     platform: Platform = field(default_factory=Platform.host)
+    explicit_platform: bool = False
+    """--platform was given: a single-platform image must be that platform too."""
     all_platforms: bool = False
     jobs: int = 4
     progress: Progress = field(default_factory=Quiet)
@@ -119,17 +124,20 @@ def _check_structure(reference: str, data: bytes, media_type: str, document: dic
         raise VerificationError(f"manifest {reference} is malformed: a platform's fields are not strings")
 
 
-async def download_blob(client: RegistryClient, descriptor: dict, store: Store, progress: Progress) -> bool:
+async def download_blob(client: RegistryClient, descriptor: dict, store: Store, progress: Progress,
+                        report: Callable[[str], None] | None = None) -> bool:
     """Fetch one blob into the store; False when it was already there. Verifies size and
-    digest while streaming; resumes with Range after a broken transfer. A blob the registry
-    does not have is tried at the descriptor's `urls` (without credentials)."""
+    digest while streaming. The bytes received so far live in the store's partial file for the
+    blob, so a broken transfer, in this run or in an interrupted earlier one, resumes with
+    Range (one that then fails verification is fetched once more from the start); another
+    process downloading the same blob is waited for. A blob the registry does not have is
+    tried at the descriptor's `urls` (without credentials)."""
     digest = Digest.parse(descriptor["digest"])
     size = descriptor["size"]
     name = str(digest).split(":", 1)[1][:12]
     if store.has_blob(digest, size):
         progress.done(name, "already in store")
         return False
-    progress.start(name, size)
     scope = f"repository:{client.endpoint.repository}:pull"
     openers = [lambda headers: client.request("GET", client.repo_path(f"blobs/{digest}"), scope=scope,
                                               headers=headers, ok=(200, 206))]
@@ -137,23 +145,85 @@ async def download_blob(client: RegistryClient, descriptor: dict, store: Store, 
         for url in descriptor.get("urls") or []:
             if _allowed_url(url):
                 openers.append(lambda headers, url=url: _plain_get(client.session, url, headers))
-    temp = store.temp_path()
-    try:
+    waiting = False
+    while True:
+        with store.partial(digest) as file:
+            if file is not None:
+                if store.has_blob(digest, size):  # the process we waited for stored it
+                    store.partial_path(digest).unlink()
+                    progress.done(name, "already in store")
+                    return False
+                try:
+                    await _download_into(_Partial(file, digest.algorithm), openers, digest, size, name,
+                                         progress, report)
+                except VerificationError:
+                    store.partial_path(digest).unlink()  # those bytes are not worth resuming
+                    raise
+                except LookupError:
+                    raise RegistryError(f"blob {digest} not found in {client.endpoint.host}/"
+                                        f"{client.endpoint.repository}") from None
+                file.flush()
+                store.install(store.partial_path(digest), digest)
+                progress.done(name, "downloaded")
+                return True
+        if not waiting:
+            progress.message(f"{name}: waiting for another kura process that is downloading it")
+            waiting = True
+        await asyncio.sleep(LOCK_POLL)
+
+
+class _Partial:
+    """The bytes of one blob received so far: their file, running hash and count."""
+
+    def __init__(self, file, algorithm: str):
+        self.file, self.algorithm = file, algorithm
+        self.hasher, self.written = new_hasher(algorithm), 0
+
+    def rehash(self, size: int) -> None:
+        """Take over what an earlier run left (a file longer than the blob is no prefix of it)."""
+        self.file.seek(0)
+        while chunk := self.file.read(CHUNK):
+            self.hasher.update(chunk)
+            self.written += len(chunk)
+        if self.written > size:
+            self.restart()
+
+    def restart(self) -> None:
+        self.file.seek(0)
+        self.file.truncate()
+        self.hasher, self.written = new_hasher(self.algorithm), 0
+
+    def append(self, chunk: bytes) -> None:
+        self.file.write(chunk)
+        self.hasher.update(chunk)
+        self.written += len(chunk)
+
+
+async def _download_into(partial: _Partial, openers, digest: Digest, size: int, name: str, progress: Progress,
+                         report: Callable[[str], None] | None) -> None:
+    progress.start(name, size)
+    await asyncio.to_thread(partial.rehash, size)
+    resumed = partial.written
+    if resumed:
+        progress.advance(name, resumed)
+        if report:
+            report(f"{name}: resuming at byte {resumed} of {size} (kept from an earlier pull)")
+    while True:
         for opener in openers:
-            with open(temp, "wb") as out:
-                hasher = await _receive(opener, out, size, digest, name, progress)
-            if hasher is not None:
+            if await _receive(opener, partial, size, digest, name, progress, report):
                 break
         else:
-            raise RegistryError(f"blob {digest} not found in {client.endpoint.host}/{client.endpoint.repository}")
-        actual = f"{digest.algorithm}:{hasher.hexdigest()}"
-        if actual != str(digest):
+            raise LookupError(digest)
+        actual = f"{digest.algorithm}:{partial.hasher.hexdigest()}"
+        if actual == str(digest):
+            return
+        if not resumed:
             raise VerificationError(f"digest mismatch for blob: expected {digest}, got {actual}")
-        store.install(temp, digest)
-        progress.done(name, "downloaded")
-        return True
-    finally:
-        temp.unlink(missing_ok=True)
+        if report:
+            report(f"{name}: the resumed download does not match {digest}; downloading it again from the start")
+        progress.advance(name, -partial.written)
+        partial.restart()
+        resumed = 0
 
 
 FOREIGN_LAYERS = {mt.DOCKER_FOREIGN_LAYER, "application/vnd.oci.image.layer.nondistributable.v1.tar",
@@ -176,40 +246,45 @@ async def _plain_get(session: aiohttp.ClientSession, url: str, headers: dict):
         yield r
 
 
-async def _receive(opener, out, size: int, digest: Digest, name: str, progress: Progress):
-    """Stream the blob into `out`, resuming with Range; returns the hasher of what was
-    written, or None when the source has no such blob."""
-    hasher = new_hasher(digest.algorithm)
-    written = 0
+async def _receive(opener, partial: _Partial, size: int, digest: Digest, name: str, progress: Progress,
+                   report: Callable[[str], None] | None) -> bool:
+    """Stream the rest of the blob into `partial`, resuming with Range after a break; False
+    when the source has no such blob."""
     for attempt in range(RESUME_ATTEMPTS):
+        written = partial.written
         headers = {"Range": f"bytes={written}-"} if written else {}
+        reason = "the transfer ended early"
         try:
             async with opener(headers) as r:
                 if r.status == 404:
+                    return False
+                if written and (r.status != 206 or _range_start(r) not in (None, written)):
+                    # Range ignored (or answered for other bytes): start over.
                     progress.advance(name, -written)
-                    return None
-                if written and r.status == 200:  # the server ignored Range: start over
-                    out.seek(0)
-                    out.truncate()
-                    progress.advance(name, -written)
-                    hasher, written = new_hasher(digest.algorithm), 0
+                    partial.restart()
+                    if r.status == 206:
+                        continue  # that body does not start at 0 either: ask again without Range
                 async for chunk in r.content.iter_chunked(CHUNK):
-                    written += len(chunk)
-                    if written > size:
+                    if partial.written + len(chunk) > size:
                         raise VerificationError(f"blob {digest} is larger than the {size} bytes its descriptor promises")
-                    await asyncio.to_thread(_write_and_hash, out, hasher, chunk)
+                    await asyncio.to_thread(partial.append, chunk)
                     progress.advance(name, len(chunk))
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError):
-            pass  # resume below from `written`
-        if written == size:
-            return hasher
+        except aiohttp.ClientConnectorDNSError as exc:
+            raise RegistryError(cannot_resolve(exc)) from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+        if partial.written == size:
+            return True
+        if report:
+            report(f"{name}: {printable(reason)[:200]} at byte {partial.written} of {size}; resuming")
         await asyncio.sleep(0.2 * (attempt + 1))
-    raise RegistryError(f"blob {digest}: transfer kept breaking at {written} of {size} bytes")
+    raise RegistryError(f"blob {digest}: transfer kept breaking at {partial.written} of {size} bytes")
 
 
-def _write_and_hash(out, hasher, chunk: bytes) -> None:
-    out.write(chunk)
-    hasher.update(chunk)
+def _range_start(response: aiohttp.ClientResponse) -> int | None:
+    """Where a 206's Content-Range says its bytes start (None when it does not say)."""
+    match = re.match(r"bytes\s+(\d+)-", response.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
 
 
 async def pull(reference: Reference, store: Store, registries: Registries,
@@ -220,7 +295,8 @@ async def pull(reference: Reference, store: Store, registries: Registries,
     async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
         for endpoint in endpoints:
             client = RegistryClient(session, endpoint, credentials(endpoint.host),
-                                    on_rate_limit=options.progress.message)
+                                    on_rate_limit=options.progress.message,
+                                    on_retry=options.progress.message if options.verbose else None)
             try:
                 return await _pull_from(client, reference, store, options)
             except RegistryError as exc:
@@ -245,6 +321,9 @@ async def _pull_from(client: RegistryClient, reference: Reference, store: Store,
                 raise RegistryError(f"no image for platform {options.platform}; available: {available}")
             recorded, platform = found
             manifests = [recorded]
+    prefetched: dict[str, bytes] = {}
+    if not top.is_index and options.explicit_platform and not options.all_platforms:
+        prefetched = await _require_platform(client, top, reference, options.platform)
     blobs: dict[str, dict] = {}
     for manifest in manifests:
         document = manifest.document
@@ -258,8 +337,14 @@ async def _pull_from(client: RegistryClient, reference: Reference, store: Store,
     semaphore = asyncio.Semaphore(max(1, options.jobs))
 
     async def fetch(descriptor: dict) -> bool:
+        digest = Digest.parse(descriptor["digest"])
+        if str(digest) in prefetched and not store.has_blob(digest, descriptor["size"]):
+            store.put_bytes(prefetched[str(digest)], digest)
+            options.progress.done(digest.encoded[:12], "downloaded")
+            return True
         async with semaphore:
-            return await download_blob(client, descriptor, store, options.progress)
+            return await download_blob(client, descriptor, store, options.progress,
+                                       options.progress.message if options.verbose else None)
 
     with store.pinned():
         results = await asyncio.gather(*[fetch(d) for d in blobs.values()])
@@ -325,6 +410,52 @@ class _NestedIndexes:
             if child.is_index:
                 found += await self.everything(child, depth + 1)
         return found
+
+
+async def _require_platform(client: RegistryClient, manifest: _Manifest, reference: Reference,
+                            wanted: Platform) -> dict[str, bytes]:
+    """Refuse a single image of another platform than `wanted`, by its config's os, architecture
+    and variant. Returns the config, verified, so that it is not fetched twice."""
+    descriptor = manifest.document.get("config")
+    if not isinstance(descriptor, dict) or descriptor.get("mediaType") not in IMAGE_CONFIGS:
+        return {}  # an artifact: no platform to compare
+    digest = Digest.parse(descriptor["digest"])
+    scope = f"repository:{client.endpoint.repository}:pull"
+    async with client.request("GET", client.repo_path(f"blobs/{digest}"), scope=scope) as r:
+        if r.status == 404:
+            raise RegistryError(f"config {digest} not found in {client.endpoint.host}/{client.endpoint.repository}")
+        data = await read_limited(r, CONFIG_LIMIT, "image config")
+    if Digest.of_bytes(data, digest.algorithm) != digest or len(data) != descriptor.get("size"):
+        raise VerificationError(f"image config does not match {digest}")
+    try:
+        config = json.loads(data)
+    except ValueError:
+        raise VerificationError(f"image config {digest} is not JSON") from None
+    offered = _config_platform(config)
+    if offered is not None and not fits(offered, wanted):
+        raise PlatformMismatch(f"{reference} is {offered} only; asked for {wanted}")
+    return {str(digest): data}
+
+
+class PlatformMismatch(RegistryError):
+    pass
+
+
+def _config_platform(config) -> Platform | None:
+    """What an image config says it runs on; None when it does not say (in strings)."""
+    if not isinstance(config, dict):
+        return None
+    os_name, architecture, variant = config.get("os"), config.get("architecture"), config.get("variant")
+    if not (isinstance(os_name, str) and os_name and isinstance(architecture, str) and architecture):
+        return None
+    return Platform(os_name, architecture, variant if isinstance(variant, str) and variant else None)
+
+
+def _platform_of(index: _Manifest, child: _Manifest) -> dict | None:
+    for entry in index.document.get("manifests", []):
+        if entry.get("digest") == str(child.digest):
+            return entry.get("platform")
+    return None
 
 
 __all__ = ["PullOptions", "PullResult", "pull", "fetch_manifest", "download_blob", "Endpoint"]

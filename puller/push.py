@@ -4,6 +4,9 @@ Blobs first (HEAD, skip what exists; mount from `--mount-from`; else upload: one
 small blobs, PATCH chunks honouring OCI-Chunk-Min-Length for large ones, resuming from the
 server's Range after a break), every blob re-hashed from disk before it is sent; then
 manifests, children before the index, the top one by tag, the registry's digest checked.
+
+An upload session is remembered (in the local store) until its blob is committed, so a push
+that was interrupted continues it the next time; a push that fails for good cancels it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin
-from typing import Callable
+from typing import Callable, Protocol
 
 import aiohttp
 
@@ -57,6 +60,9 @@ class Source:
 
 
 def source_from_layout(directory: Path, tag: str | None) -> Source:
+    if not directory.is_dir():
+        raise PushError(f"{directory} {'is not a directory' if directory.exists() else 'does not exist'} "
+                        "(oci:DIR[:TAG] needs an OCI image layout directory)")
     index_path = directory / "index.json"
     if not index_path.is_file() or index_path.stat().st_size > INDEX_LIMIT:
         raise PushError(f"{directory} is not an OCI image layout (no index.json, or an oversized one)")
@@ -75,6 +81,14 @@ def source_from_layout(directory: Path, tag: str | None) -> Source:
     return Source(directory, entries[0])
 
 
+class UploadSessions(Protocol):
+    """Where unfinished uploads stand, per (registry, repository, digest): the store keeps them."""
+
+    def upload_session(self, host: str, repository: str, digest: str) -> str | None: ...
+
+    def remember_upload_session(self, host: str, repository: str, digest: str, location: str | None) -> None: ...
+
+
 @dataclass
 class PushOptions:
     jobs: int = 4
@@ -82,6 +96,8 @@ class PushOptions:
     progress: Progress = field(default_factory=Quiet)
     known_sources: Callable[[str, str], list[str]] | None = None
     """(digest, host) -> repositories of that registry known to hold the blob (the store's records)."""
+    verbose: bool = False
+    sessions: UploadSessions | None = None
 
 
 def verify_file(path: Path, digest: Digest) -> int:
@@ -106,6 +122,7 @@ class Pusher:
         self.scope = f"repository:{repo}:pull,push"
         if options.mount_from:
             self.scope += f" repository:{options.mount_from}:pull"
+        self._sessions: dict[str, str] = {}  # digest -> Location of its open upload session
 
     def _path(self, suffix: str) -> str:
         return self.client.repo_path(suffix)
@@ -119,8 +136,12 @@ class Pusher:
             if r.status == 200:
                 self.options.progress.done(name, "already there")
                 return "exists"
-        source = self.options.mount_from or self._known_source(str(digest))
-        if source:
+        resumed = await self._resume(digest, size)
+        source = None if resumed else self.options.mount_from or self._known_source(str(digest))
+        offset = 0
+        if resumed:
+            (location, offset), min_chunk = resumed, None
+        elif source:
             query = f"?mount={digest}&from={source}"
             scope = self.scope if self.options.mount_from else f"{self.scope} repository:{source}:pull"
             async with self.client.request("POST", self._path(f"blobs/uploads/{query}"), scope=scope,
@@ -131,10 +152,67 @@ class Pusher:
                 location, min_chunk = _location(r), r.headers.get("OCI-Chunk-Min-Length")
         else:
             location, min_chunk = await self._start()
+        self._remember(digest, location)
         self.options.progress.start(name, size)
-        await self._upload(location, path, digest, size, int(min_chunk) if min_chunk and min_chunk.isdigit() else 0)
+        try:
+            await self._upload(location, path, digest, size, int(min_chunk) if min_chunk and min_chunk.isdigit() else 0,
+                               offset)
+        except RegistryError:
+            await self._cancel(digest)
+            raise
+        self._remember(digest, None)
         self.options.progress.done(name, "pushed")
         return "uploaded"
+
+    def _note(self, text: str) -> None:
+        if self.options.verbose:
+            self.options.progress.message(text)
+
+    def _remember(self, digest: Digest, location: str | None) -> None:
+        """Where the upload of `digest` stands (None: finished or gone), here and in the store."""
+        if location is None:
+            self._sessions.pop(str(digest), None)
+        else:
+            self._sessions[str(digest)] = location
+        if self.options.sessions is not None:
+            endpoint = self.client.endpoint
+            self.options.sessions.remember_upload_session(endpoint.host, endpoint.repository, str(digest), location)
+
+    async def _resume(self, digest: Digest, size: int) -> tuple[str, int] | None:
+        """(location, offset) of the session an earlier, interrupted push left for this blob,
+        when the registry still has it."""
+        if self.options.sessions is None:
+            return None
+        endpoint = self.client.endpoint
+        location = self.options.sessions.upload_session(endpoint.host, endpoint.repository, str(digest))
+        if location is None:
+            return None
+        try:
+            state = await self._status(location)
+        except RegistryError:
+            state = None
+        if state is None or state[1] > size:
+            self._note(f"{digest.encoded[:12]}: the registry no longer has the upload an earlier push left; "
+                       "starting again")
+            if state is not None:  # it has more bytes than the blob: of no use
+                self._sessions[str(digest)] = state[0]
+                await self._cancel(digest)
+            self._remember(digest, None)
+            return None
+        self._note(f"{digest.encoded[:12]}: continuing the upload an earlier push left, at byte {state[1]}")
+        return state
+
+    async def _cancel(self, digest: Digest) -> None:
+        """Give up the upload session of `digest` (best effort): the registry can drop its bytes."""
+        location = self._sessions.get(str(digest))
+        self._remember(digest, None)
+        if location is None:
+            return
+        try:
+            async with self.client.request("DELETE", location, scope=self.scope, ok=(202, 204), retry=False):
+                pass
+        except (RegistryError, aiohttp.ClientError, asyncio.TimeoutError):
+            pass
 
     def _known_source(self, digest: str) -> str | None:
         if self.options.known_sources is None:
@@ -149,9 +227,10 @@ class Pusher:
                 raise PushError(f"{self.client.endpoint.host} did not start an upload ({r.status})")
             return _location(r), r.headers.get("OCI-Chunk-Min-Length")
 
-    async def _upload(self, location: str, path: Path, digest: Digest, size: int, min_chunk: int) -> None:
+    async def _upload(self, location: str, path: Path, digest: Digest, size: int, min_chunk: int,
+                      offset: int = 0) -> None:
         name = digest.encoded[:12]
-        if size <= MONOLITHIC_LIMIT:
+        if size <= MONOLITHIC_LIMIT and offset == 0:
             data = path.read_bytes()
             async with self.client.request("PUT", _with_digest(location, digest), scope=self.scope, ok=(201,),
                                            data=data, headers={"Content-Type": "application/octet-stream"}) as r:
@@ -160,7 +239,8 @@ class Pusher:
             self.options.progress.advance(name, size)
             return
         chunk_size = min(max(DEFAULT_CHUNK, min_chunk), MAX_CHUNK)
-        offset = sent = failures = 0
+        sent, failures = offset, 0
+        self.options.progress.advance(name, offset)
         sessions = 1
         with open(path, "rb") as f:
             while offset < size:
@@ -181,19 +261,23 @@ class Pusher:
                             location, offset = _location(r, location), resumed
                         else:
                             raise PushError(f"upload of {digest} failed: HTTP {r.status}")
-                except RegistryError:
+                    self._remember(digest, location)
+                except RegistryError as exc:
                     failures += 1
                     if failures >= UPLOAD_ATTEMPTS:
                         raise
+                    self._note(f"{name}: {exc}; asking the registry where the upload stands")
                     await asyncio.sleep(0.5 * failures)
                     state = await self._status(location)
                     if state is None:  # the registry dropped the session: start again, a few times
                         sessions += 1
                         if sessions > UPLOAD_SESSIONS:
                             raise
+                        self._note(f"{name}: the registry dropped the upload; starting a new one")
                         (location, _), offset = await self._start(), 0
                     else:
                         location, offset = state
+                    self._remember(digest, location)
                 if offset > sent:
                     self.options.progress.advance(name, offset - sent)
                     sent = offset
@@ -245,7 +329,16 @@ class Pusher:
                 async with semaphore:
                     return await self.blob(d)
 
-            for result in await asyncio.gather(*[one(d) for d in blobs]):
+            tasks = [asyncio.ensure_future(one(d)) for d in blobs]
+            try:
+                results = await asyncio.gather(*tasks)
+            except BaseException:
+                # Stop the others as an interruption would, so that their sessions stay resumable.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            for result in results:
                 counts[result] += 1
         await self.manifest(descriptor, reference)
         return counts
@@ -278,7 +371,8 @@ async def push(source: Source, destination: Reference, registries: Registries,
                credentials: Callable[[str], Credentials | None], options: PushOptions) -> tuple[str, dict]:
     endpoint = registries.endpoints(destination)[-1]  # mirrors are for pulling
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)) as s:
-        client = RegistryClient(s, endpoint, credentials(endpoint.host))
+        client = RegistryClient(s, endpoint, credentials(endpoint.host),
+                                on_retry=options.progress.message if options.verbose else None)
         pusher = Pusher(client, source, options)
         counts = await pusher.image(source.top, destination.reference)
     options.progress.close()

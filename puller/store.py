@@ -3,7 +3,12 @@
 Images are `index.json` entries annotated with `org.opencontainers.image.ref.name` = the full
 normalised reference. Blobs are stored once, written to a temp file, verified, then renamed.
 `index.json` changes under an exclusive flock and are written atomically, so concurrent
-`kura pull`s into one store cannot corrupt it. Kura's own scratch space is `.kura/`.
+`kura pull`s into one store cannot corrupt it. Kura's own scratch space is `.kura/`:
+
+    .kura/partial/<alg>-<hex>   a download not finished yet (resumed by the next pull; flocked
+                                while a pull writes it, so two pulls never write one file)
+    .kura/uploads.json          upload sessions a push left unfinished, to continue them
+    .kura/sources.json          where blobs were seen, for cross-repository mounts
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +27,9 @@ from ocispec import mediatypes as mt
 from ocispec.digest import Digest
 
 REF_NAME = "org.opencontainers.image.ref.name"
+PARTIAL_MAX_AGE = 7 * 24 * 3600
+"""Seconds an untouched partial download (or upload session record) is kept for resuming;
+older ones are removed when the store is cleaned (`kura rmi`)."""
 
 
 class StoreError(ValueError):
@@ -62,8 +72,41 @@ class Store:
             return False
         return size is None or actual == size
 
-    def temp_path(self) -> Path:
-        return self.scratch / f"{uuid.uuid4().hex}.partial"
+    # -- partial downloads ------------------------------------------------------------
+    def partial_path(self, digest: Digest) -> Path:
+        Digest.parse(str(digest))
+        return self.scratch / "partial" / f"{digest.algorithm}-{digest.encoded}"
+
+    @contextlib.contextmanager
+    def partial(self, digest: Digest):
+        """The partial download of `digest`, opened read-write and exclusively flocked, or None
+        while another process holds it (ask again later). Whoever holds it may append to it,
+        truncate it, remove it or install it as the blob."""
+        path = self.partial_path(digest)
+        path.parent.mkdir(exist_ok=True)
+        with _locked_file(path) as file:
+            yield file
+
+    def clean_partials(self, max_age: float = PARTIAL_MAX_AGE) -> int:
+        """Remove partial downloads and temp files nobody touched for `max_age` seconds (never
+        one a pull holds); returns how many went."""
+        cutoff = time.time() - max_age
+        removed = 0
+        partials = self.scratch / "partial"
+        for path in sorted(partials.iterdir()) if partials.is_dir() else []:
+            if _older(path, cutoff):
+                with _locked_file(path, create=False) as file:
+                    if file is not None:
+                        path.unlink()
+                        removed += 1
+        for path in self.scratch.iterdir():  # a killed process's temp files and archive scratch
+            if path.suffix in (".tmp", ".partial") and _older(path, cutoff):
+                path.unlink(missing_ok=True)
+                removed += 1
+            elif path.name.startswith("kura-push-") and path.is_dir() and _older(path, cutoff):
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        return removed
 
     def install(self, temp: Path, digest: Digest) -> None:
         """Move a fully verified temp file into place as blob `digest`."""
@@ -148,6 +191,7 @@ class Store:
             needed = set()
             for entry in kept:
                 needed |= self.reachable(Digest.parse(entry["digest"]))
+            self.clean_partials()
             removed = []
             for algorithm_dir in (self.root / "blobs").iterdir():
                 for path in algorithm_dir.iterdir():
@@ -174,11 +218,34 @@ class Store:
         return [repo for h, repo in self._read_sources().get(digest, []) if h == host]
 
     def _read_sources(self) -> dict:
+        return self._read_json("sources.json")
+
+    # -- unfinished upload sessions (so that a re-run push continues them) ---------------
+    def upload_session(self, host: str, repository: str, digest: str) -> str | None:
+        """The Location of the upload session a push left for this blob, if any."""
+        entry = self._read_json("uploads.json").get(_session_key(host, repository, digest))
+        return entry.get("location") if isinstance(entry, dict) else None
+
+    def remember_upload_session(self, host: str, repository: str, digest: str, location: str | None) -> None:
+        """Record (or, with None, forget) where the upload of a blob stands."""
+        key = _session_key(host, repository, digest)
+        with self.locked():
+            sessions = self._read_json("uploads.json")
+            cutoff = time.time() - PARTIAL_MAX_AGE
+            sessions = {k: v for k, v in sessions.items() if isinstance(v, dict) and v.get("time", 0) > cutoff}
+            if location is None:
+                if sessions.pop(key, None) is None:
+                    return
+            else:
+                sessions[key] = {"location": location, "time": time.time()}
+            _write_atomic(self.scratch / "uploads.json", json.dumps(sessions).encode(), self.scratch)
+
+    def _read_json(self, name: str) -> dict:
         try:
-            sources = json.loads((self.scratch / "sources.json").read_text())
+            data = json.loads((self.scratch / name).read_text())
         except (FileNotFoundError, ValueError):
             return {}
-        return sources if isinstance(sources, dict) else {}
+        return data if isinstance(data, dict) else {}
 
     def reachable(self, digest: Digest) -> set[Digest]:
         """A manifest or index and everything it references that is in the store."""
@@ -192,6 +259,48 @@ class Store:
         for descriptor in ([document["config"]] if "config" in document else []) + document.get("layers", []):
             found.add(Digest.parse(descriptor["digest"]))
         return found
+
+
+def _session_key(host: str, repository: str, digest: str) -> str:
+    return f"{host}/{repository}@{digest}"
+
+
+def _older(path: Path, cutoff: float) -> bool:
+    try:
+        return path.lstat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def _locked_file(path: Path, create: bool = True):
+    """`path` opened read-write under an exclusive flock, or None when another process holds
+    it (or it is gone, with create=False). The flock is on the file itself, so its holder may
+    rename or remove it: a process that was waiting then finds another file (or none) at the
+    path, and says None rather than hold a lock on a file that is no longer the one."""
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is None or (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
+            yield None
+            return
+        with os.fdopen(fd, "r+b", closefd=False) as file:
+            yield file
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

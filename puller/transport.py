@@ -61,6 +61,8 @@ class RegistryClient:
     endpoint: Endpoint
     credentials: Credentials | None = None
     on_rate_limit: Callable[[str], None] | None = None
+    on_retry: Callable[[str], None] | None = None
+    """Told what is retried and why (kura -v)."""
     _scheme: str | None = None
     _challenge: tuple[str, dict] | None = None
     _tokens: dict[str, _Token] = field(default_factory=dict)
@@ -84,6 +86,8 @@ class RegistryClient:
                                             timeout=aiohttp.ClientTimeout(total=10)) as r:
                     self._note_challenge(r)
                     return scheme
+            except aiohttp.ClientConnectorDNSError as exc:
+                raise RegistryError(cannot_resolve(exc)) from None
             except (aiohttp.ClientConnectorError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError,
                     aiohttp.ClientSSLError, asyncio.TimeoutError):
                 continue
@@ -175,9 +179,12 @@ class RegistryClient:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 response = await self._send(method, url, scope, headers or {}, data)
+            except aiohttp.ClientConnectorDNSError as exc:  # retrying will not make the name exist
+                raise RegistryError(cannot_resolve(exc)) from None
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
                 if attempt == MAX_ATTEMPTS or not retry:
                     raise RegistryError(f"{self.endpoint.api_host}: {exc or type(exc).__name__}") from None
+                self._retrying(method, url, delay, attempt, str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
@@ -195,6 +202,8 @@ class RegistryClient:
                 wait = _retry_after(response) if response.status == 429 else delay
                 if response.status == 429 and self.on_rate_limit:
                     self.on_rate_limit(_rate_limit_message(self.endpoint.host, response))
+                elif response.status != 429:
+                    self._retrying(method, url, min(wait, 30), attempt, f"HTTP {response.status}")
                 response.release()
                 await asyncio.sleep(min(wait, 30))
                 delay *= 2
@@ -212,6 +221,11 @@ class RegistryClient:
             finally:
                 response.release()
             return
+
+    def _retrying(self, method: str, url: str, wait: float, attempt: int, reason: str) -> None:
+        if self.on_retry:
+            self.on_retry(f"retrying {method} {urlsplit(url).path} on {self.endpoint.api_host} in {wait:.1f} s "
+                          f"(attempt {attempt + 1} of {MAX_ATTEMPTS}): {printable(reason)[:200]}")
 
     async def _send(self, method: str, url: str, scope: str, headers: dict, data: bytes | None = None
                     ) -> aiohttp.ClientResponse:
@@ -250,6 +264,11 @@ def same_origin(url: str, other: str) -> bool:
     """Whether two URLs share scheme, host and port (https://h is https://h:443)."""
     origin = _origin(url)
     return origin is not None and origin == _origin(other)
+
+
+def cannot_resolve(exc: aiohttp.ClientConnectorDNSError) -> str:
+    reason = exc.os_error.strerror if exc.os_error and exc.os_error.strerror else str(exc.os_error or exc)
+    return f"cannot resolve {exc.host}: {printable(reason)}"
 
 
 def _retry_after(response: aiohttp.ClientResponse) -> float:

@@ -8,10 +8,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import aiohttp
@@ -125,6 +127,29 @@ def test_second_repository_mounts_instead_of_uploading(plain_kura, env):
     assert '"PATCH /v2/mount/b/' not in access and 'PUT /v2/mount/b/blobs/uploads' not in access
 
 
+def test_copy_within_a_registry_mounts_and_between_registries_uploads(plain_kura, env, tmp_path):
+    server, log = plain_kura
+    host = server.host
+    assert kura("push", f"oci:{IMAGES / 'redis'}:7", f"{host}/copy-src/redis:7", "-q", env=env).returncode == 0
+    copied = kura("copy", f"{host}/copy-src/redis:7", f"{host}/copy-dst/redis:7", env=env)
+    assert copied.returncode == 0, copied.stderr
+    assert "0 uploaded, 5 mounted" in copied.stdout, copied.stdout + copied.stderr
+    access = log.read_text()
+    assert access.count('"POST /v2/copy-dst/redis/blobs/uploads/?mount=sha256:') == 5
+    assert "from=copy-src/redis" in access
+    assert '"PATCH /v2/copy-dst/' not in access and '"PUT /v2/copy-dst/redis/blobs/uploads' not in access
+    assert not list((server.root / "uploads").iterdir())  # no upload session was opened
+    # Another registry has none of the blobs: everything is uploaded there.
+    other = start_kura(tmp_path / "other" / "data", None)
+    try:
+        copied = kura("copy", f"{host}/copy-src/redis:7", f"{other.host}/x/redis:7", env=env)
+        assert copied.returncode == 0, copied.stderr
+        assert "5 uploaded, 0 mounted" in copied.stdout, copied.stdout
+        assert tag_digest(IMAGES / "redis", "7") in copied.stdout
+    finally:
+        stop(other)
+
+
 def test_push_mounts_from_where_the_store_saw_the_blobs(plain_kura, env, tmp_path):
     server, log = plain_kura
     store = str(tmp_path / "store")
@@ -157,7 +182,8 @@ def test_corrupt_local_blob_is_refused_before_anything_is_sent(plain_kura, env, 
 class DroppingProxy:
     """Forwards to a registry, but breaks the second PATCH: either drops the connection in
     the middle of its body (the registry never sees it) or forwards it and drops the answer
-    (the registry stored the chunk; the client does not know)."""
+    (the registry stored the chunk; the client does not know), or holds it unanswered until
+    release() (mode "stall"); mode "refuse" answers every PATCH 500 without forwarding it."""
 
     def __init__(self, backend: str, mode: str = "request"):
         self.backend, self.port, self.patches, self.mode = backend, free_port(), 0, mode
@@ -169,6 +195,11 @@ class DroppingProxy:
         self.requests.append(f"{request.method} {request.path} {request.headers.get('Content-Range', '')}")
         if request.method == "PATCH":
             self.patches += 1
+            if self.mode == "refuse" or (self.patches == 2 and self.mode == "stall"):
+                await request.read()
+                if self.mode == "stall":
+                    await self.released.wait()
+                return web.json_response({"errors": [{"code": "UNKNOWN", "message": "refused"}]}, status=500)
             if self.patches == 2 and self.mode == "request":
                 await request.content.read(1 << 20)
                 request.transport.close()  # mid-body, nothing forwarded
@@ -190,6 +221,7 @@ class DroppingProxy:
         asyncio.set_event_loop(self.loop)
 
         async def start():
+            self.released = asyncio.Event()
             self.session = aiohttp.ClientSession()
             app = web.Application(client_max_size=1 << 30)
             app.router.add_route("*", "/{tail:.*}", self.forward)
@@ -206,7 +238,12 @@ class DroppingProxy:
         self.ready.wait(10)
         return self
 
+    def release(self) -> None:
+        self.loop.call_soon_threadsafe(self.released.set)
+
     def __exit__(self, *exc):
+        self.release()
+
         async def close():
             await self.runner.cleanup()
             await self.session.close()
@@ -254,6 +291,79 @@ def test_interrupted_push_resumes(plain_kura, env, tmp_path):
     # server received each 16 MiB chunk once; the dropped one never reached it.
     assert len(posts) == 2
     assert len(patches) == -(-size // (16 << 20))
+
+
+def upload_sessions(server: Server, repository: str) -> list[Path]:
+    """The registry's open upload sessions for `repository`."""
+    return [d for d in (server.root / "uploads").iterdir()
+            if json.loads((d / "info").read_text())["repository"] == repository]
+
+
+def test_interrupted_push_continues_its_upload_session(plain_kura, env, tmp_path):
+    """Ctrl-C in the middle of a layer, then the same push again: it asks the registry where the
+    session it left stands and sends only the rest."""
+    server, log = plain_kura
+    store = str(tmp_path / "store")
+    with DroppingProxy(server.url, mode="stall") as proxy:
+        target = f"127.0.0.1:{proxy.port}/continued/debian:bookworm"
+        first = subprocess.Popen([sys.executable, "-m", "kura", "push", f"oci:{IMAGES / 'debian'}:bookworm", target,
+                                  "--store", store, "-q"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while proxy.patches < 2:  # the first chunk is stored; the second hangs
+                assert first.poll() is None, first.stderr.read()
+                assert time.monotonic() < deadline, "the push never reached its second chunk"
+                time.sleep(0.05)
+            first.send_signal(signal.SIGINT)
+            assert first.wait(30) == 130
+            assert first.stderr.read() == "kura: interrupted\n"
+        finally:
+            if first.poll() is None:
+                first.kill()
+            first.stderr.close()
+        proxy.release()
+        second = kura("push", f"oci:{IMAGES / 'debian'}:bookworm", target, "--store", store, "-q", env=env)
+        assert second.returncode == 0, second.stderr
+        assert not [r for r in proxy.requests if r.startswith("DELETE")]
+    layer = json.loads((IMAGES / "debian" / "blobs" / "sha256" / tag_digest(IMAGES / "debian", "bookworm")[7:])
+                       .read_bytes())["layers"][0]["digest"][7:]
+    size = (IMAGES / "debian" / "blobs" / "sha256" / layer).stat().st_size
+    lines = log.read_text().splitlines()
+    posts = [x for x in lines if '"POST /v2/continued/debian/blobs/uploads/' in x]
+    patches = [x for x in lines if '"PATCH /v2/continued/debian/blobs/uploads/' in x]
+    status = [x for x in lines if '"GET /v2/continued/debian/blobs/uploads/' in x]
+    assert len(posts) == 2  # config and layer: the second push continued the layer's session
+    assert len(patches) == -(-size // (16 << 20))  # every chunk reached the registry once
+    assert len(status) == 1
+    assert upload_sessions(server, "continued/debian") == []
+
+
+def test_a_session_the_registry_forgot_is_started_again(plain_kura, env, tmp_path):
+    from puller.store import Store
+    server, log = plain_kura
+    manifest = json.loads((IMAGES / "redis" / "blobs" / "sha256" / tag_digest(IMAGES / "redis", "7")[7:]).read_bytes())
+    layer = manifest["layers"][0]["digest"]
+    store = Store(tmp_path / "store")
+    gone = f"http://{server.host}/v2/forgotten/redis/blobs/uploads/00000000-0000-4000-8000-000000000000"
+    store.remember_upload_session(server.host, "forgotten/redis", layer, gone)
+    result = kura("push", f"oci:{IMAGES / 'redis'}:7", f"{server.host}/forgotten/redis:7", "--store",
+                  str(store.root), "-q", env=env)
+    assert result.returncode == 0, result.stderr
+    access = log.read_text()
+    assert '"GET /v2/forgotten/redis/blobs/uploads/00000000-0000-4000-8000-000000000000 HTTP/1.1" 404' in access
+    assert '"DELETE /v2/forgotten/' not in access
+    assert access.count('"POST /v2/forgotten/redis/blobs/uploads/ HTTP/1.1" 202') == 5
+    assert store.upload_session(server.host, "forgotten/redis", layer) is None
+
+
+def test_push_that_fails_for_good_deletes_its_upload_session(plain_kura, env, tmp_path):
+    server, _ = plain_kura
+    with DroppingProxy(server.url, mode="refuse") as proxy:
+        result = kura("push", f"oci:{IMAGES / 'debian'}:bookworm", f"127.0.0.1:{proxy.port}/given-up/debian:bookworm",
+                      "--store", str(tmp_path / "store"), "-q", env=env)
+        assert result.returncode == 1 and result.stderr.startswith("kura: ") and len(result.stderr.splitlines()) == 1
+        assert len([r for r in proxy.requests if r.startswith("DELETE /v2/given-up/debian/blobs/uploads/")]) == 1
+    assert upload_sessions(server, "given-up/debian") == []
 
 
 def test_copy_tag_inspect_tags_delete(plain_kura, env, tmp_path):
@@ -311,3 +421,26 @@ def test_push_archives(plain_kura, env, tmp_path):
                     "--unpack", str(tmp_path / "bundle"), env=env)
     assert unpacked.returncode == 0, unpacked.stderr
     assert (tmp_path / "bundle" / "rootfs" / "usr" / "bin" / "redis-server").exists()
+
+
+def test_copy_from_archives(plain_kura, env, tmp_path):
+    """`kura copy docker-archive:FILE DEST` and `oci-archive:FILE[:TAG] DEST`, to a registry or a layout."""
+    server, _ = plain_kura
+    docker_tar, oci_tar = tmp_path / "redis-docker.tar", tmp_path / "redis-oci.tar"
+    for target in (f"docker-archive:{docker_tar}:library/redis:7", f"oci-archive:{oci_tar}:7"):
+        subprocess.run(["skopeo", "copy", f"oci:{IMAGES / 'redis'}:7", target], check=True, capture_output=True,
+                       timeout=300)
+    copied = kura("copy", f"oci-archive:{oci_tar}:7", f"{server.host}/copy-archive/oci:7", env=env)
+    assert copied.returncode == 0, copied.stderr
+    assert tag_digest(IMAGES / "redis", "7") in copied.stdout  # the very same manifest
+    copied = kura("copy", f"docker-archive:{docker_tar}", f"{server.host}/copy-archive/docker:7", "-q", env=env)
+    assert copied.returncode == 0, copied.stderr
+    info = json.loads(kura("inspect", f"{server.host}/copy-archive/docker:7", "--json", "--store",
+                           str(tmp_path / "s"), env=env).stdout)
+    assert info["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    copied = kura("copy", f"docker-archive:{docker_tar}", f"oci:{tmp_path / 'layout'}:7", "-q", env=env)
+    assert copied.returncode == 0, copied.stderr
+    assert tag_digest(tmp_path / "layout", "7") == info["digest"]
+    missing = kura("copy", f"docker-archive:{tmp_path / 'nope.tar'}", f"{server.host}/copy-archive/x:1", env=env)
+    assert missing.returncode == 1 and missing.stderr.startswith("kura: ") and "nope.tar" in missing.stderr
+    assert len(missing.stderr.splitlines()) == 1

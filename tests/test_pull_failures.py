@@ -36,7 +36,8 @@ def blob_files(store: Store) -> set[str]:
 
 
 def no_partial_files(store: Store) -> bool:
-    return not list(store.scratch.glob("*.partial"))
+    """Nothing unverified kept: no temp file, no partial download to resume."""
+    return not list(store.scratch.glob("*.partial")) and not list(store.scratch.glob("partial/*"))
 
 
 async def test_clean_pull(faulty, tmp_path):

@@ -1,5 +1,6 @@
 """Run the real `kura` client as a child process from async tests (so an in-process aiohttp
-registry keeps answering meanwhile), with its own home, store and Docker config."""
+registry keeps answering meanwhile): with its own home, store and Docker config (`kura`), or
+in the test's isolated environment (`run_kura`, `start_kura`)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,14 @@ def one_line_error(ran: Ran) -> str:
     lines = ran.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kura: "), ran.stderr
     return lines[0]
+
+
+async def start_kura(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "kura", *args, cwd=REPO,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def run_kura(*args: str, timeout: float = 120) -> Ran:
+    process = await start_kura(*args)
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    return Ran(process.returncode, out.decode(), err.decode())

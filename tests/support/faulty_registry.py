@@ -2,12 +2,14 @@
 
 It serves one image (a manifest, a config and one layer) and can be told to lie about a
 digest, send more bytes than promised, drop the connection half-way through a blob (and
-honour Range on the retry), answer 404, demand credentials, or rate-limit; or, as a hostile
-registry would, serve any bytes as a manifest (by tag or digest), any config, any layer
-media type, and any tag list."""
+honour Range on the retry), ignore Range, stall half-way through the layer, answer 503 once,
+answer 404, demand credentials, or rate-limit; or, as a hostile registry would, serve any bytes
+as a manifest (by tag or digest), any config, any layer media type, and any tag list. Every
+layer request's Range is recorded."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -39,6 +41,11 @@ class Faults:
     config: bytes = CONFIG             # the image's config blob
     manifests: dict[str, bytes] = field(default_factory=dict)  # tag or digest -> bytes served instead
     tags: object = None                # the tags/list body's "tags" (anything a registry may send)
+    ignore_range: bool = False         # always 200 with the whole blob
+    stall_after: int | None = None     # send this many layer bytes, then hang until `released` is set
+    unavailable_once: bool = False     # 503 for the first manifest request
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    layer_bytes_sent: int = 0
     requests: list[str] = field(default_factory=list)
 
 
@@ -87,6 +94,9 @@ def make_app(layer: bytes, faults: Faults) -> web.Application:
         faults.requests.append(f"GET manifest {ref}")
         if not authorized(request):
             return challenge()
+        if faults.unavailable_once:
+            faults.unavailable_once = False
+            return web.json_response({"errors": [{"code": "UNAVAILABLE"}]}, status=503)
         if ref in faults.manifests:
             body = faults.manifests[ref]
             media_type = OCI_INDEX if b'"manifests"' in body[:1 << 20] else OCI_MANIFEST
@@ -120,12 +130,21 @@ def make_app(layer: bytes, faults: Faults) -> web.Application:
             if faults.oversize_layer:
                 body = body + b"extra bytes"
         start = 0
-        if request.headers.get("Range", "").startswith("bytes="):
+        if request.headers.get("Range", "").startswith("bytes=") and not faults.ignore_range:
             start = int(request.headers["Range"][6:].split("-")[0])
         status = 206 if start else 200
         response = web.StreamResponse(status=status)
         response.content_length = len(body) - start
+        if start:
+            response.headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
         await response.prepare(request)
+        if body == layer and faults.stall_after is not None and not faults.released.is_set():
+            await response.write(body[start:start + faults.stall_after])
+            faults.layer_bytes_sent += min(faults.stall_after, len(body) - start)
+            await faults.released.wait()  # unless the client gives up (or is killed) first
+            if request.transport is not None:
+                request.transport.close()  # then the connection breaks off mid-body
+            return response
         if body == layer and faults.drop_after is not None and start == 0:
             cut = faults.drop_after
             faults.drop_after = None
