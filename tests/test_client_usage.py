@@ -44,7 +44,7 @@ async def test_bad_output_is_refused_before_anything_is_downloaded(aiohttp_serve
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     store = tmp_path / "store"
-    for output, says in ((f"foo:bar", "unsupported output 'foo:bar'"),
+    for output, says in (("foo:bar", "unsupported output 'foo:bar'"),
                          (f"oci:{a_file}/layout", f"{a_file} is not a directory"),
                          (f"docker-archive:{tmp_path}/no-such-dir/image.tar", f"{tmp_path}/no-such-dir does not exist"),
                          (f"docker-archive:{a_file}/image.tar", f"{a_file} is not a directory"),
