@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import AsyncIterator
 
@@ -16,7 +17,12 @@ from .context import config, parse_digest, principal, range_header, repository, 
 from .errors import BlobUploadInvalid, BlobUploadUnknown, SizeInvalid
 
 _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
-BODY_CHUNK = 256 * 1024
+BODY_CHUNK = 64 * 1024
+# The store batches what it receives before writing. When the client pauses this long, or
+# at least this often, it is told to write out its batch (an empty chunk), so that a stalled
+# or trickling client costs no buffered memory.
+FLUSH_WHEN_IDLE_SECONDS = 0.05
+FLUSH_AT_LEAST_EVERY_SECONDS = 1.0
 
 
 def blob_location(name: str, digest: Digest) -> str:
@@ -37,8 +43,24 @@ def _committed(name: str, digest: Digest) -> web.Response:
 
 
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(BODY_CHUNK):
+    """The request body in chunks, with an empty chunk whenever the store should flush."""
+    content = request.content
+    loop = asyncio.get_running_loop()
+    flushed = loop.time()
+    while True:
+        try:
+            async with asyncio.timeout(FLUSH_WHEN_IDLE_SECONDS):
+                chunk = await content.read(BODY_CHUNK)
+        except TimeoutError:
+            yield b""
+            flushed = loop.time()
+            chunk = await content.read(BODY_CHUNK)
+        if not chunk:
+            return
         yield chunk
+        if loop.time() - flushed > FLUSH_AT_LEAST_EVERY_SECONDS:
+            yield b""
+            flushed = loop.time()
 
 
 def _content_length(request: web.Request) -> int | None:

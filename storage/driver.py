@@ -138,7 +138,8 @@ class StorageDriver(abc.ABC):
                             max_size: int | None = None) -> UploadInfo:
         """Append a chunk. With `offset`, it must equal the session's size (RangeMismatch);
         with `length`, exactly that many bytes must arrive (SizeMismatch). On any error
-        the session is left as it was before the call."""
+        the session is left as it was before the call. An empty item of `chunks` (here and
+        in put_blob) means the source is about to wait: write out anything held in memory."""
 
     @abc.abstractmethod
     async def put_blob(self, repository: str, digest: Digest, chunks: AsyncIterable[bytes], *,

@@ -32,8 +32,12 @@ from .errors import (
 from .layout import Layout, is_repository_dir, is_valid_upload_id, walk_repositories
 
 # Received bytes are handed to a worker thread (write + hash) in batches of this size:
-# bounded memory per upload, and few thread hops per GiB.
+# bounded memory per upload, and few thread hops per GiB. While the batches of all uploads
+# in progress hold more than the budget, each is written out as soon as it gets a chunk, so
+# many concurrent uploads cost the process at most about that much.
 WRITE_BATCH = 1 << 20
+WRITE_BATCH_CHUNKS = 512  # within IOV_MAX (1024 on Linux) for one pwritev
+BATCH_BUDGET = 16 << 20
 READ_CHUNK = 1 << 20
 LOCK_WAIT_SECONDS = 30.0
 MAX_CACHED_HASHES = 1024
@@ -428,35 +432,66 @@ async def _receive(fd: int, start: int, chunks: AsyncIterable[bytes], hasher, le
                    max_size: int | None) -> int:
     """Write `chunks` at `start` (hashing them when `hasher` is given); returns the new end.
     Raises SizeMismatch when `length` bytes were promised and more or fewer came."""
+    global _batched
     position = start
-    batch = bytearray()
-    async for chunk in chunks:
-        batch += chunk
-        received = position + len(batch) - start
-        if length is not None and received > length:
-            raise SizeMismatch(length, received)
-        if max_size is not None and position + len(batch) > max_size:
-            raise TooLarge(max_size)
-        if len(batch) >= WRITE_BATCH:
-            await _finish_in_thread(_write_and_hash, fd, batch, position, hasher)
-            position += len(batch)
-            batch = bytearray()
-    if batch:
-        await _finish_in_thread(_write_and_hash, fd, batch, position, hasher)
-        position += len(batch)
+    batch: list[bytes] = []  # kept as received (no copy), written with one pwritev
+    batch_size = 0
+
+    async def flush() -> None:
+        nonlocal position, batch, batch_size
+        global _batched
+        written, size = batch, batch_size
+        batch, batch_size = [], 0
+        try:
+            await _finish_in_thread(_write_and_hash, fd, written, position, hasher)
+        finally:
+            _batched -= size
+        position += size
+
+    try:
+        async for chunk in chunks:
+            if not chunk:  # the source is about to wait: do not hold its bytes meanwhile
+                if batch:
+                    await flush()
+                continue
+            batch.append(chunk)
+            batch_size += len(chunk)
+            _batched += len(chunk)
+            received = position + batch_size - start
+            if length is not None and received > length:
+                raise SizeMismatch(length, received)
+            if max_size is not None and position + batch_size > max_size:
+                raise TooLarge(max_size)
+            if batch_size >= WRITE_BATCH or len(batch) >= WRITE_BATCH_CHUNKS or _batched > BATCH_BUDGET:
+                await flush()
+        if batch:
+            await flush()
+    finally:
+        _batched -= batch_size
     if length is not None and position - start != length:
         raise SizeMismatch(length, position - start)
     return position
 
 
-def _write_and_hash(fd: int, data: bytearray, position: int, hasher) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, position)
+_batched = 0  # bytes held in the batches of all uploads in progress
+
+
+def _write_and_hash(fd: int, chunks: list[bytes], position: int, hasher) -> None:
+    views = [memoryview(chunk) for chunk in chunks]
+    first = 0
+    while first < len(views):
+        written = os.pwritev(fd, views[first:first + WRITE_BATCH_CHUNKS], position)
         position += written
-        view = view[written:]
+        while written:
+            if written >= len(views[first]):
+                written -= len(views[first])
+                first += 1
+            else:
+                views[first] = views[first][written:]
+                written = 0
     if hasher is not None:
-        hasher.update(data)
+        for chunk in chunks:
+            hasher.update(chunk)
 
 
 def _hash_file(fd: int, algorithm: str) -> str:
