@@ -180,6 +180,7 @@ class GuardedRequestHandler(web.RequestHandler):
     def data_received(self, data: bytes) -> None:
         now = self.loop_time()
         self.last_activity = now
+        in_body = self._body is not None and not self._body.is_eof()
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads:
@@ -187,7 +188,9 @@ class GuardedRequestHandler(web.RequestHandler):
             self._head_started, self._head_bytes = None, 0
             self._body = self._messages[-1][1] if self._messages else None
             self._body_progress = now
-        elif self._body is not None and not self._body.is_eof():
+        elif in_body:
+            # Body bytes (what follows a body's end in the same read, if anything, is only
+            # counted as a head once more of it arrives).
             self._body_progress = now
         elif data and self.transport is not None:
             if self._head_started is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import resource
@@ -262,11 +263,24 @@ def test_slow_heads_and_idle_connections_are_closed(tmp_path):
             # A head larger than limits.max_header_bytes.
             big = await http(host, int(port), f"GET /v2/ HTTP/1.1\r\nHost: {server.host}\r\n".encode()
                              + b"".join(b"X-Big-%d: %s\r\n" % (i, b"x" * 1000) for i in range(40)) + b"\r\n")
-            return slow, big, await idle
+            # A body whose last read is larger than the head limit: body, not head.
+            blob = os.urandom(300_000)
+            digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"POST /v2/a/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: {server.host}\r\n"
+                         f"Content-Length: {len(blob)}\r\n\r\n".encode() + blob[:-20_000])
+            await asyncio.sleep(0.3)
+            writer.write(blob[-20_000:])
+            two = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(f"GET /v2/ HTTP/1.1\r\nHost: {server.host}\r\nConnection: close\r\n\r\n".encode())
+            two += await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return slow, big, two, await idle
 
-        (slow_seconds, _), big, (idle_seconds, idle_extra) = asyncio.run(scenario())
+        (slow_seconds, _), big, two, (idle_seconds, idle_extra) = asyncio.run(scenario())
         assert slow_seconds < 3.5  # server.header_timeout_seconds = 1, not the idle timeout of 4
         assert big.startswith(b"HTTP/1.1 431")
+        assert two.startswith(b"HTTP/1.1 201") and two.count(b"HTTP/1.1 200 OK") == 1, two
         assert 3 < idle_seconds < 10 and idle_extra == b""
     finally:
         stop(server)
