@@ -24,6 +24,9 @@ def handler_settings(config: Config) -> dict:
     """aiohttp protocol settings: the same for `kura serve` and for the API tests."""
     return {
         "keepalive_timeout": config.idle_timeout_seconds,
+        # Bodies are stored as sent, as the reference registry does: digests are over the
+        # bytes on the wire, and inflating `Content-Encoding: gzip` is a decompression bomb.
+        "auto_decompress": False,
         # A request body is buffered up to twice this before aiohttp stops reading the socket.
         "read_bufsize": 16 * 1024,
     }
