@@ -37,6 +37,8 @@ class Config:
     idle_timeout_seconds: int = 60
     max_header_bytes: int = 64 * 1024
     max_unauthenticated_body_bytes: int = 16 * 1024
+    max_upload_sessions_per_user: int = 100  # 0: no limit
+    max_upload_sessions_per_repository: int = 500  # 0: no limit
     log_level: str = "info"
     access_log: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -65,6 +67,8 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("uploads", "expiry_seconds"): ("upload_expiry_seconds", int),
     ("uploads", "purge_interval_seconds"): ("upload_purge_interval_seconds", int),
     ("uploads", "chunk_min_length"): ("chunk_min_length", int),
+    ("uploads", "max_sessions_per_user"): ("max_upload_sessions_per_user", int),
+    ("uploads", "max_sessions_per_repository"): ("max_upload_sessions_per_repository", int),
     ("limits", "max_manifest_bytes"): ("max_manifest_bytes", int),
     ("limits", "max_blob_bytes"): ("max_blob_bytes", int),
     ("limits", "max_header_bytes"): ("max_header_bytes", int),
@@ -138,7 +142,8 @@ def _validate(config: Config) -> None:
                  "header_timeout_seconds", "body_timeout_seconds", "idle_timeout_seconds"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
-    for name in ("chunk_min_length", "max_blob_bytes", "max_connections_per_client"):
+    for name in ("chunk_min_length", "max_blob_bytes", "max_connections_per_client",
+                 "max_upload_sessions_per_user", "max_upload_sessions_per_repository"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must not be negative")
     if config.max_header_bytes < 8 * 1024:

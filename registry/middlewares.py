@@ -25,6 +25,7 @@ from .errors import (
 )
 
 log = logging.getLogger("kura.registry")
+UPLOADS_RETRY_AFTER_SECONDS = 30  # a session frees when its upload ends: no better estimate
 
 
 def _translate(exc: st.StorageError, request: web.Request) -> RegistryError:
@@ -47,6 +48,10 @@ def _translate(exc: st.StorageError, request: web.Request) -> RegistryError:
         return SizeInvalid(str(exc), detail={"expected": exc.expected, "actual": exc.actual})
     if isinstance(exc, st.TooLarge):
         return BlobTooLarge(str(exc), detail={"limit": exc.limit})
+    if isinstance(exc, st.TooManyUploads):
+        return TooManyRequests(f"{exc}; finish or cancel an upload, or retry later",
+                               detail={"scope": exc.scope, "limit": exc.limit},
+                               headers={"Retry-After": str(UPLOADS_RETRY_AFTER_SECONDS)})
     if isinstance(exc, st.RepositoryBusy):
         return TooManyRequests("the repository is busy; retry", headers={"Retry-After": "1"})
     if isinstance(exc, st.BlobNotFound):

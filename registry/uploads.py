@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import AsyncIterator
 
 from aiohttp import web
 
 from ocispec.digest import Digest
 from ocispec.names import is_valid_name
-from storage import UploadInfo, UploadNotFound
+from storage import UploadInfo, UploadNotFound, UploadQuota
 
 from .auth.controller import grant
 from .context import config, parse_digest, principal, range_header, repository, storage, upload_location
@@ -104,11 +105,18 @@ async def start_upload(request: web.Request) -> web.Response:
                              max_size=_max_size(request))
         return _committed(name, digest)
 
-    upload = await store.create_upload(name, owner=principal(request))
+    upload = await store.create_upload(name, owner=principal(request), quota=_quota(request))
     headers = _session_headers(upload)
     if config(request).chunk_min_length:
         headers["OCI-Chunk-Min-Length"] = str(config(request).chunk_min_length)
     return web.Response(status=202, headers=headers)
+
+
+def _quota(request: web.Request) -> UploadQuota:
+    settings = config(request)
+    return UploadQuota(per_owner=settings.max_upload_sessions_per_user,
+                       per_repository=settings.max_upload_sessions_per_repository,
+                       active_since=time.time() - settings.upload_expiry_seconds)
 
 
 async def _mount(request: web.Request, name: str, digest: Digest, source: str | None) -> bool:

@@ -18,7 +18,7 @@ from typing import AsyncIterable, AsyncIterator
 from ocispec.digest import Digest, InvalidDigest, new_hasher
 
 from . import atomic
-from .driver import BlobContent, ManifestLink, StorageDriver, UploadInfo
+from .driver import BlobContent, ManifestLink, StorageDriver, UploadInfo, UploadQuota
 from .errors import (
     BlobNotFound,
     DigestMismatch,
@@ -26,6 +26,7 @@ from .errors import (
     RepositoryBusy,
     SizeMismatch,
     TooLarge,
+    TooManyUploads,
     UploadBusy,
     UploadNotFound,
 )
@@ -222,14 +223,47 @@ class FilesystemDriver(StorageDriver):
         return await asyncio.to_thread(walk_repositories, self.layout)
 
     # -- upload sessions ------------------------------------------------------------
-    async def create_upload(self, repository: str, owner: str | None = None) -> UploadInfo:
-        self.layout.repository(repository)  # validates the name
+    async def create_upload(self, repository: str, owner: str | None = None,
+                            quota: UploadQuota | None = None) -> UploadInfo:
+        quota = quota or UploadQuota()
         uuid = str(uuidlib.uuid4())
         started = time.time()
-        await asyncio.to_thread(self._create_upload, uuid, repository, started, owner)
+        # Every session is listed in its owner's and its repository's index (so that a cap
+        # configured later counts it too); a capped index is counted and added to under its
+        # flock, the owner's before the repository's in every process.
+        indexes = [(self.layout.owner_uploads(owner), quota.per_owner, "user"),
+                   (self.layout.repository_uploads(repository), quota.per_repository, "repository")]
+        capped = [(index, limit, scope) for index, limit, scope in indexes if limit]
+        async with self._locked_indexes([index for index, _, _ in capped]):
+            await asyncio.to_thread(self._create_upload, uuid, repository, started, owner,
+                                    [index for index, _, _ in indexes], capped, quota.active_since)
         return UploadInfo(uuid, repository, 0, started, owner)
 
-    def _create_upload(self, uuid: str, repository: str, started: float, owner: str | None) -> None:
+    @contextlib.asynccontextmanager
+    async def _locked_indexes(self, indexes: list[Path]):
+        fds = []
+        try:
+            for index in indexes:
+                atomic.make_dirs(index)
+                fds.append(os.open(index, os.O_RDONLY | os.O_DIRECTORY))
+                if not await _flock(fds[-1]):
+                    raise RepositoryBusy(index.name)
+            yield
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _create_upload(self, uuid: str, repository: str, started: float, owner: str | None,
+                       indexes: list[Path], capped: list[tuple[Path, int, str]], active_since: float) -> None:
+        for index, limit, scope in capped:
+            if self._open_sessions(index, limit, active_since) >= limit:
+                raise TooManyUploads(scope, limit)
+        # Index entries first: after a crash an entry without a session is dropped when
+        # counted; a session without entries would go uncounted. (Not fsynced: after a power
+        # cut a few sessions may go uncounted until they expire.)
+        for index in indexes:
+            atomic.make_dirs(index)
+            (index / uuid).touch()
         directory = self.layout.upload(uuid)
         atomic.make_dirs(directory)
         (directory / "data").touch()
@@ -349,12 +383,51 @@ class FilesystemDriver(StorageDriver):
             self._hash_states.pop(uuid, None)
             await asyncio.to_thread(self._remove_upload, uuid)
 
+    def _open_sessions(self, index: Path, limit: int, active_since: float) -> int:
+        """Sessions in `index` that are neither gone nor expired. Only an index at its limit
+        is checked entry by entry (dropping entries whose session is gone)."""
+        try:
+            entries = os.listdir(index)
+        except FileNotFoundError:
+            return 0
+        if len(entries) < limit:
+            return len(entries)
+        count = 0
+        for uuid in entries:
+            last_active = self._last_activity(uuid)
+            if last_active is None:
+                (index / uuid).unlink(missing_ok=True)
+            elif last_active >= active_since:
+                count += 1
+        return count
+
+    def _last_activity(self, uuid: str) -> float | None:
+        """When the session started or last received bytes; None when it no longer exists."""
+        if not is_valid_upload_id(uuid):
+            return None
+        directory = self.layout.upload(uuid)
+        try:
+            if not (directory / "info").exists():
+                return None
+            return max(_started_at(directory), (directory / "data").stat().st_mtime)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def _remove_upload(self, uuid: str) -> None:
         directory = self.layout.upload(uuid)
+        try:
+            info = json.loads((directory / "info").read_bytes())
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            info = None
         # Drop `info` first: from then on the session no longer exists for anyone.
         with contextlib.suppress(FileNotFoundError):
             (directory / "info").unlink()
         shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(info, dict):
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                for index in (self.layout.owner_uploads(info.get("owner")),
+                              self.layout.repository_uploads(info["repository"])):
+                    (index / uuid).unlink(missing_ok=True)
 
     async def purge_uploads(self, older_than: float) -> int:
         return await asyncio.to_thread(self._purge, older_than)
@@ -388,12 +461,7 @@ class FilesystemDriver(StorageDriver):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False  # being written or committed right now
-            try:
-                info = json.loads((directory / "info").read_bytes())
-                started = info["started_at"]
-            except (FileNotFoundError, ValueError, KeyError):
-                started = 0.0
-            if max(started, os.fstat(fd).st_mtime) >= older_than:
+            if max(_started_at(directory), os.fstat(fd).st_mtime) >= older_than:
                 return False
             self._remove_upload(uuid)
             return True
@@ -501,6 +569,15 @@ def _hash_file(fd: int, algorithm: str) -> str:
         hasher.update(chunk)
         offset += len(chunk)
     return hasher.hexdigest()
+
+
+def _started_at(directory: Path) -> float:
+    """A session's start time from its info file; 0 when unreadable (so it counts as old)."""
+    try:
+        started = json.loads((directory / "info").read_bytes())["started_at"]
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
+        return 0.0
+    return started if isinstance(started, (int, float)) else 0.0
 
 
 def _mtime(path: Path) -> float:

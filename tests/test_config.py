@@ -47,6 +47,7 @@ def test_example_config_is_complete_and_loads():
     ('[uploads]\nexpiry_seconds = 0\n', "positive"),
     ('[server]\nbody_timeout_seconds = 0\n', "positive"),
     ('[server]\nmax_connections_per_client = -1\n', "must not be negative"),
+    ('[uploads]\nmax_sessions_per_user = -1\n', "must not be negative"),
     ('[limits]\nmax_header_bytes = 100\n', "at least 8 KiB"),
     ('[limits]\nmax_unauthenticated_body_bytes = 10\n', "at least 1 KiB"),
     ("not toml [", "kura.toml"),

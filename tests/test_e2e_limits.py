@@ -200,7 +200,7 @@ SERVER_LIMITS = {"body_timeout_seconds": BODY_TIMEOUT, "max_connections": 2000, 
 @pytest.mark.parametrize("target", ["token endpoint", "upload PATCH"])
 def test_stalled_bodies_are_bounded_and_timed_out(tmp_path, target):
     raise_own_fd_limit(4 * STALLS)
-    server = serve(tmp_path, "token", server=SERVER_LIMITS)
+    server = serve(tmp_path, "token", server=SERVER_LIMITS, uploads={"max_sessions_per_user": STALLS, "max_sessions_per_repository": STALLS})
     try:
         async def scenario():
             if target == "token endpoint":
