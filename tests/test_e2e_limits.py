@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import json
 import os
@@ -363,3 +364,19 @@ def test_running_out_of_descriptors_logs_one_line_not_a_traceback_each_time(tmp_
     assert "Traceback" not in log
     assert 1 <= log.count("cannot accept connections") <= 2
     assert "Too many open files" in log
+
+
+def test_gzip_encoded_body_is_stored_as_sent(tmp_path):
+    """`kura serve` does not inflate request bodies (64 KiB here would be 64 MiB)."""
+    wire = gzip.compress(bytes(64 * MIB))
+    digest = "sha256:" + hashlib.sha256(wire).hexdigest()
+    server = serve(tmp_path)
+    host, port = server.host.split(":")
+    try:
+        answer = asyncio.run(http(host, int(port), (
+            f"POST /v2/gz/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: {server.host}\r\n"
+            f"Content-Encoding: gzip\r\nContent-Length: {len(wire)}\r\nConnection: close\r\n\r\n").encode() + wire))
+    finally:
+        stop(server)
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+    assert (tmp_path / "data" / "blobs" / "sha256" / digest[7:9] / digest[7:]).read_bytes() == wire
