@@ -175,12 +175,12 @@ def patch_stall_requests(server: Server, locations: list[str], headers: str) -> 
     return [patch(location, os.urandom(MIB - 16) if i % 2 else b"abcd") for i, location in enumerate(locations)]
 
 
-async def stall_and_measure(server: Server, requests: list[bytes]) -> tuple[int, float, int, int]:
-    """(peak RSS while the stalls are held, slowest GET /v2/, connections the server held
-    at that moment, how many stalled connections it closed within the body timeout + margin)."""
+async def stall_and_measure(server: Server, requests: list[bytes]) -> tuple[int, int, float, int, int]:
+    """(RSS before, peak RSS while the stalls are held, slowest GET /v2/ meanwhile, sockets the
+    server held then, how many stalled connections it closed within the body timeout + margin)."""
     host, port = server.host.split(":")
     pid = server.process.pid
-    print(f"baseline RSS {status(pid, 'VmRSS') / MIB:.0f} MiB")
+    before = status(pid, "VmRSS")
     sampler = PeakRss(pid)
     sampling = asyncio.create_task(sampler.run())
     try:
@@ -192,7 +192,7 @@ async def stall_and_measure(server: Server, requests: list[bytes]) -> tuple[int,
         sampling.cancel()
     peak = max(sampler.peak, status(pid, "VmHWM"))
     closed = await closed_by_server(connections, BODY_TIMEOUT + 15)
-    return peak, slowest, held, closed
+    return before, peak, slowest, held, closed
 
 
 SERVER_LIMITS = {"body_timeout_seconds": BODY_TIMEOUT, "max_connections": 2000, "max_connections_per_client": 0}
@@ -201,7 +201,8 @@ SERVER_LIMITS = {"body_timeout_seconds": BODY_TIMEOUT, "max_connections": 2000, 
 @pytest.mark.parametrize("target", ["token endpoint", "upload PATCH"])
 def test_stalled_bodies_are_bounded_and_timed_out(tmp_path, target):
     raise_own_fd_limit(4 * STALLS)
-    server = serve(tmp_path, "token", server=SERVER_LIMITS, uploads={"max_sessions_per_user": STALLS, "max_sessions_per_repository": STALLS})
+    server = serve(tmp_path, "token", server=SERVER_LIMITS,
+                   uploads={"max_sessions_per_user": STALLS, "max_sessions_per_repository": STALLS})
     try:
         async def scenario():
             if target == "token endpoint":
@@ -212,11 +213,13 @@ def test_stalled_bodies_are_bounded_and_timed_out(tmp_path, target):
                 requests = patch_stall_requests(server, locations, auth)
             return await stall_and_measure(server, requests)
 
-        peak, slowest, held, closed = asyncio.run(scenario())
+        before, peak, slowest, held, closed = asyncio.run(scenario())
     finally:
         stop(server)
-    print(f"{target}: {STALLS} stalled connections: server peak RSS {peak / MIB:.0f} MiB, "
-          f"slowest GET /v2/ {slowest * 1000:.0f} ms, server sockets held {held}, closed by the server {closed}")
+    print(f"{target}: {STALLS} stalled connections: server RSS {before / MIB:.0f} MiB before, peak "
+          f"{peak / MIB:.0f} MiB; slowest GET /v2/ {slowest * 1000:.0f} ms; server sockets {held}; "
+          f"closed by the server {closed}")
+    assert held >= STALLS  # the measurements were taken while the stalls were held
     assert peak < RSS_LIMIT
     assert slowest < 1.0
     assert closed == STALLS
