@@ -87,9 +87,6 @@ class Connections:
         self.pressure = RateLimitedLog(loop, logging.WARNING, "connection limits reached")
         self._sweep_handle = loop.call_later(limits.sweep_interval, self._sweep)
 
-    def __len__(self) -> int:
-        return len(self._live)
-
     def admit(self, connection: GuardedRequestHandler, client: str) -> bool:
         """Make room for `connection` from `client` by closing an idle connection if a cap
         is reached; False when there is none to close (the newcomer is refused)."""

@@ -87,6 +87,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except asyncio.CancelledError:
         raise
     except ConnectionError:
+        if request.transport is not None and not request.transport.is_closing():
+            raise  # not the client's connection that broke
         # The client went away mid-request (or was cut off for stalling): nobody will read an
         # answer, and the access log's status is all that is worth recording.
         stalled = getattr(request.protocol, "stalled", False)
