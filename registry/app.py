@@ -17,17 +17,18 @@ from .auth.controller import AUTH, auth_middleware
 from .auth.controller import build as build_auth
 from .config import Config
 from .context import CONFIG, STORAGE
-from .middlewares import add_api_version, error_middleware
+from .middlewares import add_api_version, error_middleware, head_size_limit, unauthenticated_body_limit
 from .routes import setup_routes
 
 log = logging.getLogger("kura.registry")
 
-# Request bodies are streamed by the handlers; this only bounds aiohttp's own read().
-CLIENT_MAX_SIZE = 1 << 20
-
 
 def make_app(config: Config, driver: StorageDriver | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=CLIENT_MAX_SIZE)
+    # /v2 handlers stream their bodies; client_max_size bounds only aiohttp's own read(), used
+    # by the token endpoint, which reads its form before it knows who is asking.
+    app = web.Application(middlewares=[error_middleware, head_size_limit, unauthenticated_body_limit,
+                                       auth_middleware],
+                          client_max_size=config.max_unauthenticated_body_bytes)
     app[CONFIG] = config
     app[STORAGE] = driver or FilesystemDriver(config.root)
     app[AUTH] = auth = build_auth(config.auth, Path(config.root))

@@ -110,9 +110,8 @@ def _mismatch():
 
 
 def _serve(config) -> int:
-    from aiohttp import web
-
     from .app import make_app
+    from .serve import run
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ssl_context = None
@@ -123,9 +122,7 @@ def _serve(config) -> int:
     scheme = "https" if ssl_context else "http"
     logging.getLogger("kura.registry").info("serving %s on %s://%s (storage %s)",
                                             "registry", scheme, config.listen, config.root.resolve())
-    web.run_app(app, host=config.host, port=config.port, ssl_context=ssl_context,
-                access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
-                print=None)
+    run(app, config, ssl_context)
     return 0
 
 

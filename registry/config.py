@@ -30,6 +30,15 @@ class Config:
     max_blob_bytes: int = 0  # 0: no limit
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    max_connections: int = 1000
+    max_connections_per_client: int = 100  # 0: no per-client cap
+    header_timeout_seconds: int = 30
+    body_timeout_seconds: int = 60
+    idle_timeout_seconds: int = 60
+    max_header_bytes: int = 64 * 1024
+    max_unauthenticated_body_bytes: int = 16 * 1024
+    max_upload_sessions_per_user: int = 100  # 0: no limit
+    max_upload_sessions_per_repository: int = 500  # 0: no limit
     log_level: str = "info"
     access_log: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -48,13 +57,22 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("server", "listen"): ("listen", str),
     ("server", "tls_cert"): ("tls_cert", str),
     ("server", "tls_key"): ("tls_key", str),
+    ("server", "max_connections"): ("max_connections", int),
+    ("server", "max_connections_per_client"): ("max_connections_per_client", int),
+    ("server", "header_timeout_seconds"): ("header_timeout_seconds", int),
+    ("server", "body_timeout_seconds"): ("body_timeout_seconds", int),
+    ("server", "idle_timeout_seconds"): ("idle_timeout_seconds", int),
     ("storage", "root"): ("root", str),
     ("storage", "delete_enabled"): ("delete_enabled", bool),
     ("uploads", "expiry_seconds"): ("upload_expiry_seconds", int),
     ("uploads", "purge_interval_seconds"): ("upload_purge_interval_seconds", int),
     ("uploads", "chunk_min_length"): ("chunk_min_length", int),
+    ("uploads", "max_sessions_per_user"): ("max_upload_sessions_per_user", int),
+    ("uploads", "max_sessions_per_repository"): ("max_upload_sessions_per_repository", int),
     ("limits", "max_manifest_bytes"): ("max_manifest_bytes", int),
     ("limits", "max_blob_bytes"): ("max_blob_bytes", int),
+    ("limits", "max_header_bytes"): ("max_header_bytes", int),
+    ("limits", "max_unauthenticated_body_bytes"): ("max_unauthenticated_body_bytes", int),
     ("log", "level"): ("log_level", str),
     ("log", "access_log"): ("access_log", bool),
 }
@@ -120,9 +138,15 @@ def _validate(config: Config) -> None:
     if not 4 * MIB <= config.max_manifest_bytes <= MAX_MANIFEST_LIMIT:
         raise ConfigError("limits.max_manifest_bytes must be between 4 MiB (the spec's minimum) "
                           f"and {MAX_MANIFEST_LIMIT >> 20} MiB")
-    for name in ("upload_expiry_seconds", "upload_purge_interval_seconds"):
+    for name in ("upload_expiry_seconds", "upload_purge_interval_seconds", "max_connections",
+                 "header_timeout_seconds", "body_timeout_seconds", "idle_timeout_seconds"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
-    for name in ("chunk_min_length", "max_blob_bytes"):
+    for name in ("chunk_min_length", "max_blob_bytes", "max_connections_per_client",
+                 "max_upload_sessions_per_user", "max_upload_sessions_per_repository"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must not be negative")
+    if config.max_header_bytes < 8 * 1024:
+        raise ConfigError("limits.max_header_bytes must be at least 8 KiB")
+    if config.max_unauthenticated_body_bytes < 1024:
+        raise ConfigError("limits.max_unauthenticated_body_bytes must be at least 1 KiB")

@@ -65,6 +65,18 @@ class BlobTooLarge(RegistryError):
     message = "blob exceeds the registry's size limit"
 
 
+class RequestTooLarge(RegistryError):
+    code = "SIZE_INVALID"
+    status = 413
+    message = "request body too large"
+
+
+class HeadTooLarge(RegistryError):
+    code = "UNSUPPORTED"
+    status = 431
+    message = "request head too large"
+
+
 class UnsupportedMediaType(RegistryError):
     code = "UNSUPPORTED"
     status = 415

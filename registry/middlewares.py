@@ -9,20 +9,23 @@ from aiohttp import web
 
 import storage as st
 
-from .context import range_header, upload_location, validate_name
+from .context import config, range_header, upload_location, validate_name
 from .errors import (
     BlobTooLarge,
     BlobUnknown,
     BlobUploadInvalid,
     BlobUploadUnknown,
     DigestInvalid,
+    HeadTooLarge,
     RegistryError,
+    RequestTooLarge,
     SizeInvalid,
     TooManyRequests,
     Unsupported,
 )
 
 log = logging.getLogger("kura.registry")
+UPLOADS_RETRY_AFTER_SECONDS = 30  # a session frees when its upload ends: no better estimate
 
 
 def _translate(exc: st.StorageError, request: web.Request) -> RegistryError:
@@ -45,6 +48,10 @@ def _translate(exc: st.StorageError, request: web.Request) -> RegistryError:
         return SizeInvalid(str(exc), detail={"expected": exc.expected, "actual": exc.actual})
     if isinstance(exc, st.TooLarge):
         return BlobTooLarge(str(exc), detail={"limit": exc.limit})
+    if isinstance(exc, st.TooManyUploads):
+        return TooManyRequests(f"{exc}; finish or cancel an upload, or retry later",
+                               detail={"scope": exc.scope, "limit": exc.limit},
+                               headers={"Retry-After": str(UPLOADS_RETRY_AFTER_SECONDS)})
     if isinstance(exc, st.RepositoryBusy):
         return TooManyRequests("the repository is busy; retry", headers={"Retry-After": "1"})
     if isinstance(exc, st.BlobNotFound):
@@ -68,17 +75,54 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         error = Unsupported(f"{request.method} is not supported on {request.path}",
                             headers={"Allow": ",".join(sorted(exc.allowed_methods))})
         return error.response()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.client_max_size
+        return RequestTooLarge(f"request body exceeds {limit} bytes", detail={"limit": limit}).response()
     except web.HTTPNotFound:
         error = Unsupported(f"no such endpoint: {request.path}")
         error.status = 404
         return error.response()
     except web.HTTPException:
         raise
-    except (asyncio.CancelledError, ConnectionError):
+    except asyncio.CancelledError:
         raise
+    except ConnectionError:
+        if request.transport is not None and not request.transport.is_closing():
+            raise  # not the client's connection that broke
+        # The client went away mid-request (or was cut off for stalling): nobody will read an
+        # answer, and the access log's status is all that is worth recording.
+        stalled = getattr(request.protocol, "stalled", False)
+        return web.Response(status=408 if stalled else 400)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return RegistryError("internal server error").response()
+
+
+def head_size(request: web.Request) -> int:
+    """Bytes of the request line and headers, as sent."""
+    line = len(request.method) + len(request.raw_path) + len("  HTTP/1.1\r\n")
+    return line + sum(len(name) + len(value) + 4 for name, value in request.raw_headers) + 2
+
+
+@web.middleware
+async def head_size_limit(request: web.Request, handler) -> web.StreamResponse:
+    """Refuse a head larger than limits.max_header_bytes (the connection guard cuts off one
+    that grows past it while incomplete; this catches one that arrived whole)."""
+    limit = config(request).max_header_bytes
+    if head_size(request) > limit:
+        raise HeadTooLarge(f"request line and headers exceed {limit} bytes", detail={"limit": limit})
+    return await handler(request)
+
+
+@web.middleware
+async def unauthenticated_body_limit(request: web.Request, handler) -> web.StreamResponse:
+    """Outside /v2 (the token endpoint) a body is read before anyone is known: refuse one
+    declared larger than the app's client_max_size before reading a byte of it. (/v2 handlers
+    run only once authorized, and stream their bodies under their own limits.)"""
+    limit = request.client_max_size
+    if not request.path.startswith("/v2") and (request.content_length or 0) > limit:
+        raise RequestTooLarge(f"request body exceeds {limit} bytes", detail={"limit": limit})
+    return await handler(request)
 
 
 async def add_api_version(request: web.Request, response: web.StreamResponse) -> None:

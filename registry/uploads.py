@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from typing import AsyncIterator
 
 from aiohttp import web
 
 from ocispec.digest import Digest
 from ocispec.names import is_valid_name
-from storage import UploadInfo, UploadNotFound
+from storage import UploadInfo, UploadNotFound, UploadQuota
 
 from .auth.controller import grant
 from .context import config, parse_digest, principal, range_header, repository, storage, upload_location
@@ -17,7 +19,12 @@ from .errors import BlobUploadInvalid, BlobUploadUnknown, SizeInvalid
 
 # [0-9], not \d: \d also matches other scripts' digits, which int() accepts.
 _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?([0-9]+)-([0-9]+)(?:/(?:[0-9]+|\*))?")
-BODY_CHUNK = 256 * 1024
+BODY_CHUNK = 64 * 1024
+# The store batches what it receives before writing. When the client pauses this long, or
+# at least this often, it is told to write out its batch (an empty chunk), so that a stalled
+# or trickling client costs no buffered memory.
+FLUSH_WHEN_IDLE_SECONDS = 0.05
+FLUSH_AT_LEAST_EVERY_SECONDS = 1.0
 
 
 def blob_location(name: str, digest: Digest) -> str:
@@ -38,8 +45,24 @@ def _committed(name: str, digest: Digest) -> web.Response:
 
 
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(BODY_CHUNK):
+    """The request body in chunks, with an empty chunk whenever the store should flush."""
+    content = request.content
+    loop = asyncio.get_running_loop()
+    flushed = loop.time()
+    while True:
+        try:
+            async with asyncio.timeout(FLUSH_WHEN_IDLE_SECONDS):
+                chunk = await content.read(BODY_CHUNK)
+        except TimeoutError:
+            yield b""
+            flushed = loop.time()
+            chunk = await content.read(BODY_CHUNK)
+        if not chunk:
+            return
         yield chunk
+        if loop.time() - flushed > FLUSH_AT_LEAST_EVERY_SECONDS:
+            yield b""
+            flushed = loop.time()
 
 
 def _content_length(request: web.Request) -> int | None:
@@ -83,11 +106,18 @@ async def start_upload(request: web.Request) -> web.Response:
                              max_size=_max_size(request))
         return _committed(name, digest)
 
-    upload = await store.create_upload(name, owner=principal(request))
+    upload = await store.create_upload(name, owner=principal(request), quota=_quota(request))
     headers = _session_headers(upload)
     if config(request).chunk_min_length:
         headers["OCI-Chunk-Min-Length"] = str(config(request).chunk_min_length)
     return web.Response(status=202, headers=headers)
+
+
+def _quota(request: web.Request) -> UploadQuota:
+    settings = config(request)
+    return UploadQuota(per_owner=settings.max_upload_sessions_per_user,
+                       per_repository=settings.max_upload_sessions_per_repository,
+                       active_since=time.time() - settings.upload_expiry_seconds)
 
 
 async def _mount(request: web.Request, name: str, digest: Digest, source: str | None) -> bool:

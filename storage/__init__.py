@@ -1,6 +1,6 @@
 """Kura's content-addressed store: the driver interface and its filesystem driver."""
 
-from .driver import BlobContent, StorageDriver, UploadInfo
+from .driver import BlobContent, StorageDriver, UploadInfo, UploadQuota
 from .errors import (
     BlobNotFound,
     DigestMismatch,
@@ -11,14 +11,15 @@ from .errors import (
     SizeMismatch,
     StorageError,
     TooLarge,
+    TooManyUploads,
     UploadBusy,
     UploadNotFound,
 )
 from .filesystem import FilesystemDriver
 
 __all__ = [
-    "manifests", "BlobContent", "StorageDriver", "UploadInfo", "FilesystemDriver",
+    "manifests", "BlobContent", "StorageDriver", "UploadInfo", "UploadQuota", "FilesystemDriver",
     "StorageError", "BlobNotFound", "DigestMismatch", "ManifestNotFound", "ManifestReferenceUnknown", "RangeMismatch", "SizeMismatch",
-    "TooLarge", "UploadBusy", "UploadNotFound", "RepositoryBusy",
+    "TooLarge", "TooManyUploads", "UploadBusy", "UploadNotFound", "RepositoryBusy",
 ]
 from . import manifests  # noqa: E402 - after the names it uses

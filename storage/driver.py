@@ -36,6 +36,16 @@ class UploadInfo:
 
 
 @dataclass(frozen=True)
+class UploadQuota:
+    """Caps on the open upload sessions of one owner and of one repository (0: no cap).
+    Sessions idle since before `active_since` have expired (the purge removes them) and do
+    not count, nor do finished or cancelled ones."""
+    per_owner: int = 0
+    per_repository: int = 0
+    active_since: float = 0.0
+
+
+@dataclass(frozen=True)
 class ManifestLink:
     digest: Digest
     media_type: str
@@ -126,7 +136,10 @@ class StorageDriver(abc.ABC):
 
     # -- upload sessions ------------------------------------------------------------
     @abc.abstractmethod
-    async def create_upload(self, repository: str, owner: str | None = None) -> UploadInfo: ...
+    async def create_upload(self, repository: str, owner: str | None = None,
+                            quota: UploadQuota | None = None) -> UploadInfo:
+        """Start a session. Raises TooManyUploads when `quota` would be exceeded, checked
+        so that several processes serving the store together never exceed it."""
 
     @abc.abstractmethod
     async def get_upload(self, uuid: str) -> UploadInfo:
@@ -138,7 +151,8 @@ class StorageDriver(abc.ABC):
                             max_size: int | None = None) -> UploadInfo:
         """Append a chunk. With `offset`, it must equal the session's size (RangeMismatch);
         with `length`, exactly that many bytes must arrive (SizeMismatch). On any error
-        the session is left as it was before the call."""
+        the session is left as it was before the call. An empty item of `chunks` (here and
+        in put_blob) means the source is about to wait: write out anything held in memory."""
 
     @abc.abstractmethod
     async def put_blob(self, repository: str, digest: Digest, chunks: AsyncIterable[bytes], *,

@@ -17,6 +17,15 @@ class UploadBusy(StorageError):
     """Another request holds the upload session."""
 
 
+class TooManyUploads(StorageError):
+    """Starting another upload session would exceed a cap on open sessions."""
+
+    def __init__(self, scope: str, limit: int):
+        super().__init__(f"too many open upload sessions for this {scope} (limit {limit})")
+        self.scope = scope  # "user" or "repository"
+        self.limit = limit
+
+
 class RepositoryBusy(StorageError):
     """Another request held the repository's lock for too long."""
 

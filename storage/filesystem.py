@@ -18,7 +18,7 @@ from typing import AsyncIterable, AsyncIterator
 from ocispec.digest import Digest, InvalidDigest, new_hasher
 
 from . import atomic
-from .driver import BlobContent, ManifestLink, StorageDriver, UploadInfo
+from .driver import BlobContent, ManifestLink, StorageDriver, UploadInfo, UploadQuota
 from .errors import (
     BlobNotFound,
     DigestMismatch,
@@ -26,14 +26,19 @@ from .errors import (
     RepositoryBusy,
     SizeMismatch,
     TooLarge,
+    TooManyUploads,
     UploadBusy,
     UploadNotFound,
 )
 from .layout import Layout, is_repository_dir, is_valid_upload_id, walk_repositories
 
 # Received bytes are handed to a worker thread (write + hash) in batches of this size:
-# bounded memory per upload, and few thread hops per GiB.
+# bounded memory per upload, and few thread hops per GiB. While the batches of all uploads
+# in progress hold more than the budget, each is written out as soon as it gets a chunk, so
+# many concurrent uploads cost the process at most about that much.
 WRITE_BATCH = 1 << 20
+WRITE_BATCH_CHUNKS = 512  # within IOV_MAX (1024 on Linux) for one pwritev
+BATCH_BUDGET = 16 << 20
 READ_CHUNK = 1 << 20
 LOCK_WAIT_SECONDS = 30.0
 MAX_CACHED_HASHES = 1024
@@ -218,14 +223,47 @@ class FilesystemDriver(StorageDriver):
         return await asyncio.to_thread(walk_repositories, self.layout)
 
     # -- upload sessions ------------------------------------------------------------
-    async def create_upload(self, repository: str, owner: str | None = None) -> UploadInfo:
-        self.layout.repository(repository)  # validates the name
+    async def create_upload(self, repository: str, owner: str | None = None,
+                            quota: UploadQuota | None = None) -> UploadInfo:
+        quota = quota or UploadQuota()
         uuid = str(uuidlib.uuid4())
         started = time.time()
-        await asyncio.to_thread(self._create_upload, uuid, repository, started, owner)
+        # Every session is listed in its owner's and its repository's index (so that a cap
+        # configured later counts it too); a capped index is counted and added to under its
+        # flock, the owner's before the repository's in every process.
+        indexes = [(self.layout.owner_uploads(owner), quota.per_owner, "user"),
+                   (self.layout.repository_uploads(repository), quota.per_repository, "repository")]
+        capped = [(index, limit, scope) for index, limit, scope in indexes if limit]
+        async with self._locked_indexes([index for index, _, _ in capped]):
+            await asyncio.to_thread(self._create_upload, uuid, repository, started, owner,
+                                    [index for index, _, _ in indexes], capped, quota.active_since)
         return UploadInfo(uuid, repository, 0, started, owner)
 
-    def _create_upload(self, uuid: str, repository: str, started: float, owner: str | None) -> None:
+    @contextlib.asynccontextmanager
+    async def _locked_indexes(self, indexes: list[Path]):
+        fds = []
+        try:
+            for index in indexes:
+                atomic.make_dirs(index)
+                fds.append(os.open(index, os.O_RDONLY | os.O_DIRECTORY))
+                if not await _flock(fds[-1]):
+                    raise RepositoryBusy(index.name)
+            yield
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _create_upload(self, uuid: str, repository: str, started: float, owner: str | None,
+                       indexes: list[Path], capped: list[tuple[Path, int, str]], active_since: float) -> None:
+        for index, limit, scope in capped:
+            if self._open_sessions(index, limit, active_since) >= limit:
+                raise TooManyUploads(scope, limit)
+        # Index entries first: after a crash an entry without a session is dropped when
+        # counted; a session without entries would go uncounted. (Not fsynced: after a power
+        # cut a few sessions may go uncounted until they expire.)
+        for index in indexes:
+            atomic.make_dirs(index)
+            (index / uuid).touch()
         directory = self.layout.upload(uuid)
         atomic.make_dirs(directory)
         (directory / "data").touch()
@@ -345,12 +383,51 @@ class FilesystemDriver(StorageDriver):
             self._hash_states.pop(uuid, None)
             await asyncio.to_thread(self._remove_upload, uuid)
 
+    def _open_sessions(self, index: Path, limit: int, active_since: float) -> int:
+        """Sessions in `index` that are neither gone nor expired. Only an index at its limit
+        is checked entry by entry (dropping entries whose session is gone)."""
+        try:
+            entries = os.listdir(index)
+        except FileNotFoundError:
+            return 0
+        if len(entries) < limit:
+            return len(entries)
+        count = 0
+        for uuid in entries:
+            last_active = self._last_activity(uuid)
+            if last_active is None:
+                (index / uuid).unlink(missing_ok=True)
+            elif last_active >= active_since:
+                count += 1
+        return count
+
+    def _last_activity(self, uuid: str) -> float | None:
+        """When the session started or last received bytes; None when it no longer exists."""
+        if not is_valid_upload_id(uuid):
+            return None
+        directory = self.layout.upload(uuid)
+        try:
+            if not (directory / "info").exists():
+                return None
+            return max(_started_at(directory), (directory / "data").stat().st_mtime)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def _remove_upload(self, uuid: str) -> None:
         directory = self.layout.upload(uuid)
+        try:
+            info = json.loads((directory / "info").read_bytes())
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            info = None
         # Drop `info` first: from then on the session no longer exists for anyone.
         with contextlib.suppress(FileNotFoundError):
             (directory / "info").unlink()
         shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(info, dict):
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                for index in (self.layout.owner_uploads(info.get("owner")),
+                              self.layout.repository_uploads(info["repository"])):
+                    (index / uuid).unlink(missing_ok=True)
 
     async def purge_uploads(self, older_than: float) -> int:
         return await asyncio.to_thread(self._purge, older_than)
@@ -384,12 +461,7 @@ class FilesystemDriver(StorageDriver):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False  # being written or committed right now
-            try:
-                info = json.loads((directory / "info").read_bytes())
-                started = info["started_at"]
-            except (FileNotFoundError, ValueError, KeyError):
-                started = 0.0
-            if max(started, os.fstat(fd).st_mtime) >= older_than:
+            if max(_started_at(directory), os.fstat(fd).st_mtime) >= older_than:
                 return False
             self._remove_upload(uuid)
             return True
@@ -428,35 +500,66 @@ async def _receive(fd: int, start: int, chunks: AsyncIterable[bytes], hasher, le
                    max_size: int | None) -> int:
     """Write `chunks` at `start` (hashing them when `hasher` is given); returns the new end.
     Raises SizeMismatch when `length` bytes were promised and more or fewer came."""
+    global _batched
     position = start
-    batch = bytearray()
-    async for chunk in chunks:
-        batch += chunk
-        received = position + len(batch) - start
-        if length is not None and received > length:
-            raise SizeMismatch(length, received)
-        if max_size is not None and position + len(batch) > max_size:
-            raise TooLarge(max_size)
-        if len(batch) >= WRITE_BATCH:
-            await _finish_in_thread(_write_and_hash, fd, batch, position, hasher)
-            position += len(batch)
-            batch = bytearray()
-    if batch:
-        await _finish_in_thread(_write_and_hash, fd, batch, position, hasher)
-        position += len(batch)
+    batch: list[bytes] = []  # kept as received (no copy), written with one pwritev
+    batch_size = 0
+
+    async def flush() -> None:
+        nonlocal position, batch, batch_size
+        global _batched
+        written, size = batch, batch_size
+        batch, batch_size = [], 0
+        try:
+            await _finish_in_thread(_write_and_hash, fd, written, position, hasher)
+        finally:
+            _batched -= size
+        position += size
+
+    try:
+        async for chunk in chunks:
+            if not chunk:  # the source is about to wait: do not hold its bytes meanwhile
+                if batch:
+                    await flush()
+                continue
+            batch.append(chunk)
+            batch_size += len(chunk)
+            _batched += len(chunk)
+            received = position + batch_size - start
+            if length is not None and received > length:
+                raise SizeMismatch(length, received)
+            if max_size is not None and position + batch_size > max_size:
+                raise TooLarge(max_size)
+            if batch_size >= WRITE_BATCH or len(batch) >= WRITE_BATCH_CHUNKS or _batched > BATCH_BUDGET:
+                await flush()
+        if batch:
+            await flush()
+    finally:
+        _batched -= batch_size
     if length is not None and position - start != length:
         raise SizeMismatch(length, position - start)
     return position
 
 
-def _write_and_hash(fd: int, data: bytearray, position: int, hasher) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, position)
+_batched = 0  # bytes held in the batches of all uploads in progress
+
+
+def _write_and_hash(fd: int, chunks: list[bytes], position: int, hasher) -> None:
+    views = [memoryview(chunk) for chunk in chunks]
+    first = 0
+    while first < len(views):
+        written = os.pwritev(fd, views[first:first + WRITE_BATCH_CHUNKS], position)
         position += written
-        view = view[written:]
+        while written:
+            if written >= len(views[first]):
+                written -= len(views[first])
+                first += 1
+            else:
+                views[first] = views[first][written:]
+                written = 0
     if hasher is not None:
-        hasher.update(data)
+        for chunk in chunks:
+            hasher.update(chunk)
 
 
 def _hash_file(fd: int, algorithm: str) -> str:
@@ -466,6 +569,15 @@ def _hash_file(fd: int, algorithm: str) -> str:
         hasher.update(chunk)
         offset += len(chunk)
     return hasher.hexdigest()
+
+
+def _started_at(directory: Path) -> float:
+    """A session's start time from its info file; 0 when unreadable (so it counts as old)."""
+    try:
+        started = json.loads((directory / "info").read_bytes())["started_at"]
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
+        return 0.0
+    return started if isinstance(started, (int, float)) else 0.0
 
 
 def _mtime(path: Path) -> float:

@@ -9,6 +9,9 @@
         _referrers/<alg>/<subject hex>/<alg>-<hex>   descriptor of a manifest whose `subject` is that digest
       uploads/<uuid>/info                            {"repository", "started_at", "owner"}: the session exists
       uploads/<uuid>/data                            bytes received so far (its size is the session offset)
+      upload-index/owner/<key>/<uuid>                the open sessions of one owner (key: sha256 of the name,
+                                                     or `anonymous`); flock()ed while counted and added to
+      upload-index/repository/<sha256 of name>/<uuid>  the same per repository
       tmp/                                           files being written, renamed into place once fsynced
       locks/<sha256 of name>                         flock()ed while a repository's manifests or tags change
 
@@ -40,6 +43,7 @@ class Layout:
         self.blobs = self.root / "blobs"
         self.repositories = self.root / "repositories"
         self.uploads = self.root / "uploads"
+        self.upload_index = self.root / "upload-index"
         self.tmp = self.root / "tmp"
         self.locks = self.root / "locks"
 
@@ -82,6 +86,14 @@ class Layout:
     def referrer(self, name: str, subject: Digest, referrer: Digest) -> Path:
         _check_digest(referrer)
         return self.referrers(name, subject) / f"{referrer.algorithm}-{referrer.encoded}"
+
+    def owner_uploads(self, owner: str | None) -> Path:
+        key = "anonymous" if owner is None else hashlib.sha256(owner.encode()).hexdigest()
+        return self.upload_index / "owner" / key
+
+    def repository_uploads(self, name: str) -> Path:
+        self.repository(name)  # validates
+        return self.upload_index / "repository" / hashlib.sha256(name.encode()).hexdigest()
 
     def upload(self, uuid: str) -> Path:
         if not is_valid_upload_id(uuid):

@@ -6,9 +6,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestServer
 
 from registry.app import make_app
 from registry.config import Config
+from registry.serve import handler_settings
 from tests.support import isolation
 from tests.support.client import sha256
 from tests.support.paths import REPO
@@ -58,16 +60,23 @@ def config(tmp_path):
     return replace(Config(), root=tmp_path / "data", access_log=False)
 
 
+async def serve_app(aiohttp_client, config: Config):
+    """A test client of make_app(config), served with the protocol settings of `kura serve`."""
+    server = TestServer(make_app(config))
+    await server.start_server(**handler_settings(config))
+    return await aiohttp_client(server)
+
+
 @pytest.fixture
 async def client(aiohttp_client, config):
-    return await aiohttp_client(make_app(config))
+    return await serve_app(aiohttp_client, config)
 
 
 @pytest.fixture
 def make_client(aiohttp_client, config):
     """Build a client for a variant of the default config."""
     async def build(**changes):
-        return await aiohttp_client(make_app(replace(config, **changes)))
+        return await serve_app(aiohttp_client, replace(config, **changes))
     return build
 
 

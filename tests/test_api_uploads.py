@@ -1,9 +1,15 @@
 """`/v2/<name>/blobs/uploads/`: monolithic, chunked, status, cancel, mount."""
 
+import base64
+import gzip
+from dataclasses import replace
+
 import pytest
 
 from registry.app import make_app
-from tests.conftest import error_code, upload_blob
+from registry.auth import htpasswd
+from registry.auth.config import parse
+from tests.conftest import error_code, serve_app, upload_blob
 from tests.support.client import sha256
 
 DATA = b"0123456789" * 1000
@@ -227,3 +233,49 @@ async def test_content_range_digits_must_be_ascii(client):
         r = await client.patch(location, data=DATA[:10], headers={"Content-Range": header})
         assert r.status == 400 and await error_code(r) == "BLOB_UPLOAD_INVALID", header
     assert (await client.get(location)).headers["Range"] == "0-0"
+
+
+async def test_content_encoding_is_not_undone(client):
+    """Bodies are stored as sent, as the reference registry stores them: a gzip-encoded body
+    is the blob (its digest is over those bytes), never inflated (8 KiB would become 8 MiB)."""
+    wire = gzip.compress(bytes(8 << 20))
+    encoded = {"Content-Encoding": "gzip"}
+    r = await client.post(f"/v2/a/blobs/uploads/?digest={sha256(wire)}", data=wire, headers=encoded)
+    assert r.status == 201, await r.text()
+    assert await (await client.get(f"/v2/a/blobs/{sha256(wire)}")).read() == wire
+
+    location = (await start(client)).headers["Location"]
+    r = await client.patch(location, data=wire, headers=encoded)
+    assert r.status == 202 and r.headers["Range"] == f"0-{len(wire) - 1}"
+    r = await client.put(f"{location}?digest={sha256(bytes(8 << 20))}")
+    assert r.status == 400 and await error_code(r) == "DIGEST_INVALID"
+
+
+async def test_open_sessions_per_repository_are_capped(make_client):
+    client = await make_client(max_upload_sessions_per_repository=2)
+    first = await start(client, "a")
+    await start(client, "a")
+    r = await client.post("/v2/a/blobs/uploads/")
+    assert r.status == 429 and await error_code(r) == "TOOMANYREQUESTS"
+    assert int(r.headers["Retry-After"]) > 0
+    await start(client, "b")  # each repository has its own count
+    r = await client.put(f"{first.headers['Location']}?digest={sha256(b'')}")
+    assert r.status == 201  # a finished session no longer counts
+    await start(client, "a")
+
+
+async def test_open_sessions_per_user_are_capped(aiohttp_client, config):
+    for user in ("alice", "bob"):
+        htpasswd.set_user(config.root / "auth" / "htpasswd", user, f"{user}-password", cost=4)
+    client = await serve_app(aiohttp_client, replace(config, max_upload_sessions_per_user=2,
+                                                     auth=parse({"mode": "htpasswd"})))
+
+    def signed_in(user):
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{user}-password".encode()).decode()}
+
+    for repo in ("x", "y"):
+        assert (await client.post(f"/v2/{repo}/blobs/uploads/", headers=signed_in("alice"))).status == 202
+    r = await client.post("/v2/z/blobs/uploads/", headers=signed_in("alice"))
+    assert r.status == 429 and await error_code(r) == "TOOMANYREQUESTS"
+    location = (await client.post("/v2/z/blobs/uploads/", headers=signed_in("bob"))).headers["Location"]
+    assert (await client.delete(location, headers=signed_in("bob"))).status == 204

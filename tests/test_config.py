@@ -45,6 +45,11 @@ def test_example_config_is_complete_and_loads():
     ('[server]\ntls_cert = "/x.pem"\n', "together"),
     ('[log]\nlevel = "loud"\n', "log.level"),
     ('[uploads]\nexpiry_seconds = 0\n', "positive"),
+    ('[server]\nbody_timeout_seconds = 0\n', "positive"),
+    ('[server]\nmax_connections_per_client = -1\n', "must not be negative"),
+    ('[uploads]\nmax_sessions_per_user = -1\n', "must not be negative"),
+    ('[limits]\nmax_header_bytes = 100\n', "at least 8 KiB"),
+    ('[limits]\nmax_unauthenticated_body_bytes = 10\n', "at least 1 KiB"),
     ("not toml [", "kura.toml"),
 ])
 def test_invalid_files(tmp_path, text, message):
@@ -76,3 +81,10 @@ def test_example_auth_section_parses():
     assert rules.allowed("alice", "repository", "team/app", {"delete"}) == {"delete"}
     assert rules.allowed(None, "repository", "public/x", {"pull", "push"}) == {"pull"}
     assert rules.allowed("bob", "registry", "catalog", {"*"}) == {"*"}
+
+
+def test_connection_cap_fits_the_open_file_limit():
+    from registry.serve import connection_limits
+    config = load()
+    assert connection_limits(config, 1 << 20).max_connections == config.max_connections
+    assert connection_limits(config, 1024).max_connections == (1024 - 64) // 2  # two descriptors each

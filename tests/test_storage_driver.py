@@ -1,6 +1,11 @@
 """The suite every storage driver must pass (parametrise `driver` when a new one lands)."""
 
+import asyncio
 import hashlib
+import json
+import os
+import shutil
+import time
 
 import pytest
 
@@ -12,7 +17,10 @@ from storage import (
     RangeMismatch,
     SizeMismatch,
     TooLarge,
+    TooManyUploads,
+    UploadInfo,
     UploadNotFound,
+    UploadQuota,
 )
 
 DATA = b"abcdefghij" * 300_000  # 3 MB: more than one write batch
@@ -261,3 +269,43 @@ async def test_paths_refuse_unvalidated_input(driver):
         await driver.set_tag("a", "../../t", digest_of(b"x"))
     with pytest.raises(ValueError):
         await driver.link_blob("a", Digest("sha256", "../../../etc/passwd"))
+
+
+async def test_open_sessions_are_capped_across_processes(driver, second_driver):
+    quota = UploadQuota(per_repository=5)
+    results = await asyncio.gather(*[(driver if i % 2 else second_driver).create_upload("a", "alice", quota=quota)
+                                     for i in range(12)], return_exceptions=True)
+    refused = [r for r in results if not isinstance(r, UploadInfo)]
+    assert len(refused) == 7
+    assert all(isinstance(r, TooManyUploads) and (r.scope, r.limit) == ("repository", 5) for r in refused)
+    assert isinstance(await driver.create_upload("b", "alice", quota=quota), UploadInfo)
+
+
+async def test_only_open_sessions_count(driver):
+    def quota():
+        return UploadQuota(per_owner=3, active_since=time.time() - 3600)
+
+    async def full():
+        with pytest.raises(TooManyUploads) as refused:
+            await driver.create_upload("x", "bob", quota=quota())
+        assert (refused.value.scope, refused.value.limit) == ("user", 3)
+
+    committed, cancelled, expiring = [await driver.create_upload(repo, "bob", quota=quota()) for repo in "abc"]
+    await full()
+    await driver.append_upload(committed.uuid, chunks(b"done"))
+    await driver.commit_upload(committed.uuid, digest_of(b"done"))
+    vanishing = await driver.create_upload("a", "bob", quota=quota())
+    await full()
+    await driver.cancel_upload(cancelled.uuid)
+    await driver.create_upload("a", "bob", quota=quota())
+    await full()
+    directory = driver.layout.upload(expiring.uuid)  # abandoned two hours ago, not yet purged
+    info = json.loads((directory / "info").read_text())
+    (directory / "info").write_text(json.dumps({**info, "started_at": time.time() - 7200}))
+    os.utime(directory / "data", (time.time() - 7200,) * 2)
+    await driver.create_upload("a", "bob", quota=quota())
+    await full()
+    shutil.rmtree(driver.layout.upload(vanishing.uuid))  # a removal cut short by a crash
+    await driver.create_upload("a", "bob", quota=quota())
+    await full()
+    assert isinstance(await driver.create_upload("a", "carol", quota=quota()), UploadInfo)

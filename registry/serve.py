@@ -1,0 +1,81 @@
+"""Run the application: one guarded TCP site (registry/connections.py) until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import signal
+
+from aiohttp import web
+
+from .config import Config
+from .connections import ConnectionLimits, GuardedSite, quiet_accept_errors
+
+log = logging.getLogger("kura.server")
+
+# Descriptors kept for everything but connections (listening socket, logs, store files of
+# requests in progress); each connection may need a second one for the file it streams.
+RESERVED_DESCRIPTORS = 64
+DESCRIPTORS_PER_CONNECTION = 2
+
+
+def handler_settings(config: Config) -> dict:
+    """aiohttp protocol settings: the same for `kura serve` and for the API tests."""
+    return {
+        "keepalive_timeout": config.idle_timeout_seconds,
+        # Bodies are stored as sent, as the reference registry does: digests are over the
+        # bytes on the wire, and inflating `Content-Encoding: gzip` is a decompression bomb.
+        "auto_decompress": False,
+        # A request body is buffered up to twice this before aiohttp stops reading the socket.
+        "read_bufsize": 16 * 1024,
+    }
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft descriptor limit to the hard one (as Go does); the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_limits(config: Config, open_files: int) -> ConnectionLimits:
+    cap = config.max_connections
+    if open_files != resource.RLIM_INFINITY:
+        room = max(1, (open_files - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION)
+        if cap > room:
+            log.warning("server.max_connections %d needs more descriptors than the open-file limit (%d) "
+                        "allows; using %d (raise `ulimit -n` to allow more)", cap, open_files, room)
+            cap = room
+    return ConnectionLimits(max_connections=cap, max_per_client=config.max_connections_per_client,
+                            header_timeout=config.header_timeout_seconds,
+                            body_timeout=config.body_timeout_seconds,
+                            max_header_bytes=config.max_header_bytes)
+
+
+def run(app: web.Application, config: Config, ssl_context=None) -> None:
+    asyncio.run(_serve(app, config, ssl_context))
+
+
+async def _serve(app: web.Application, config: Config, ssl_context) -> None:
+    loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    settings = dict(handler_settings(config),
+                    access_log=logging.getLogger("aiohttp.access") if config.access_log else None)
+    limits = connection_limits(config, raise_open_file_limit())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = GuardedSite(runner, config.host, config.port, limits, settings, ssl_context=ssl_context)
+        await site.start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
