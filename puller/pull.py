@@ -283,7 +283,7 @@ async def _receive(opener, partial: _Partial, size: int, digest: Digest, name: s
 
 def _range_start(response: aiohttp.ClientResponse) -> int | None:
     """Where a 206's Content-Range says its bytes start (None when it does not say)."""
-    match = re.match(r"bytes\s+(\d+)-", response.headers.get("Content-Range", ""))
+    match = re.match(r"bytes\s+([0-9]{1,19})-", response.headers.get("Content-Range", ""))
     return int(match.group(1)) if match else None
 
 

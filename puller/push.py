@@ -356,7 +356,7 @@ def _location(response: aiohttp.ClientResponse, fallback: str | None = None) -> 
 
 def _range_end(header: str | None) -> int | None:
     """The next offset from an upload `Range: 0-<last>` (`bytes=` tolerated); `0-0` is empty."""
-    match = re.fullmatch(r"(?:bytes=)?0-(\d+)", (header or "").strip())
+    match = re.fullmatch(r"(?:bytes=)?0-([0-9]{1,19})", (header or "").strip())
     if not match:
         return None
     last = int(match.group(1))

@@ -10,8 +10,9 @@ from aiohttp import web
 
 from storage import BlobContent, StorageDriver
 
-# [0-9], not \d: \d also matches other scripts' digits, which int() accepts.
-_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+# [0-9], not \d: \d also matches other scripts' digits, which int() accepts. At most 19
+# digits (any int64): int() refuses numbers of 4,300+ digits, and no blob is that large.
+_RANGE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:

@@ -17,8 +17,9 @@ from .auth.controller import grant
 from .context import config, parse_digest, principal, range_header, repository, storage, upload_location
 from .errors import BlobUploadInvalid, BlobUploadUnknown, SizeInvalid
 
-# [0-9], not \d: \d also matches other scripts' digits, which int() accepts.
-_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?([0-9]+)-([0-9]+)(?:/(?:[0-9]+|\*))?")
+# [0-9], not \d: \d also matches other scripts' digits, which int() accepts. At most 19
+# digits (any int64): int() refuses numbers of 4,300+ digits.
+_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?([0-9]{1,19})-([0-9]{1,19})(?:/(?:[0-9]{1,19}|\*))?")
 BODY_CHUNK = 64 * 1024
 # The store batches what it receives before writing. When the client pauses this long, or
 # at least this often, it is told to write out its batch (an empty chunk), so that a stalled
