@@ -10,6 +10,13 @@ from .digest import Digest, InvalidDigest
 
 # Descriptor sizes are int64 on the wire (as in every Go implementation).
 MAX_SIZE = 2**63 - 1
+# Go's encoding/json matches object keys to fields case-insensitively (and folds ſ to s, K to
+# k), so a Go client reads `"Manifests"` as `manifests`, and of `"mediaType"` and `"MediaType"`
+# takes the later one. A key that folds to a field's name must be spelled exactly as the field.
+FIELD_NAMES = {name.casefold(): name for name in (
+    "schemaVersion", "mediaType", "artifactType", "config", "layers", "manifests", "subject", "annotations",
+    "digest", "size", "urls", "platform", "data", "architecture", "os", "os.version", "os.features",
+    "variant", "features")}
 
 
 class ManifestInvalid(ValueError):
@@ -59,9 +66,18 @@ class Manifest:
         return self.media_type in mt.INDEXES
 
 
+def _refuse_case_variants(value: dict, where: str) -> None:
+    for key in value:
+        name = FIELD_NAMES.get(key.casefold())
+        if name is not None and key != name:
+            raise ManifestInvalid(f"{where}: ambiguous key {key!r}: Go clients read it as {name!r}; "
+                                  f"spell it exactly {name!r}")
+
+
 def parse_descriptor(value: object, where: str) -> Descriptor:
     if not isinstance(value, dict):
         raise ManifestInvalid(f"{where}: descriptor must be an object")
+    _refuse_case_variants(value, where)
     media_type = value.get("mediaType")
     if not isinstance(media_type, str) or not media_type:
         raise ManifestInvalid(f"{where}: mediaType must be a non-empty string")
@@ -78,6 +94,8 @@ def parse_descriptor(value: object, where: str) -> Descriptor:
     platform = value.get("platform")
     if platform is not None and not isinstance(platform, dict):
         raise ManifestInvalid(f"{where}: platform must be an object")
+    if platform is not None:
+        _refuse_case_variants(platform, f"{where}.platform")
     annotations = _annotations(value, where)
     urls = value.get("urls") or []
     if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
@@ -109,6 +127,7 @@ def parse_manifest(data: bytes, content_type: str | None) -> Manifest:
         raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ManifestInvalid("manifest must be a JSON object")
+    _refuse_case_variants(doc, "manifest")
     version = doc.get("schemaVersion")
     if _is_int(version) and version == 1:
         raise ManifestUnsupported("Docker image manifest schema 1 is obsolete; push schema 2 or OCI")

@@ -124,6 +124,30 @@ def test_ambiguous_documents_are_invalid(doc, content_type):
         parse_manifest(json.dumps(doc).encode(), content_type)
 
 
+@pytest.mark.parametrize("doc", [
+    {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": desc(), "layers": [], "Manifests": [_index_desc()]},
+    {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": desc(), "layers": [], "MANIFESTS": []},
+    {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": desc(), "layers": [], "manife\u017fts": []},
+    {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [], "Config": desc()},
+    {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [], "LAYERS": []},
+    {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "MediaType": mt.OCI_INDEX, "config": desc(), "layers": []},
+    {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": {**desc(), "Digest": "sha256:" + "b" * 64},
+     "layers": []},
+    {"schemaVersion": 2, "mediaType": mt.OCI_INDEX,
+     "manifests": [{**_index_desc(), "platform": {"os": "linux", "architecture": "amd64", "Architecture": "arm64"}}]},
+])
+def test_keys_that_go_reads_as_another_field_are_ambiguous(doc):
+    """Go's encoding/json matches keys case-insensitively (ſ = s): `Manifests` is `manifests` there."""
+    with pytest.raises(ManifestInvalid, match="ambiguous key"):
+        parse_manifest(json.dumps(doc).encode(), None)
+
+
+def test_other_keys_and_annotation_names_are_free():
+    doc = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": desc(), "layers": [],
+           "annotations": {"Config": "x", "MediaType": "y"}, "x-Custom": 1}
+    assert parse_manifest(json.dumps(doc).encode(), None).annotations == {"Config": "x", "MediaType": "y"}
+
+
 def test_null_fields_of_the_other_shape_are_not_ambiguous():
     # As distribution: a null `config`/`layers` in an index (or `manifests` in a manifest) is absent.
     index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [], "config": None, "layers": None}
