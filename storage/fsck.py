@@ -95,6 +95,7 @@ def _check_repository(layout: Layout, name: str, report: Report) -> None:
             linked_blobs.add(digest)
 
     manifests = {}
+    present: set[Digest] = set()
     for path, digest in _digests_in(layout.revisions(name)):
         report.manifests += 1
         if digest is None:
@@ -112,6 +113,7 @@ def _check_repository(layout: Layout, name: str, report: Report) -> None:
         if not blob.is_file():
             report.problems.append(f"{name}: manifest {digest} is missing from the blob store")
             continue
+        present.add(digest)  # reported below if it does not parse, but it is there
         try:
             manifests[digest] = parse_manifest(blob.read_bytes(), media_type)
         except (ManifestInvalid, ManifestUnsupported) as exc:
@@ -127,7 +129,7 @@ def _check_repository(layout: Layout, name: str, report: Report) -> None:
                 report.notes.append(f"{name}: manifest {digest} references blob {descriptor.digest}, "
                                     "which was deleted from the repository")
         for child in manifest.children:
-            if child.digest not in manifests:
+            if child.digest not in present:
                 report.notes.append(f"{name}: index {digest} references manifest {child.digest}, "
                                     "which was deleted from the repository")
 
@@ -139,7 +141,7 @@ def _check_repository(layout: Layout, name: str, report: Report) -> None:
         except InvalidDigest:
             report.problems.append(f"{name}: tag {tag_path.name} is unreadable")
             continue
-        if target not in manifests:
+        if target not in present:
             report.problems.append(f"{name}: tag {tag_path.name} points at missing manifest {target}")
 
     referrers_dir = layout.repository(name) / "_referrers"
@@ -150,7 +152,7 @@ def _check_repository(layout: Layout, name: str, report: Report) -> None:
             except InvalidDigest:
                 report.problems.append(f"{name}: stray referrer entry {entry}")
                 continue
-            if referrer not in manifests:
+            if referrer not in present:
                 report.problems.append(f"{name}: referrer entry {referrer} names a missing manifest")
 
 

@@ -113,6 +113,7 @@ async def test_ambiguous_manifest_already_in_the_store(store):
     digest = write_manifest_behind_the_api(root, "app", "ambiguous", document, document["mediaType"])
     problems = fsck(root).problems
     assert any(digest in p and "ambiguous" in p for p in problems), problems
+    assert len(problems) == 1, problems  # the tag points at it: it is there, only invalid
     result = run_fsck(root)
     assert result.returncode == 1
     assert f"manifest {digest}" in result.stdout and "ambiguous" in result.stdout
