@@ -288,6 +288,18 @@ async def test_failed_logins_counted_per_forwarded_client(make_auth_client):
     assert r.status == 200
 
 
+async def test_rotating_forwarded_for_through_a_proxy_is_still_bounded(make_auth_client):
+    """A proxy (or tunnel) that passes the client's own X-Forwarded-For on unchanged must not
+    give unlimited guesses: all failures through one proxy are bounded too (PROXY_FACTOR x)."""
+    from registry.auth.ratelimit import PROXY_FACTOR
+    client = await make_auth_client("htpasswd", login_attempts=1)
+    for n in range(PROXY_FACTOR):
+        r = await client.get("/v2/", headers={**basic("bob", "guess"), "X-Forwarded-For": f"10.{n // 250}.{n % 250}.1"})
+        assert r.status == 401, n
+    r = await client.get("/v2/", headers={**basic("bob", "guess"), "X-Forwarded-For": "203.0.113.99"})
+    assert r.status == 429 and int(r.headers["Retry-After"]) > 0
+
+
 async def test_forwarded_for_from_an_untrusted_peer_is_ignored(make_auth_client):
     client = await make_auth_client("htpasswd", login_attempts=3, trusted_proxies=[])
     for n in range(3):  # a new made-up address each time does not buy more guesses

@@ -17,7 +17,7 @@ from . import jwt
 from .config import AuthConfig
 from .htpasswd import Htpasswd, LoginsBusy
 from .keys import SigningKey, load_or_create, load_trusted_keys
-from .ratelimit import LoginLimiter
+from .ratelimit import Client, LoginLimiter
 from .rules import AccessRules
 from .scopes import Access, mount_source, required_access
 
@@ -119,23 +119,23 @@ def _trusted(address: str, trusted_proxies: frozenset[str]) -> bool:
     return ip is not None and any(_ip(proxy) == ip for proxy in trusted_proxies)
 
 
-def client_address(request: web.Request, trusted_proxies: frozenset[str]) -> str:
+def client_address(request: web.Request, trusted_proxies: frozenset[str]) -> Client:
     """Who is logging in: the peer, or when the peer is a trusted proxy, the right-most
     X-Forwarded-For address that is not itself a trusted proxy (whatever is left of it, the
-    client could have written)."""
+    client could have written), named with the proxy that forwarded it."""
     peer = request.remote or "unknown"
     if not _trusted(peer, trusted_proxies):
-        return peer
+        return Client(peer)
     hops = [hop for value in request.headers.getall("X-Forwarded-For", []) for hop in value.split(",")]
     address = peer
     for hop in reversed(hops):
         ip = _ip(hop)
         if ip is None:  # not what a proxy appends: count against the proxy rather than guess
-            return peer
+            return Client(peer)
         address = str(ip)
         if not _trusted(address, trusted_proxies):
             break
-    return address
+    return Client(address, peer) if address != peer else Client(peer)
 
 
 class Credentials:
@@ -146,7 +146,7 @@ class Credentials:
         self.limiter = limiter
         self.trusted_proxies = trusted_proxies
 
-    def address_of(self, request: web.Request) -> str:
+    def address_of(self, request: web.Request) -> Client:
         return client_address(request, self.trusted_proxies)
 
     async def check_basic(self, request: web.Request, header: str, challenge: dict[str, str]) -> str | None:
@@ -163,7 +163,7 @@ class Credentials:
             return user
         raise Unauthorized("invalid username or password", headers=challenge)
 
-    async def check(self, address: str, user: str, password: str) -> bool:
+    async def check(self, address: Client, user: str, password: str) -> bool:
         """True for a right password; False for a wrong one; 429 while slowed down."""
         wait = await self.limiter.begin(address, user)
         if wait:
