@@ -289,10 +289,13 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int, what: str) 
     if response.content_length is not None and response.content_length > limit:
         raise RegistryError(f"{what} is larger than {limit} bytes")
     data = bytearray()
-    while chunk := await response.content.read(65536):
-        data += chunk
-        if len(data) > limit:
-            raise RegistryError(f"{what} is larger than {limit} bytes")
+    try:
+        while chunk := await response.content.read(65536):
+            data += chunk
+            if len(data) > limit:
+                raise RegistryError(f"{what} is larger than {limit} bytes")
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        raise RegistryError(f"{what}: the connection broke after {len(data)} bytes ({exc.__class__.__name__})") from None
     return bytes(data)
 
 
