@@ -91,6 +91,9 @@ async def fetch_manifest(client: RegistryClient, reference: str, expected: Diges
         raise VerificationError(f"manifest {reference} is not JSON (or is nested too deeply)") from None
     if not isinstance(document, dict) or document.get("schemaVersion") == 1:
         raise RegistryError(f"{reference} is not a schema 2 / OCI manifest, which is all Kura supports")
+    # A null field is an absent one (Go reads it so, and so do registries): `"manifests": null`
+    # does not make an image manifest an index.
+    document = {key: value for key, value in document.items() if value is not None}
     if not isinstance(document.get("mediaType") or "", str):
         raise VerificationError(f"manifest {reference}: its mediaType is not a string")
     # The document's own mediaType is covered by the digest; the header is not.

@@ -308,3 +308,11 @@ async def test_login_with_an_empty_password_or_user_sends_nothing(user, password
     assert "empty" in message
     assert faults.requests == []
     assert not (home / "docker" / "config.json").exists()
+
+
+async def test_null_fields_of_the_other_shape_are_absent(registry, home):
+    """As registries read them: an image manifest with `"manifests": null` is an image."""
+    document = {**manifest_document(), "manifests": None}
+    host, _ = await registry(manifests={"v1": json.dumps(document).encode()})
+    ran = await kura(home, "pull", "-q", f"{host}/app:v1")
+    assert ran.returncode == 0, ran.stderr
