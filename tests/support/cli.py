@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,11 @@ async def kura(home: Path, *args: str, stdin: bytes | None = None, measure: bool
         command = [sys.executable, "-m", "tests.support.peak_rss", str(report), *command]
     process = await asyncio.create_subprocess_exec(
         *command, cwd=REPO, env=client_env(home), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
     try:
         out, err = await asyncio.wait_for(process.communicate(stdin or b""), timeout)
     except asyncio.TimeoutError:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)  # the measuring wrapper's child too
         await process.wait()
         raise
     peak = int(report.read_text()) if measure else None
