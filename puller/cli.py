@@ -131,11 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Example: kura rmi redis")
     r.add_argument("reference")
     _store_argument(r)
+    parser.commands = commands.choices  # main() reports argument errors in the subcommand's name
     return parser
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    from .prompt import Interrupted
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     # A plain `kill` must unwind like Ctrl-C does, so temp files and scratch stores go away.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -151,6 +156,8 @@ def main(argv: list[str]) -> int:
         # Only hostile input nests this deep (JSON documents, links in archives).
         print("kura: malformed image data: nested too deeply to read", file=sys.stderr)
         return 1
+    except Interrupted:  # Ctrl-C at a prompt: the line is ended, nothing more to say
+        return 130
     except KeyboardInterrupt:
         print("kura: interrupted", file=sys.stderr)
         return 130
@@ -196,9 +203,8 @@ def _unpack_into(store: Store, digest, bundle: Path, args) -> None:
 
 
 def _login(args) -> int:
-    import getpass
-
     from .login import normalise_server, verify
+    from .prompt import ask
     if args.password is not None:
         print("kura: --password would leave the password in your shell history and process list; "
               "use --password-stdin (echo \"$PASSWORD\" | kura login -u USER --password-stdin SERVER)",
@@ -209,13 +215,13 @@ def _login(args) -> int:
     if user is None:
         if not sys.stdin.isatty():
             raise ValueError("give -u USER when stdin is not a terminal")
-        user = input("Username: ").strip()
+        user = ask("Username: ", "username").strip()
     if not user:
         raise ValueError("empty username; nothing was sent")
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     elif sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
+        password = ask("Password: ", "password", secret=True)
     else:
         raise ValueError("use --password-stdin to read the password from a pipe")
     if not password:

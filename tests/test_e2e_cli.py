@@ -1,0 +1,118 @@
+"""The registry commands a new user reaches for after `kura pull`: `kura delete` against Kura and
+the reference registry (which cannot delete a tag by itself), `kura login`/`logout` against
+htpasswd Basic auth, prompts at a real terminal, and `kura images`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import client_env
+from tests.support.paths import IMAGES, REPO, require_shared
+from tests.support.servers import start_distribution, start_kura, stop, stop_distribution
+from tests.support.terminal import CTRL_C, CTRL_D, Terminal
+
+pytestmark = pytest.mark.e2e
+
+BUSYBOX = f"oci:{IMAGES / 'busybox-multiarch'}:latest-amd64"
+
+
+def kura(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kura", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=client_env(home), input=stdin)
+
+
+def one_line_error(ran: subprocess.CompletedProcess) -> str:
+    assert ran.returncode != 0, (ran.stdout, ran.stderr)
+    lines = ran.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kura: "), ran.stderr
+    return lines[0]
+
+
+def tag_digest(layout: Path, tag: str) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    return next(m["digest"] for m in index["manifests"]
+                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+
+
+@pytest.fixture(scope="module")
+def kura_registry(tmp_path_factory):
+    require_shared()
+    work = tmp_path_factory.mktemp("kura")
+    server = start_kura(work / "data", None, log=work / "kura.log")
+    yield server
+    stop(server)
+
+
+@pytest.fixture(scope="module")
+def reference_registry(tmp_path_factory):
+    require_shared()
+    server = start_distribution(tmp_path_factory.mktemp("distribution"))
+    yield server
+    stop_distribution(server)
+
+
+@pytest.fixture(scope="module")
+def basic_registry(tmp_path_factory):
+    """The reference registry behind htpasswd Basic auth (alice / alice-pw)."""
+    require_shared()
+    server = start_distribution(tmp_path_factory.mktemp("basic"), auth="alice:alice-pw")
+    yield server
+    stop_distribution(server)
+
+
+@pytest.fixture
+def home(tmp_path):
+    return tmp_path / "home"
+
+
+def push_two_tags(home: Path, host: str, repository: str) -> str:
+    """The same manifest under tags `a` and `b`, and `other` for another manifest; returns a's digest."""
+    for tag in ("a", "b"):
+        assert kura(home, "push", "-q", BUSYBOX, f"{host}/{repository}:{tag}").returncode == 0
+    other = f"oci:{IMAGES / 'busybox-multiarch'}:latest-arm64"
+    assert kura(home, "push", "-q", other, f"{host}/{repository}:other").returncode == 0
+    return tag_digest(IMAGES / "busybox-multiarch", "latest-amd64")
+
+
+def tags(home: Path, host: str, repository: str) -> list[str]:
+    listed = kura(home, "tags", "--json", f"{host}/{repository}")
+    assert listed.returncode == 0, listed.stderr
+    return sorted(json.loads(listed.stdout))
+
+
+# ------------------------------------------------------------------------------- login
+
+@pytest.mark.parametrize("at", ["Username: ", "Password: "])
+def test_ctrl_c_at_a_login_prompt_exits_quietly(at, home):
+    terminal = Terminal(home, "login", "127.0.0.1:1")  # nothing is sent before the password is typed
+    terminal.expect("Username: ")
+    if at == "Password: ":
+        terminal.send(b"alice\r")
+        terminal.expect("Password: ")
+    terminal.send(CTRL_C)
+    code, output = terminal.wait()
+    assert code == 130
+    # The prompt's line ends (after the ^C the terminal echoes) and nothing else is said.
+    assert re.fullmatch(rf"(Username: alice\r\n)?{at}(\^C)?\r\n", output), output
+
+
+@pytest.mark.parametrize("at, what", [("Username: ", "username"), ("Password: ", "password")])
+def test_ctrl_d_at_a_login_prompt_is_a_one_line_message(at, what, home):
+    terminal = Terminal(home, "login", "127.0.0.1:1")
+    terminal.expect("Username: ")
+    if at == "Password: ":
+        terminal.send(b"alice\r")
+        terminal.expect("Password: ")
+    terminal.send(CTRL_D)
+    code, output = terminal.wait()
+    assert code == 1 and "Traceback" not in output
+    assert output.endswith(f"{at}\r\nkura: no {what} given (end of input)\r\n"), output
+    assert not (home / "docker" / "config.json").exists()
