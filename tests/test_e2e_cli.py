@@ -90,6 +90,28 @@ def tags(home: Path, host: str, repository: str) -> list[str]:
 
 # ------------------------------------------------------------------------------- login
 
+def test_login_with_a_wrong_password_names_the_registry(basic_registry, home):
+    host = basic_registry.host
+    message = one_line_error(kura(home, "login", "-u", "alice", "--password-stdin", host, stdin="wrong\n"))
+    assert message == f"kura: login to {host} failed: invalid username or password"
+
+
+def test_login_and_logout_leave_only_config_json(basic_registry, home):
+    host = basic_registry.host
+    docker = home / "docker"
+    docker.mkdir(parents=True)
+    (docker / "config.json").write_text(json.dumps({"auths": {}, "psFormat": "table {{.ID}}"}))
+    ok = kura(home, "login", "-u", "alice", "--password-stdin", host, stdin="alice-pw\n")
+    assert ok.returncode == 0, ok.stderr
+    assert os.listdir(docker) == ["config.json"]
+    assert stat.S_IMODE((docker / "config.json").stat().st_mode) == 0o600
+    config = json.loads((docker / "config.json").read_text())
+    assert config["psFormat"] == "table {{.ID}}" and host in config["auths"]
+    assert kura(home, "logout", host).returncode == 0
+    assert os.listdir(docker) == ["config.json"]
+    assert json.loads((docker / "config.json").read_text()) == {"auths": {}, "psFormat": "table {{.ID}}"}
+
+
 @pytest.mark.parametrize("at", ["Username: ", "Password: "])
 def test_ctrl_c_at_a_login_prompt_exits_quietly(at, home):
     terminal = Terminal(home, "login", "127.0.0.1:1")  # nothing is sent before the password is typed
