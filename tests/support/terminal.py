@@ -50,7 +50,22 @@ class Terminal:
                 raise AssertionError(f"{text!r} never appeared; the terminal shows {self.output!r}")
 
     def send(self, keys: bytes) -> None:
+        """Type `keys` once the program waits for them, as a person answers a prompt they
+        see: a Ctrl-C that lands between the prompt's write and the read would be a race
+        in CPython's input() (the signal is noted, and the read then blocks)."""
+        self._wait_until_blocked()
         os.write(self.fd, keys)
+
+    def _wait_until_blocked(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, IndexError):
+                return  # gone: nothing waits for input any more
+            if state == "S":
+                return
+            time.sleep(0.01)
 
     def wait(self, timeout: float = 60) -> tuple[int, str]:
         """The exit code and everything the terminal showed (\\r\\n as the terminal writes it)."""
