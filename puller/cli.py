@@ -10,7 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from ocispec.reference import InvalidReference, Reference
+from ocispec.reference import InvalidReference, Reference, names_registry
 
 from ocispec.digest import Digest
 
@@ -104,12 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("target")
     _store_argument(tg)
 
-    ins = commands.add_parser("inspect", help="show an image: digest, platforms, layers, entrypoint",
-                              description="Example: kura inspect redis:7 --json")
+    ins = commands.add_parser(
+        "inspect", help="show an image: digest, platforms, config, layers",
+        description="Examples: kura inspect localhost:5000/redis:7 --json\n"
+                    "          kura inspect redis --platform linux/arm64\n\n"
+                    "Where it looks: a reference that names a registry host (localhost:5000/redis,\n"
+                    "docker.io/library/redis) is asked from that registry, never a local copy that may\n"
+                    "be stale; a short name (redis, me/app:1) is read from the local store when it is\n"
+                    "there, else from Docker Hub; --local reads only the store. The Source line (the\n"
+                    "\"source\" key with --json) says which it was.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ins.add_argument("reference")
+    ins.add_argument("--local", action="store_true", help="read the local store only, never a registry")
+    ins.add_argument("--platform", help="os/arch[/variant]: for an index, show that platform's image "
+                                        "(default: the index and its platforms)")
     ins.add_argument("--raw", action="store_true", help="print the manifest exactly as stored")
     ins.add_argument("--config", action="store_true", help="print the image config")
-    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--json", action="store_true", help="machine-readable output (sizes in bytes)")
     ins.add_argument("--registries-conf", type=Path)
     _store_argument(ins)
 
@@ -314,18 +325,18 @@ def _tag(args, store: Store) -> int:
 
 
 def _inspect(args, store: Store) -> int:
-    from .remote import describe, inspect
+    from .display import inspect_lines
+    from .remote import inspect
     reference = Reference.parse(args.reference)
-    image = store.find(str(reference))
+    platform = Platform.parse(args.platform) if args.platform else None
+    # A registry named outright is asked (a stored copy may be stale); a short name is local first.
+    image = store.find(str(reference)) if args.local or not names_registry(args.reference) else None
     if image is not None:
-        digest = Digest.parse(image.descriptor["digest"])
-        document = store.read_json(digest, MANIFEST_LIMIT, "manifest")
-        config = store.read_json(Digest.parse(document["config"]["digest"]), CONFIG_LIMIT, "image config") \
-            if "config" in document else None
-        info = describe(str(reference), digest, image.descriptor["mediaType"], store.read_blob(digest), document,
-                        config)
+        info = _inspect_stored(store, str(reference), image.descriptor, platform)
+    elif args.local:
+        raise StoreError(f"no image {reference} in the local store")
     else:
-        info = asyncio.run(inspect(reference, Registries.load(args.registries_conf), creds.lookup))
+        info = asyncio.run(inspect(reference, Registries.load(args.registries_conf), creds.lookup, platform))
     if args.raw:
         print(info["raw"])
     elif args.config:
@@ -333,17 +344,51 @@ def _inspect(args, store: Store) -> int:
     elif args.json:
         print(json.dumps({k: v for k, v in info.items() if k not in ("raw", "config")}, indent=2))
     else:
-        # Registry- and image-supplied text: never a control sequence to the terminal.
-        print(f"Reference:  {info['reference']}\nDigest:     {info['digest']}\n"
-              f"Media type: {printable(info['mediaType'])}")
-        if "platforms" in info:
-            print("Platforms:  " + ", ".join(printable(p) for p in info["platforms"]))
-        for key in ("platform", "created", "entrypoint", "cmd"):
-            if info.get(key) is not None:
-                print(f"{key.capitalize() + ':':11} {printable(str(info[key]))}")
-        for layer in info.get("layers", []):
-            print(f"Layer:      {layer['digest']} ({layer['size']} bytes)")
+        print("\n".join(inspect_lines(info)))
     return 0
+
+
+def _inspect_stored(store: Store, reference: str, descriptor: dict, platform: Platform | None) -> dict:
+    from .remote import check_platform, describe
+    digest, media_type, index = Digest.parse(descriptor["digest"]), descriptor["mediaType"], None
+    document = store.read_json(digest, MANIFEST_LIMIT, "manifest")
+    if platform is not None and "manifests" in document:
+        index = digest
+        digest, media_type, document = _stored_image_for(store, document, platform, reference)
+    config = store.read_json(Digest.parse(document["config"]["digest"]), CONFIG_LIMIT, "image config") \
+        if "config" in document else None
+    info = describe(reference, digest, media_type, store.read_blob(digest), document, config)
+    if index is not None:
+        info["index"] = str(index)
+    check_platform(info, platform)
+    return {**info, "source": "local"}
+
+
+def _stored_image_for(store: Store, index: dict, wanted: Platform, reference: str) -> tuple[Digest, str, dict]:
+    """The stored image for `wanted` below a stored index (nested ones too), as a pull chose it."""
+    from ocispec import mediatypes as mt
+
+    from .platform import matching, platforms_in, runnable_entries
+    from .pull import MAX_INDEX_DEPTH
+    levels, available = [index], set()
+    for _ in range(MAX_INDEX_DEPTH):
+        deeper = []
+        for document in levels:
+            available |= platforms_in(document)
+            unlabelled = [e for e in runnable_entries(document)
+                          if Platform.of(e) is None and e.get("mediaType") in mt.INDEXES]
+            for entry in matching(document, wanted) + unlabelled:
+                digest = Digest.parse(entry["digest"])
+                if not store.has_blob(digest):
+                    continue
+                child = store.read_json(digest, MANIFEST_LIMIT, "manifest")
+                if "manifests" in child:
+                    deeper.append(child)
+                elif Platform.of(entry) is not None:
+                    return digest, entry["mediaType"], child
+        levels = deeper
+    raise StoreError(f"no image for platform {wanted} in the stored {reference}; stored platforms: "
+                     f"{', '.join(sorted(available)) or 'none'}")
 
 
 def _tags(args) -> int:

@@ -39,6 +39,7 @@ class Faults:
     config: bytes = CONFIG             # the image's config blob
     manifests: dict[str, bytes] = field(default_factory=dict)  # tag or digest -> bytes served instead
     tags: object = None                # the tags/list body's "tags" (anything a registry may send)
+    blobs: dict[str, bytes] = field(default_factory=dict)  # digest -> bytes: more blobs to serve
     requests: list[str] = field(default_factory=list)
 
 
@@ -65,7 +66,7 @@ def index_of(*manifests: tuple[bytes, dict | None]) -> bytes:
 
 def make_app(layer: bytes, faults: Faults) -> web.Application:
     manifest, config, _ = image(layer, faults.layer_media_type, faults.config)
-    blobs = {sha256(config): config, sha256(layer): layer}
+    blobs = {**faults.blobs, sha256(config): config, sha256(layer): layer}
 
     def authorized(request: web.Request) -> bool:
         if not faults.require_password:
