@@ -129,9 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--json", action="store_true")
     ts.add_argument("--registries-conf", type=Path)
 
-    de = commands.add_parser("delete", help="delete a manifest (by digest) or a tag in a registry",
-                             description="Example: kura delete localhost:5000/redis:old")
+    de = commands.add_parser(
+        "delete", help="delete a tag, or a manifest by digest, in a registry",
+        description="Examples: kura delete localhost:5000/redis:old\n"
+                    "          kura delete localhost:5000/redis@sha256:...\n\n"
+                    "A tag is deleted by itself where the registry can do that (Kura can). Where it\n"
+                    "cannot (the reference registry, docker-registry), deleting the tag means deleting\n"
+                    "its manifest, and with it every tag that points at it: kura asks first at a\n"
+                    "terminal, and elsewhere does it only with --yes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     de.add_argument("reference")
+    de.add_argument("--yes", "-y", action="store_true",
+                    help="delete the manifest without asking when the registry cannot delete just the tag")
     de.add_argument("--registries-conf", type=Path)
 
     i = commands.add_parser("images", help="list images in the local store", description="Example: kura images")
@@ -399,10 +408,24 @@ def _tags(args) -> int:
 
 
 def _delete(args) -> int:
+    from .prompt import confirm
     from .remote import delete
     reference = Reference.parse(args.reference)
-    asyncio.run(delete(reference, Registries.load(args.registries_conf), creds.lookup))
-    print(f"deleted {reference}")
+
+    def manifest_instead(digest: Digest) -> bool:
+        what = (f"{reference.domain} cannot delete a tag by itself: deleting {reference} means deleting "
+                f"manifest {digest}, and with it every tag that points at it")
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            raise ValueError(f"{what}; pass --yes to do that")
+        return confirm(f"{what}.\nDelete manifest {digest}? [y/N] ")
+
+    digest = asyncio.run(delete(reference, Registries.load(args.registries_conf), creds.lookup, manifest_instead))
+    if digest is None:
+        print(f"deleted tag {reference} (the manifest stays, with any other tags pointing at it)")
+    else:
+        print(f"deleted manifest {digest} from {reference.name}, and with it every tag that pointed at it")
     return 0
 
 

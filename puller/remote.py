@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 from contextlib import asynccontextmanager
+from typing import Callable
 from urllib.parse import urljoin
 
 import aiohttp
 
-from ocispec.digest import Digest
+from ocispec import mediatypes as mt
+from ocispec.digest import Digest, InvalidDigest
 from ocispec.reference import Reference
 
 from .limits import CONFIG_LIMIT
 from .platform import Platform
 from .pull import _NestedIndexes, fetch_manifest
 from .registries import Registries
-from .transport import RegistryClient, RegistryError, printable, read_limited
+from .transport import RegistryClient, RegistryError, _error_text, printable, read_limited
 
 TAGS_PAGE_LIMIT = 4 << 20
 
@@ -151,10 +153,48 @@ def _next_page(link: str) -> str:
     return link[start + 1:end]
 
 
-async def delete(reference: Reference, registries: Registries, credentials) -> None:
+class Declined(RegistryError):
+    """The user said no; nothing was deleted."""
+
+
+async def delete(reference: Reference, registries: Registries, credentials,
+                 confirm: Callable[[Digest], bool]) -> Digest | None:
+    """Delete a tag, or a manifest by digest; returns the manifest's digest when the manifest
+    went (with every tag pointing at it), None when only the tag did. A registry that cannot
+    delete a tag by itself (the spec lets it answer 400 or 405) gets its manifest deleted by
+    digest instead, if `confirm(digest)` agrees."""
     async with connect(reference, registries, credentials) as client:
         scope = f"repository:{client.endpoint.repository}:delete"
-        async with client.request("DELETE", client.repo_path(f"manifests/{reference.reference}"), scope=scope,
-                                  ok=(202, 200)) as r:
+        digest = reference.digest
+        if digest is None:
+            async with client.request("DELETE", client.repo_path(f"manifests/{reference.tag}"), scope=scope,
+                                      ok=(200, 202, 400, 405)) as r:
+                if r.status == 404:
+                    raise RegistryError(f"{reference} not found")
+                if r.status in (200, 202):
+                    return None
+            digest = await _resolve(client, reference)
+            if not confirm(digest):
+                raise Declined("nothing deleted")
+        async with client.request("DELETE", client.repo_path(f"manifests/{digest}"), scope=scope,
+                                  ok=(200, 202, 405)) as r:
             if r.status == 404:
                 raise RegistryError(f"{reference} not found")
+            if r.status == 405:
+                raise RegistryError(f"{reference.domain} does not allow deleting manifests "
+                                    f"(HTTP 405 {await _error_text(r)}); nothing deleted")
+        return digest
+
+
+async def _resolve(client: RegistryClient, reference: Reference) -> Digest:
+    """The digest of the manifest a tag points at, as the registry stores it."""
+    scope = f"repository:{client.endpoint.repository}:pull"
+    async with client.request("HEAD", client.repo_path(f"manifests/{reference.tag}"), scope=scope,
+                              headers={"Accept": mt.ACCEPT_MANIFESTS}) as r:
+        if r.status == 404:
+            raise RegistryError(f"{reference} not found")
+        claimed = r.headers.get("Docker-Content-Digest", "")
+    try:
+        return Digest.parse(claimed)
+    except InvalidDigest:  # no header: the digest of the body is the manifest's
+        return (await fetch_manifest(client, reference.tag, None)).digest

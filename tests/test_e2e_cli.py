@@ -88,6 +88,68 @@ def tags(home: Path, host: str, repository: str) -> list[str]:
     return sorted(json.loads(listed.stdout))
 
 
+# ------------------------------------------------------------------------------ delete
+
+def test_delete_a_tag_on_kura_deletes_only_that_tag(kura_registry, home):
+    host = kura_registry.host
+    push_two_tags(home, host, "del/tag")
+    deleted = kura(home, "delete", f"{host}/del/tag:a")  # no terminal and no --yes: nothing to confirm
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout == f"deleted tag {host}/del/tag:a (the manifest stays, with any other tags pointing at it)\n"
+    assert tags(home, host, "del/tag") == ["b", "other"]
+
+
+def test_delete_a_tag_on_the_reference_registry_needs_yes(reference_registry, home):
+    host = reference_registry.host
+    digest = push_two_tags(home, host, "del/ref")
+    message = one_line_error(kura(home, "delete", f"{host}/del/ref:a"))
+    assert digest in message and "every tag" in message and "--yes" in message
+    assert tags(home, host, "del/ref") == ["a", "b", "other"]  # nothing deleted
+
+    deleted = kura(home, "delete", "--yes", f"{host}/del/ref:a")
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout == (f"deleted manifest {digest} from {host}/del/ref, "
+                              "and with it every tag that pointed at it\n")
+    assert tags(home, host, "del/ref") == ["other"]  # b pointed at it too
+
+
+def test_delete_by_digest_says_what_it_deleted(kura_registry, reference_registry, home):
+    for host in (kura_registry.host, reference_registry.host):
+        digest = push_two_tags(home, host, "del/digest")
+        deleted = kura(home, "delete", f"{host}/del/digest@{digest}")
+        assert deleted.returncode == 0, deleted.stderr
+        assert deleted.stdout == (f"deleted manifest {digest} from {host}/del/digest, "
+                                  "and with it every tag that pointed at it\n")
+        assert tags(home, host, "del/digest") == ["other"]
+
+
+@pytest.mark.parametrize("answer, deleted", [(b"n\r", False), (b"y\r", True), (CTRL_D, False)],
+                         ids=["no", "yes", "end of input"])
+def test_delete_asks_at_a_terminal(answer, deleted, reference_registry, home, tmp_path):
+    host = reference_registry.host
+    repository = f"del/ask-{answer.hex()}"
+    digest = push_two_tags(home, host, repository)
+    terminal = Terminal(home, "delete", f"{host}/{repository}:a")
+    terminal.expect("[y/N] ")
+    assert digest in terminal.output.decode() and "every tag" in terminal.output.decode()
+    terminal.send(answer)
+    code, output = terminal.wait()
+    assert "Traceback" not in output
+    if deleted:
+        assert code == 0 and f"deleted manifest {digest}" in output
+        assert tags(home, host, repository) == ["other"]
+    else:
+        assert code == 1 and output.splitlines()[-1] == "kura: nothing deleted"
+        assert tags(home, host, repository) == ["a", "b", "other"]
+
+
+def test_delete_of_a_missing_tag_says_so(reference_registry, kura_registry, home):
+    for host in (kura_registry.host, reference_registry.host):
+        push_two_tags(home, host, "del/missing")
+        message = one_line_error(kura(home, "delete", "--yes", f"{host}/del/missing:nope"))
+        assert message == f"kura: {host}/del/missing:nope not found"
+
+
 # ------------------------------------------------------------------------------- login
 
 def test_login_with_a_wrong_password_names_the_registry(basic_registry, home):
