@@ -464,22 +464,38 @@ def _copy(args) -> int:
 
 
 def _images(args, store: Store) -> int:
+    from .display import human_size
     rows = []
     for image in store.images():
         d = image.descriptor
-        platform = d.get("platform") or {}
         rows.append({"reference": image.reference, "digest": d["digest"], "mediaType": d["mediaType"],
-                     "platform": "/".join(x for x in (platform.get("os"), platform.get("architecture"),
-                                                      platform.get("variant")) if x),
-                     "size": _image_size(store, d)})
+                     "platform": _stored_platform(store, d), "size": _image_size(store, d)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'REFERENCE':50} {'DIGEST':20} {'PLATFORM':16} SIZE")
     for row in rows:
         print(f"{printable(row['reference']):50} {row['digest'][7:19]:20} {printable(row['platform']) or '-':16} "
-              f"{row['size']}")
+              f"{human_size(row['size'])}")
     return 0
+
+
+def _stored_platform(store: Store, descriptor: dict) -> str:
+    """The platform a pull chose from an index, else the one the image's config states ("" for
+    an index, or when the image cannot say)."""
+    from .remote import config_platform
+    platform = descriptor.get("platform") or {}
+    if platform:
+        return "/".join(str(x) for x in (platform.get("os"), platform.get("architecture"),
+                                         platform.get("variant")) if x)
+    try:
+        document = store.read_json(Digest.parse(descriptor["digest"]), MANIFEST_LIMIT, "manifest")
+        if "config" not in document:
+            return ""
+        return config_platform(store.read_json(Digest.parse(document["config"]["digest"]), CONFIG_LIMIT,
+                                               "image config"))
+    except (StoreError, OSError, ValueError, KeyError, TypeError):
+        return ""  # one unreadable image must not hide the list
 
 
 def _image_size(store: Store, descriptor: dict) -> int:

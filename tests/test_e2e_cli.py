@@ -200,3 +200,22 @@ def test_ctrl_d_at_a_login_prompt_is_a_one_line_message(at, what, home):
     assert code == 1 and "Traceback" not in output
     assert output.endswith(f"{at}\r\nkura: no {what} given (end of input)\r\n"), output
     assert not (home / "docker" / "config.json").exists()
+
+
+# ------------------------------------------------------------------------------ images
+
+def test_images_shows_the_platform_of_a_single_platform_image_and_a_human_size(kura_registry, home):
+    host = kura_registry.host
+    for tag in ("latest-amd64", "latest-arm64"):
+        assert kura(home, "push", "-q", f"oci:{IMAGES / 'busybox-multiarch'}:{tag}", f"{host}/img/busybox:{tag}"
+                    ).returncode == 0
+        assert kura(home, "pull", "-q", f"{host}/img/busybox:{tag}").returncode == 0
+    listed = kura(home, "images")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split()[2:] for line in listed.stdout.splitlines()[1:]}
+    assert rows[f"{host}/img/busybox:latest-amd64"] == ["linux/amd64", "1.08", "MB"]
+    assert rows[f"{host}/img/busybox:latest-arm64"] == ["linux/arm64", "1.04", "MB"]
+    machine = {row["reference"]: row for row in json.loads(kura(home, "images", "--json").stdout)}
+    stored = machine[f"{host}/img/busybox:latest-amd64"]
+    assert stored["platform"] == "linux/amd64"
+    assert stored["size"] == 1084928  # exact bytes: manifest, config and layer as stored
