@@ -409,23 +409,25 @@ def _tags(args) -> int:
 
 def _delete(args) -> int:
     from .prompt import confirm
-    from .remote import delete
+    from .remote import delete_manifest, delete_tag
     reference = Reference.parse(args.reference)
-
-    def manifest_instead(digest: Digest) -> bool:
+    registries = Registries.load(args.registries_conf)
+    digest = reference.digest
+    if digest is None:
+        digest = asyncio.run(delete_tag(reference, registries, creds.lookup))
+        if digest is None:
+            print(f"deleted tag {reference} (the manifest stays, with any other tags pointing at it)")
+            return 0
+        # Asked outside the event loop, where Ctrl-C is a plain KeyboardInterrupt.
         what = (f"{reference.domain} cannot delete a tag by itself: deleting {reference} means deleting "
                 f"manifest {digest}, and with it every tag that points at it")
-        if args.yes:
-            return True
-        if not sys.stdin.isatty():
-            raise ValueError(f"{what}; pass --yes to do that")
-        return confirm(f"{what}.\nDelete manifest {digest}? [y/N] ")
-
-    digest = asyncio.run(delete(reference, Registries.load(args.registries_conf), creds.lookup, manifest_instead))
-    if digest is None:
-        print(f"deleted tag {reference} (the manifest stays, with any other tags pointing at it)")
-    else:
-        print(f"deleted manifest {digest} from {reference.name}, and with it every tag that pointed at it")
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise ValueError(f"{what}; pass --yes to do that")
+            if not confirm(f"{what}.\nDelete manifest {digest}? [y/N] "):
+                raise ValueError("nothing deleted")
+    asyncio.run(delete_manifest(reference, digest, registries, creds.lookup))
+    print(f"deleted manifest {digest} from {reference.name}, and with it every tag that pointed at it")
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from contextlib import asynccontextmanager
-from typing import Callable
 from urllib.parse import urljoin
 
 import aiohttp
@@ -153,29 +152,25 @@ def _next_page(link: str) -> str:
     return link[start + 1:end]
 
 
-class Declined(RegistryError):
-    """The user said no; nothing was deleted."""
-
-
-async def delete(reference: Reference, registries: Registries, credentials,
-                 confirm: Callable[[Digest], bool]) -> Digest | None:
-    """Delete a tag, or a manifest by digest; returns the manifest's digest when the manifest
-    went (with every tag pointing at it), None when only the tag did. A registry that cannot
-    delete a tag by itself (the spec lets it answer 400 or 405) gets its manifest deleted by
-    digest instead, if `confirm(digest)` agrees."""
+async def delete_tag(reference: Reference, registries: Registries, credentials) -> Digest | None:
+    """Delete just the tag: None when done. A registry that cannot delete a tag by itself (the
+    spec lets it answer 400 or 405) keeps it; then the digest of the manifest the tag points
+    at, which only deleting that manifest (and every tag on it) would remove."""
     async with connect(reference, registries, credentials) as client:
         scope = f"repository:{client.endpoint.repository}:delete"
-        digest = reference.digest
-        if digest is None:
-            async with client.request("DELETE", client.repo_path(f"manifests/{reference.tag}"), scope=scope,
-                                      ok=(200, 202, 400, 405)) as r:
-                if r.status == 404:
-                    raise RegistryError(f"{reference} not found")
-                if r.status in (200, 202):
-                    return None
-            digest = await _resolve(client, reference)
-            if not confirm(digest):
-                raise Declined("nothing deleted")
+        async with client.request("DELETE", client.repo_path(f"manifests/{reference.tag}"), scope=scope,
+                                  ok=(200, 202, 400, 405)) as r:
+            if r.status == 404:
+                raise RegistryError(f"{reference} not found")
+            if r.status in (200, 202):
+                return None
+        return await _resolve(client, reference)
+
+
+async def delete_manifest(reference: Reference, digest: Digest, registries: Registries, credentials) -> None:
+    """Delete the manifest `digest` of `reference`'s repository, and with it every tag on it."""
+    async with connect(reference, registries, credentials) as client:
+        scope = f"repository:{client.endpoint.repository}:delete"
         async with client.request("DELETE", client.repo_path(f"manifests/{digest}"), scope=scope,
                                   ok=(200, 202, 405)) as r:
             if r.status == 404:
@@ -183,7 +178,6 @@ async def delete(reference: Reference, registries: Registries, credentials,
             if r.status == 405:
                 raise RegistryError(f"{reference.domain} does not allow deleting manifests "
                                     f"(HTTP 405 {await _error_text(r)}); nothing deleted")
-        return digest
 
 
 async def _resolve(client: RegistryClient, reference: Reference) -> Digest:

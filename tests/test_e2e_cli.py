@@ -123,8 +123,8 @@ def test_delete_by_digest_says_what_it_deleted(kura_registry, reference_registry
         assert tags(home, host, "del/digest") == ["other"]
 
 
-@pytest.mark.parametrize("answer, deleted", [(b"n\r", False), (b"y\r", True), (CTRL_D, False)],
-                         ids=["no", "yes", "end of input"])
+@pytest.mark.parametrize("answer, deleted", [(b"n\r", False), (b"y\r", True), (CTRL_D, False), (CTRL_C, False)],
+                         ids=["no", "yes", "end of input", "ctrl-c"])
 def test_delete_asks_at_a_terminal(answer, deleted, reference_registry, home, tmp_path):
     host = reference_registry.host
     repository = f"del/ask-{answer.hex()}"
@@ -138,6 +138,9 @@ def test_delete_asks_at_a_terminal(answer, deleted, reference_registry, home, tm
     if deleted:
         assert code == 0 and f"deleted manifest {digest}" in output
         assert tags(home, host, repository) == ["other"]
+    elif answer == CTRL_C:
+        assert code == 130 and output.endswith("[y/N] ^C\r\n"), output
+        assert tags(home, host, repository) == ["a", "b", "other"]
     else:
         assert code == 1 and output.splitlines()[-1] == "kura: nothing deleted"
         assert tags(home, host, repository) == ["a", "b", "other"]
