@@ -369,7 +369,11 @@ def _inspect_stored(store: Store, reference: str, descriptor: dict, platform: Pl
     info = describe(reference, digest, media_type, store.read_blob(digest), document, config)
     if index is not None:
         info["index"] = str(index)
-    check_platform(info, platform)
+    try:
+        check_platform(info, platform)
+    except RegistryError as exc:
+        raise StoreError(f"{exc} in the local store; to ask the registry: "
+                         f"kura inspect --platform {platform} {reference}") from None
     return {**info, "source": "local"}
 
 

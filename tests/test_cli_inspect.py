@@ -165,3 +165,9 @@ async def test_platform_of_a_single_platform_image_must_match(registry, home):
     assert (await inspect_json(home, "--platform", "linux/amd64", f"{host}/repo:1"))["platform"] == "linux/amd64"
     message = one_line_error(await kura(home, "inspect", "--platform", "linux/arm64", f"{host}/repo:1"))
     assert message == f"kura: {host}/repo:1 is a single-platform image for linux/amd64, not linux/arm64"
+    assert (await kura(home, "pull", "--quiet", f"{host}/repo:1")).returncode == 0
+    assert (await kura(home, "tag", f"{host}/repo:1", "mine:1")).returncode == 0
+    message = one_line_error(await kura(home, "inspect", "--platform", "linux/arm64", "mine:1"))
+    assert message == ("kura: docker.io/library/mine:1 is a single-platform image for linux/amd64, not "
+                       "linux/arm64 in the local store; to ask the registry: "
+                       "kura inspect --platform linux/arm64 docker.io/library/mine:1")
