@@ -153,6 +153,22 @@ def test_delete_of_a_missing_tag_says_so(reference_registry, kura_registry, home
         assert message == f"kura: {host}/del/missing:nope not found"
 
 
+def test_delete_on_a_registry_that_deletes_nothing(tmp_path, home):
+    require_shared()
+    config = tmp_path / "kura.toml"
+    config.write_text("[storage]\ndelete_enabled = false\n")
+    server = start_kura(tmp_path / "data", None, "--config", str(config))
+    try:
+        digest = push_two_tags(home, server.host, "del/off")
+        message = one_line_error(kura(home, "delete", "--yes", f"{server.host}/del/off:a"))
+        assert message == (f"kura: {server.host} does not allow deleting manifests (HTTP 405 UNSUPPORTED: "
+                           "deletes are disabled on this registry); nothing deleted")
+        assert one_line_error(kura(home, "delete", f"{server.host}/del/off@{digest}")) == message
+        assert tags(home, server.host, "del/off") == ["a", "b", "other"]
+    finally:
+        stop(server)
+
+
 # ------------------------------------------------------------------------------- login
 
 def test_login_with_a_wrong_password_names_the_registry(basic_registry, home):
