@@ -21,6 +21,18 @@ class InvalidReference(ValueError):
     pass
 
 
+def _looks_like_host(component: str) -> bool:
+    """Whether a reference's first component is a registry host, as docker decides it."""
+    return "." in component or ":" in component or component == "localhost" or component != component.lower()
+
+
+def names_registry(text: str) -> bool:
+    """Whether the user wrote a registry host (`localhost:5000/x`, `docker.io/redis`) rather
+    than a short name (`redis`, `me/app:1`) that normalisation puts on Docker Hub."""
+    first, sep, _ = text.partition("@")[0].partition("/")
+    return bool(sep) and _looks_like_host(first)
+
+
 @dataclass(frozen=True)
 class Reference:
     domain: str
@@ -49,7 +61,7 @@ class Reference:
             if not TAG_PATTERN.fullmatch(tag):
                 raise InvalidReference(f"invalid tag {tag!r} in {original!r}")
         first, sep, rest = text.partition("/")
-        if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+        if sep and _looks_like_host(first):
             if not _DOMAIN.fullmatch(first):
                 raise InvalidReference(f"invalid registry host {first!r} in {original!r}")
             domain, repository = first, rest

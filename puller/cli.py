@@ -10,7 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from ocispec.reference import InvalidReference, Reference
+from ocispec.reference import InvalidReference, Reference, names_registry
 
 from ocispec.digest import Digest
 
@@ -40,10 +40,11 @@ def _unpack_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """A usage mistake is one line, like every other error (`--help` shows the usage)."""
+    """A usage mistake is one line naming the command, like every other error (`--help`
+    shows the usage)."""
 
     def error(self, message: str):
-        self.exit(2, f"kura: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _at_least_one(text: str) -> int:
@@ -124,12 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("target")
     _store_argument(tg)
 
-    ins = commands.add_parser("inspect", help="show an image: digest, platforms, layers, entrypoint",
-                              description="Example: kura inspect redis:7 --json")
+    ins = commands.add_parser(
+        "inspect", help="show an image: digest, platforms, config, layers",
+        description="Examples: kura inspect localhost:5000/redis:7 --json\n"
+                    "          kura inspect redis --platform linux/arm64\n\n"
+                    "Where it looks: a reference that names a registry host (localhost:5000/redis,\n"
+                    "docker.io/library/redis) is asked from that registry, never a local copy that may\n"
+                    "be stale; a short name (redis, me/app:1) is read from the local store when it is\n"
+                    "there, else from Docker Hub; --local reads only the store. The Source line (the\n"
+                    "\"source\" key with --json) says which it was.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ins.add_argument("reference")
+    ins.add_argument("--local", action="store_true", help="read the local store only, never a registry")
+    ins.add_argument("--platform", help="os/arch[/variant]: for an index, show that platform's image "
+                                        "(default: the index and its platforms)")
     ins.add_argument("--raw", action="store_true", help="print the manifest exactly as stored")
     ins.add_argument("--config", action="store_true", help="print the image config")
-    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--json", action="store_true", help="machine-readable output (sizes in bytes)")
     ins.add_argument("--registries-conf", type=Path)
     _store_argument(ins)
 
@@ -138,9 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--json", action="store_true")
     ts.add_argument("--registries-conf", type=Path)
 
-    de = commands.add_parser("delete", help="delete a manifest (by digest) or a tag in a registry",
-                             description="Example: kura delete localhost:5000/redis:old")
+    de = commands.add_parser(
+        "delete", help="delete a tag, or a manifest by digest, in a registry",
+        description="Examples: kura delete localhost:5000/redis:old\n"
+                    "          kura delete localhost:5000/redis@sha256:...\n\n"
+                    "A tag is deleted by itself where the registry can do that (Kura can). Where it\n"
+                    "cannot (the reference registry, docker-registry), deleting the tag means deleting\n"
+                    "its manifest, and with it every tag that points at it: kura asks first at a\n"
+                    "terminal, and elsewhere does it only with --yes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     de.add_argument("reference")
+    de.add_argument("--yes", "-y", action="store_true",
+                    help="delete the manifest without asking when the registry cannot delete just the tag")
     de.add_argument("--registries-conf", type=Path)
 
     i = commands.add_parser("images", help="list images in the local store", description="Example: kura images")
@@ -151,11 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Example: kura rmi redis")
     r.add_argument("reference")
     _store_argument(r)
+    parser.commands = commands.choices  # main() reports argument errors in the subcommand's name
     return parser
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    from .prompt import Interrupted
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     # A plain `kill` must unwind like Ctrl-C does, so temp files and scratch stores go away.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -171,6 +197,8 @@ def main(argv: list[str]) -> int:
         # Only hostile input nests this deep (JSON documents, links in archives).
         print("kura: malformed image data: nested too deeply to read", file=sys.stderr)
         return 1
+    except Interrupted:  # Ctrl-C at a prompt: the line is ended, nothing more to say
+        return 130
     except KeyboardInterrupt:
         print("kura: interrupted", file=sys.stderr)
         return 130
@@ -221,9 +249,8 @@ def _unpack_into(store: Store, digest, bundle: Path, args) -> None:
 
 
 def _login(args) -> int:
-    import getpass
-
     from .login import normalise_server, verify
+    from .prompt import ask
     if args.password is not None:
         print("kura: --password would leave the password in your shell history and process list; "
               "use --password-stdin (echo \"$PASSWORD\" | kura login -u USER --password-stdin SERVER)",
@@ -234,13 +261,13 @@ def _login(args) -> int:
     if user is None:
         if not sys.stdin.isatty():
             raise ValueError("give -u USER when stdin is not a terminal")
-        user = input("Username: ").strip()
+        user = ask("Username: ", "username").strip()
     if not user:
         raise ValueError("empty username; nothing was sent")
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     elif sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
+        password = ask("Password: ", "password", secret=True)
     else:
         raise ValueError("use --password-stdin to read the password from a pipe")
     if not password:
@@ -333,18 +360,18 @@ def _tag(args, store: Store) -> int:
 
 
 def _inspect(args, store: Store) -> int:
-    from .remote import describe, inspect
+    from .display import inspect_lines
+    from .remote import inspect
     reference = Reference.parse(args.reference)
-    image = store.find(str(reference))
+    platform = Platform.parse(args.platform) if args.platform else None
+    # A registry named outright is asked (a stored copy may be stale); a short name is local first.
+    image = store.find(str(reference)) if args.local or not names_registry(args.reference) else None
     if image is not None:
-        digest = Digest.parse(image.descriptor["digest"])
-        document = store.read_json(digest, MANIFEST_LIMIT, "manifest")
-        config = store.read_json(Digest.parse(document["config"]["digest"]), CONFIG_LIMIT, "image config") \
-            if "config" in document else None
-        info = describe(str(reference), digest, image.descriptor["mediaType"], store.read_blob(digest), document,
-                        config)
+        info = _inspect_stored(store, str(reference), image.descriptor, platform)
+    elif args.local:
+        raise StoreError(f"no image {reference} in the local store")
     else:
-        info = asyncio.run(inspect(reference, Registries.load(args.registries_conf), creds.lookup))
+        info = asyncio.run(inspect(reference, Registries.load(args.registries_conf), creds.lookup, platform))
     if args.raw:
         print(info["raw"])
     elif args.config:
@@ -352,17 +379,55 @@ def _inspect(args, store: Store) -> int:
     elif args.json:
         print(json.dumps({k: v for k, v in info.items() if k not in ("raw", "config")}, indent=2))
     else:
-        # Registry- and image-supplied text: never a control sequence to the terminal.
-        print(f"Reference:  {info['reference']}\nDigest:     {info['digest']}\n"
-              f"Media type: {printable(info['mediaType'])}")
-        if "platforms" in info:
-            print("Platforms:  " + ", ".join(printable(p) for p in info["platforms"]))
-        for key in ("platform", "created", "entrypoint", "cmd"):
-            if info.get(key) is not None:
-                print(f"{key.capitalize() + ':':11} {printable(str(info[key]))}")
-        for layer in info.get("layers", []):
-            print(f"Layer:      {layer['digest']} ({layer['size']} bytes)")
+        print("\n".join(inspect_lines(info)))
     return 0
+
+
+def _inspect_stored(store: Store, reference: str, descriptor: dict, platform: Platform | None) -> dict:
+    from .remote import check_platform, describe
+    digest, media_type, index = Digest.parse(descriptor["digest"]), descriptor["mediaType"], None
+    document = store.read_json(digest, MANIFEST_LIMIT, "manifest")
+    if platform is not None and "manifests" in document:
+        index = digest
+        digest, media_type, document = _stored_image_for(store, document, platform, reference)
+    config = store.read_json(Digest.parse(document["config"]["digest"]), CONFIG_LIMIT, "image config") \
+        if "config" in document else None
+    info = describe(reference, digest, media_type, store.read_blob(digest), document, config)
+    if index is not None:
+        info["index"] = str(index)
+    try:
+        check_platform(info, platform)
+    except RegistryError as exc:
+        raise StoreError(f"{exc} in the local store; to ask the registry: "
+                         f"kura inspect --platform {platform} {reference}") from None
+    return {**info, "source": "local"}
+
+
+def _stored_image_for(store: Store, index: dict, wanted: Platform, reference: str) -> tuple[Digest, str, dict]:
+    """The stored image for `wanted` below a stored index (nested ones too), as a pull chose it."""
+    from ocispec import mediatypes as mt
+
+    from .platform import matching, platforms_in, runnable_entries
+    from .pull import MAX_INDEX_DEPTH
+    levels, available = [index], set()
+    for _ in range(MAX_INDEX_DEPTH):
+        deeper = []
+        for document in levels:
+            available |= platforms_in(document)
+            unlabelled = [e for e in runnable_entries(document)
+                          if Platform.of(e) is None and e.get("mediaType") in mt.INDEXES]
+            for entry in matching(document, wanted) + unlabelled:
+                digest = Digest.parse(entry["digest"])
+                if not store.has_blob(digest):
+                    continue
+                child = store.read_json(digest, MANIFEST_LIMIT, "manifest")
+                if "manifests" in child:
+                    deeper.append(child)
+                elif Platform.of(entry) is not None:
+                    return digest, entry["mediaType"], child
+        levels = deeper
+    raise StoreError(f"no image for platform {wanted} in the stored {reference}; stored platforms: "
+                     f"{', '.join(sorted(available)) or 'none'}")
 
 
 def _tags(args) -> int:
@@ -373,10 +438,26 @@ def _tags(args) -> int:
 
 
 def _delete(args) -> int:
-    from .remote import delete
+    from .prompt import confirm
+    from .remote import delete_manifest, delete_tag
     reference = Reference.parse(args.reference)
-    asyncio.run(delete(reference, Registries.load(args.registries_conf), creds.lookup))
-    print(f"deleted {reference}")
+    registries = Registries.load(args.registries_conf)
+    digest = reference.digest
+    if digest is None:
+        digest = asyncio.run(delete_tag(reference, registries, creds.lookup))
+        if digest is None:
+            print(f"deleted tag {reference} (the manifest stays, with any other tags pointing at it)")
+            return 0
+        # Asked outside the event loop, where Ctrl-C is a plain KeyboardInterrupt.
+        what = (f"{reference.domain} cannot delete a tag by itself: deleting {reference} means deleting "
+                f"manifest {digest}, and with it every tag that points at it")
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise ValueError(f"{what}; pass --yes to do that")
+            if not confirm(f"{what}.\nDelete manifest {digest}? [y/N] "):
+                raise ValueError("nothing deleted")
+    asyncio.run(delete_manifest(reference, digest, registries, creds.lookup))
+    print(f"deleted manifest {digest} from {reference.name}, and with it every tag that pointed at it")
     return 0
 
 
@@ -433,22 +514,38 @@ def _copy(args) -> int:
 
 
 def _images(args, store: Store) -> int:
+    from .display import human_size
     rows = []
     for image in store.images():
         d = image.descriptor
-        platform = d.get("platform") or {}
         rows.append({"reference": image.reference, "digest": d["digest"], "mediaType": d["mediaType"],
-                     "platform": "/".join(x for x in (platform.get("os"), platform.get("architecture"),
-                                                      platform.get("variant")) if x),
-                     "size": _image_size(store, d)})
+                     "platform": _stored_platform(store, d), "size": _image_size(store, d)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'REFERENCE':50} {'DIGEST':20} {'PLATFORM':16} SIZE")
     for row in rows:
         print(f"{printable(row['reference']):50} {row['digest'][7:19]:20} {printable(row['platform']) or '-':16} "
-              f"{row['size']}")
+              f"{human_size(row['size'])}")
     return 0
+
+
+def _stored_platform(store: Store, descriptor: dict) -> str:
+    """The platform a pull chose from an index, else the one the image's config states ("" for
+    an index, or when the image cannot say)."""
+    from .remote import config_platform
+    platform = descriptor.get("platform") or {}
+    if platform:
+        return "/".join(str(x) for x in (platform.get("os"), platform.get("architecture"),
+                                         platform.get("variant")) if x)
+    try:
+        document = store.read_json(Digest.parse(descriptor["digest"]), MANIFEST_LIMIT, "manifest")
+        if "config" not in document:
+            return ""
+        return config_platform(store.read_json(Digest.parse(document["config"]["digest"]), CONFIG_LIMIT,
+                                               "image config"))
+    except (StoreError, OSError, ValueError, KeyError, TypeError):
+        return ""  # one unreadable image must not hide the list
 
 
 def _image_size(store: Store, descriptor: dict) -> int:

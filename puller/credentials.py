@@ -152,14 +152,41 @@ def _drop_inline(config: dict, host: str, key: str) -> bool:
 
 @contextlib.contextmanager
 def _config_lock(path: Path):
-    """Serialise read-modify-write of config.json between concurrent `kura login`s."""
+    """Serialise read-modify-write of config.json between concurrent `kura login`s, leaving
+    nothing behind in the user's Docker config folder.
+
+    The lock is a file beside config.json (not config.json itself, which every write replaces
+    by rename, nor the folder, which cannot be flocked exclusively on NFS). Its holder unlinks
+    it before letting go; so whoever was waiting on that file then finds it no longer at its
+    path, and starts again on the file that is there now. The lock held is always the one on
+    the file at the path, and only its holder removes it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path.parent / ".config.json.kura.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    lock = path.parent / f".{path.name}.kura.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held, current = os.fstat(fd), os.stat(lock)
+        except FileNotFoundError:  # unlinked by the holder we waited for
+            os.close(fd)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+            break
+        os.close(fd)  # a stale file: a newer one is at the path now
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                current = os.stat(lock)
+                if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+                    os.unlink(lock)
+        finally:
+            os.close(fd)
 
 
 def _load_for_update(path: Path) -> dict:

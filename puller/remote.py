@@ -8,14 +8,15 @@ from urllib.parse import urljoin
 
 import aiohttp
 
-from ocispec.digest import Digest
+from ocispec import mediatypes as mt
+from ocispec.digest import Digest, InvalidDigest
 from ocispec.reference import Reference
 
 from .limits import CONFIG_LIMIT
 from .platform import Platform
-from .pull import fetch_manifest
+from .pull import _NestedIndexes, fetch_manifest
 from .registries import Registries
-from .transport import RegistryClient, RegistryError, read_limited
+from .transport import RegistryClient, RegistryError, _error_text, printable, read_limited
 
 TAGS_PAGE_LIMIT = 4 << 20
 
@@ -27,25 +28,43 @@ async def connect(reference: Reference, registries: Registries, credentials):
         yield RegistryClient(session, endpoint, credentials(endpoint.host))
 
 
-async def inspect(reference: Reference, registries: Registries, credentials) -> dict:
+async def inspect(reference: Reference, registries: Registries, credentials, platform: Platform | None = None
+                  ) -> dict:
+    """What the registry holds for `reference` now; with `platform`, an index's image for it."""
     async with connect(reference, registries, credentials) as client:
-        manifest = await fetch_manifest(client, reference.reference, reference.digest)
-        document = manifest.document
-        config = None
-        if "config" in document:
-            scope = f"repository:{client.endpoint.repository}:pull"
-            digest = Digest.parse(document["config"]["digest"])
-            async with client.request("GET", client.repo_path(f"blobs/{digest}"), scope=scope) as r:
-                data = await read_limited(r, CONFIG_LIMIT, "image config")
-            if Digest.of_bytes(data, digest.algorithm) != digest:
-                raise RegistryError(f"config blob does not match {digest}")
-            try:
-                config = json.loads(data)
-            except (ValueError, RecursionError):
-                raise RegistryError(f"image config {digest} is not JSON") from None
-            if not isinstance(config, dict):
-                raise RegistryError(f"image config {digest} is not a JSON object")
-    return describe(str(reference), manifest.digest, manifest.media_type, manifest.data, document, config)
+        top = await fetch_manifest(client, reference.reference, reference.digest)
+        manifest = top
+        if platform is not None and top.is_index:
+            nested = _NestedIndexes(client)
+            found = await nested.pick(top, platform)
+            if found is None:
+                raise RegistryError(f"no image for platform {platform} in {reference}; available: "
+                                    f"{', '.join(sorted(nested.platforms)) or 'none'}")
+            manifest = found[0]
+        config = await _fetch_config(client, manifest.document) if "config" in manifest.document else None
+    info = describe(str(reference), manifest.digest, manifest.media_type, manifest.data, manifest.document, config)
+    if manifest is not top:
+        info["index"] = str(top.digest)
+    check_platform(info, platform)
+    return {**info, "source": "registry", "registry": client.endpoint.host}
+
+
+async def _fetch_config(client: RegistryClient, document: dict) -> dict:
+    scope = f"repository:{client.endpoint.repository}:pull"
+    digest = Digest.parse(document["config"]["digest"])
+    async with client.request("GET", client.repo_path(f"blobs/{digest}"), scope=scope) as r:
+        if r.status == 404:
+            raise RegistryError(f"image config {digest} not found in {client.endpoint.host}")
+        data = await read_limited(r, CONFIG_LIMIT, "image config")
+    if Digest.of_bytes(data, digest.algorithm) != digest:
+        raise RegistryError(f"config blob does not match {digest}")
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError):
+        raise RegistryError(f"image config {digest} is not JSON") from None
+    if not isinstance(config, dict):
+        raise RegistryError(f"image config {digest} is not a JSON object")
+    return config
 
 
 def describe(name: str, digest: Digest, media_type: str, raw: bytes, document: dict, config: dict | None) -> dict:
@@ -57,10 +76,42 @@ def describe(name: str, digest: Digest, media_type: str, raw: bytes, document: d
                      for layer in document.get("layers", [])]
     if config is not None:
         out["config"] = config
-        runtime = config.get("config") if isinstance(config.get("config"), dict) else {}
-        out.update({"created": config.get("created"), "platform": f"{config.get('os')}/{config.get('architecture')}",
-                    "entrypoint": runtime.get("Entrypoint"), "cmd": runtime.get("Cmd")})
+        out.update({"created": config.get("created"), "platform": config_platform(config)})
+        out.update(_runtime(config.get("config")))
     return out
+
+
+def config_platform(config: dict) -> str:
+    """os/architecture[/variant] as an image config states it."""
+    return "/".join(str(config[key]) for key in ("os", "architecture", "variant") if config.get(key))
+
+
+def _runtime(runtime) -> dict:
+    """The config's `config` object, each field in one shape whatever the image sent."""
+    if not isinstance(runtime, dict):
+        runtime = {}
+    env, ports, labels = runtime.get("Env"), runtime.get("ExposedPorts"), runtime.get("Labels")
+    return {
+        "entrypoint": runtime.get("Entrypoint"),
+        "cmd": runtime.get("Cmd"),
+        "workingDir": str(runtime["WorkingDir"]) if runtime.get("WorkingDir") else None,
+        "env": [str(e) for e in env] if isinstance(env, list) else [str(env)] if env else [],
+        "exposedPorts": sorted(str(p) for p in ports) if isinstance(ports, (dict, list)) else [],
+        "labels": {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
+    }
+
+
+def check_platform(info: dict, wanted: Platform | None) -> None:
+    """A single-platform image asked for with --platform must be for that platform."""
+    if wanted is None or "platforms" in info or "index" in info or not info.get("platform"):
+        return
+    try:
+        actual = Platform.parse(info["platform"])
+    except ValueError:
+        actual = None
+    if actual is None or not actual.matches(wanted):
+        raise RegistryError(f"{info['reference']} is a single-platform image for {printable(info['platform'])}, "
+                            f"not {wanted}")
 
 
 async def list_tags(reference: Reference, registries: Registries, credentials) -> list[str]:
@@ -101,10 +152,43 @@ def _next_page(link: str) -> str:
     return link[start + 1:end]
 
 
-async def delete(reference: Reference, registries: Registries, credentials) -> None:
+async def delete_tag(reference: Reference, registries: Registries, credentials) -> Digest | None:
+    """Delete just the tag: None when done. A registry that cannot delete a tag by itself (the
+    spec lets it answer 400 or 405) keeps it; then the digest of the manifest the tag points
+    at, which only deleting that manifest (and every tag on it) would remove."""
     async with connect(reference, registries, credentials) as client:
         scope = f"repository:{client.endpoint.repository}:delete"
-        async with client.request("DELETE", client.repo_path(f"manifests/{reference.reference}"), scope=scope,
-                                  ok=(202, 200)) as r:
+        async with client.request("DELETE", client.repo_path(f"manifests/{reference.tag}"), scope=scope,
+                                  ok=(200, 202, 400, 405)) as r:
             if r.status == 404:
                 raise RegistryError(f"{reference} not found")
+            if r.status in (200, 202):
+                return None
+        return await _resolve(client, reference)
+
+
+async def delete_manifest(reference: Reference, digest: Digest, registries: Registries, credentials) -> None:
+    """Delete the manifest `digest` of `reference`'s repository, and with it every tag on it."""
+    async with connect(reference, registries, credentials) as client:
+        scope = f"repository:{client.endpoint.repository}:delete"
+        async with client.request("DELETE", client.repo_path(f"manifests/{digest}"), scope=scope,
+                                  ok=(200, 202, 405)) as r:
+            if r.status == 404:
+                raise RegistryError(f"{reference} not found")
+            if r.status == 405:
+                raise RegistryError(f"{reference.domain} does not allow deleting manifests "
+                                    f"(HTTP 405 {await _error_text(r)}); nothing deleted")
+
+
+async def _resolve(client: RegistryClient, reference: Reference) -> Digest:
+    """The digest of the manifest a tag points at, as the registry stores it."""
+    scope = f"repository:{client.endpoint.repository}:pull"
+    async with client.request("HEAD", client.repo_path(f"manifests/{reference.tag}"), scope=scope,
+                              headers={"Accept": mt.ACCEPT_MANIFESTS}) as r:
+        if r.status == 404:
+            raise RegistryError(f"{reference} not found")
+        claimed = r.headers.get("Docker-Content-Digest", "")
+    try:
+        return Digest.parse(claimed)
+    except InvalidDigest:  # no header: the digest of the body is the manifest's
+        return (await fetch_manifest(client, reference.tag, None)).digest

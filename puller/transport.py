@@ -116,6 +116,15 @@ class RegistryClient:
         raw = f"{self.credentials.username}:{self.credentials.password}".encode()
         return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
 
+    def _refusal(self) -> str:
+        """Why a 401 stands after fresh credentials were sent."""
+        host = self.endpoint.host
+        if not self.endpoint.repository:  # the registry itself (/v2/), as `kura login` asks it
+            return (f"login to {host} failed: invalid username or password" if self.credentials
+                    else f"{host} requires a login (kura login)")
+        return (f"{host} refused access to {self.endpoint.repository}"
+                + ("" if self.credentials else " (no credentials; kura login?)"))
+
     async def _token(self, params: dict, scope: str) -> str:
         async with self._token_lock:
             cached = self._tokens.get(scope)
@@ -212,8 +221,7 @@ class RegistryClient:
                 if response.status == 429:
                     raise RateLimited(_rate_limit_message(self.endpoint.host, response))
                 if response.status == 401:
-                    raise AuthError(f"{self.endpoint.host} refused access to {self.endpoint.repository}"
-                                    + ("" if self.credentials else " (no credentials; kura login?)"))
+                    raise AuthError(self._refusal())
                 if response.status not in ok and response.status != 404:
                     raise RegistryError(f"{method} {path} on {self.endpoint.api_host}: HTTP {response.status} "
                                         f"{await _error_text(response)}")

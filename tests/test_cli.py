@@ -151,3 +151,12 @@ def test_dispatcher_routes_every_client_command():
     import kura.__main__ as dispatcher
     import puller.cli as client
     assert set(dispatcher.CLIENT_COMMANDS) == set(client.WITHOUT_STORE) | set(client.WITH_STORE)
+
+
+def test_argument_errors_name_the_subcommand():
+    for args, error in ((["pull", "--bogus", "redis"], "unrecognized arguments: --bogus"),
+                        (["delete", "localhost:5000/a:1", "extra"], "unrecognized arguments: extra"),
+                        (["pull"], "the following arguments are required: reference")):
+        result = kura(*args)
+        assert result.returncode == 2
+        assert result.stderr == f"kura {args[0]}: {error} (see kura {args[0]} --help)\n", result.stderr

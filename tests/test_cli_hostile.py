@@ -198,7 +198,10 @@ async def test_tags_that_are_not_strings_are_a_one_line_error(registry, home):
 def hostile_config() -> bytes:
     return json.dumps({"architecture": "amd64\x1b[2J", "os": "linux\x1b]0;owned\x07", "created": "\x1b[H\x1b[2J",
                        "author": "\x1b]0;owned\x07", "config": {"Entrypoint": ["\x1b[31m/bin/sh"],
-                                                                 "Cmd": ["-c", "\x9b2J"]},
+                                                                 "Cmd": ["-c", "\x9b2J"],
+                                                                 "Env": ["A=\x1b[2J"], "WorkingDir": "/\x1b[H",
+                                                                 "ExposedPorts": {"80\x1b[2J/tcp": {}},
+                                                                 "Labels": {"\x1b]0;k\x07": "v\u202e"}},
                        "rootfs": {"type": "layers", "diff_ids": []}}).encode()
 
 
@@ -207,13 +210,15 @@ async def test_inspect_prints_no_control_characters_from_the_image(registry, hom
     remote = await kura(home, "inspect", f"{host}/hostile:1")
     assert remote.returncode == 0, remote.stderr
     no_control_characters(remote.stdout)
-    assert "Created:" in remote.stdout and "Entrypoint:" in remote.stdout
+    for label in ("Created:", "Entrypoint:", "Env:", "WorkingDir:", "Ports:", "Labels:"):
+        assert label in remote.stdout
     assert (await kura(home, "pull", "--quiet", f"{host}/hostile:1")).returncode == 0
-    local = await kura(home, "inspect", f"{host}/hostile:1")
+    local = await kura(home, "inspect", "--local", f"{host}/hostile:1")
     assert local.returncode == 0, local.stderr
+    assert "Source:     local store" in local.stdout
     no_control_characters(local.stdout)
     for flag in ("--json", "--config"):
-        machine = await kura(home, "inspect", flag, f"{host}/hostile:1")
+        machine = await kura(home, "inspect", "--local", flag, f"{host}/hostile:1")
         assert machine.returncode == 0 and json.loads(machine.stdout)
         no_control_characters(machine.stdout)
 

@@ -140,7 +140,8 @@ def test_challenge_parsing():
 
 def test_concurrent_logins_keep_config_json_valid(tmp_path):
     import threading
-    path = tmp_path / "config.json"
+    path = tmp_path / "docker" / "config.json"
+    path.parent.mkdir()
     path.write_text(json.dumps({"auths": {}, "psFormat": "x"}))
     errors = []
 
@@ -161,6 +162,7 @@ def test_concurrent_logins_keep_config_json_valid(tmp_path):
     assert config["psFormat"] == "x" and sorted(config["auths"]) == [f"r{n}.example" for n in range(4)]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert credentials.lookup("r0.example", path) == credentials.Credentials("u", "p49")
+    assert os.listdir(path.parent) == ["config.json"]  # no lock file (or temp file) left behind
 
 
 def test_new_login_replaces_every_older_entry_for_the_host(tmp_path):

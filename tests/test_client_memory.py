@@ -146,6 +146,6 @@ async def test_oversized_config_in_the_store_is_not_read(tmp_path):
     store.put_bytes(manifest, Digest.of_bytes(manifest))
     store.add("localhost/fat:1", {"mediaType": "application/vnd.oci.image.manifest.v1+json",
                                   "digest": str(Digest.of_bytes(manifest)), "size": len(manifest)})
-    for command in (["unpack", "localhost/fat:1", str(tmp_path / "bundle")], ["inspect", "localhost/fat:1"]):
+    for command in (["unpack", "localhost/fat:1", str(tmp_path / "bundle")], ["inspect", "--local", "localhost/fat:1"]):
         message = one_line_error(await kura(home, *command))
         assert "config" in message and str(4 * MIB) in message, message

@@ -34,7 +34,7 @@ def test_jobs_must_be_at_least_one(command, jobs):
     result = kura(*command, "--jobs", jobs)
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("kura: ") and "--jobs" in result.stderr and "at least 1" in result.stderr
+    assert result.stderr.startswith(f"kura {command[0]}: ") and "--jobs" in result.stderr and "at least 1" in result.stderr
 
 
 async def test_bad_output_is_refused_before_anything_is_downloaded(aiohttp_server, tmp_path):

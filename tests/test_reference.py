@@ -2,7 +2,7 @@
 
 import pytest
 
-from ocispec.reference import InvalidReference, Reference
+from ocispec.reference import InvalidReference, Reference, names_registry
 
 DIGEST = "sha256:" + "a" * 64
 
@@ -44,3 +44,12 @@ def test_invalid(text):
 def test_uppercase_message():
     with pytest.raises(InvalidReference, match="lowercase"):
         Reference.parse("Redis")
+
+
+@pytest.mark.parametrize("text, named", [
+    ("redis", False), ("redis:7", False), ("me/app:1", False), ("library/redis@sha256:" + "a" * 64, False),
+    ("localhost/x", True), ("localhost:5000/redis", True), ("docker.io/redis", True), ("127.0.0.1:5000/a/b:1", True),
+    ("ghcr.io/org/app@sha256:" + "a" * 64, True), ("localhost", False), ("Registry/x", True),
+])
+def test_names_registry_tells_a_host_from_a_short_name(text, named):
+    assert names_registry(text) is named

@@ -46,6 +46,7 @@ class Faults:
     unavailable_once: bool = False     # 503 for the first manifest request
     released: asyncio.Event = field(default_factory=asyncio.Event)
     layer_bytes_sent: int = 0
+    blobs: dict[str, bytes] = field(default_factory=dict)  # digest -> bytes: more blobs to serve
     requests: list[str] = field(default_factory=list)
 
 
@@ -72,7 +73,7 @@ def index_of(*manifests: tuple[bytes, dict | None]) -> bytes:
 
 def make_app(layer: bytes, faults: Faults) -> web.Application:
     manifest, config, _ = image(layer, faults.layer_media_type, faults.config)
-    blobs = {sha256(config): config, sha256(layer): layer}
+    blobs = {**faults.blobs, sha256(config): config, sha256(layer): layer}
 
     def authorized(request: web.Request) -> bool:
         if not faults.require_password:

@@ -81,11 +81,13 @@ def _distribution_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
 
 
-def start_distribution(workdir: Path) -> Server:
-    """The reference registry (CNCF distribution) via shared/tools/peer-registry.sh."""
+def start_distribution(workdir: Path, auth: str | None = None) -> Server:
+    """The reference registry (CNCF distribution) via shared/tools/peer-registry.sh; with
+    `auth` ("user:password"), behind htpasswd Basic auth."""
     port = free_port()
     env = dict(_distribution_env(), LOGLEVEL="error")
-    subprocess.run(["bash", str(PEER_REGISTRY_SCRIPT), str(port), str(workdir)], check=True,
+    flags = ["--auth", auth] if auth else []
+    subprocess.run(["bash", str(PEER_REGISTRY_SCRIPT), *flags, str(port), str(workdir)], check=True,
                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
     return Server("distribution", f"127.0.0.1:{port}", workdir / "storage", extra={"workdir": workdir})
 
