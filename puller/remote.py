@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from contextlib import asynccontextmanager
 from urllib.parse import urljoin
 
@@ -130,7 +131,8 @@ async def list_tags(reference: Reference, registries: Registries, credentials) -
                 page = _tags_of(await read_limited(r, TAGS_PAGE_LIMIT, "tag list"))
                 link = r.headers.get("Link", "")
             tags += page
-            path = urljoin(path, _next_page(link)) if 'rel="next"' in link else None
+            next_page = _next_page(link)
+            path = urljoin(path, next_page) if next_page else None
     return tags
 
 
@@ -145,11 +147,16 @@ def _tags_of(data: bytes) -> list[str]:
     return tags or []
 
 
-def _next_page(link: str) -> str:
-    start, end = link.find("<"), link.find(">")
-    if start < 0 or end < start:
-        raise RegistryError("the tag list's Link header names no next page")
-    return link[start + 1:end]
+_LINK_VALUE = re.compile(r'<([^>]*)>((?:\s*;\s*[^,;]*)*)')
+
+
+def _next_page(link: str) -> str | None:
+    """The target of the `rel="next"` link of a Link header (RFC 8288), None when there is none."""
+    for match in _LINK_VALUE.finditer(link):
+        params = [p.strip().replace(" ", "") for p in match.group(2).split(";")]
+        if 'rel="next"' in params or "rel=next" in params:
+            return match.group(1)
+    return None
 
 
 async def delete_tag(reference: Reference, registries: Registries, credentials) -> Digest | None:
