@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import ssl
 import sys
 from pathlib import Path
 
@@ -44,7 +43,9 @@ def main(argv: list[str]) -> int:
         print(f"kura: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        if config.auth.mode == "none" and not _is_loopback(config.host) and not args.insecure_no_auth:
+        from .startup import is_loopback
+
+        if config.auth.mode == "none" and not is_loopback(config.host) and not args.insecure_no_auth:
             print(f"kura: refusing to serve {config.listen} without authentication: anyone who can reach it "
                   "could push and delete. Set [auth] mode, or pass --insecure-no-auth.", file=sys.stderr)
             return 2
@@ -52,16 +53,6 @@ def main(argv: list[str]) -> int:
     if args.command == "user":
         return _user(args, config)
     return _fsck(config.root)
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _user(args, config) -> int:
@@ -110,19 +101,16 @@ def _mismatch():
 
 
 def _serve(config) -> int:
-    from .app import make_app
     from .serve import run
+    from .startup import StartupError, prepare
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ssl_context = None
-    if config.tls_cert:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
-    app = make_app(config)
-    scheme = "https" if ssl_context else "http"
-    logging.getLogger("kura.registry").info("serving %s on %s://%s (storage %s)",
-                                            "registry", scheme, config.listen, config.root.resolve())
-    run(app, config, ssl_context)
+    try:
+        ready = prepare(config)
+        run(ready.app, config, ready.ssl_context, ready.notes)
+    except StartupError as exc:
+        print(f"kura: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
