@@ -17,6 +17,7 @@ from .errors import (
     BlobUploadUnknown,
     DigestInvalid,
     HeadTooLarge,
+    InsufficientStorage,
     RegistryError,
     RequestTooLarge,
     SizeInvalid,
@@ -56,6 +57,15 @@ def _translate(exc: st.StorageError, request: web.Request) -> RegistryError:
         return TooManyRequests("the repository is busy; retry", headers={"Retry-After": "1"})
     if isinstance(exc, st.BlobNotFound):
         return BlobUnknown(detail={"digest": str(exc)})
+    if isinstance(exc, st.StorageFull):
+        log.error("storage full: %s %s: %s", request.method, request.path, exc)
+        if "/blobs/uploads/" in request.path:
+            # The spec's code for an upload that "can no longer proceed": its session is gone.
+            error = InsufficientStorage("the registry's storage is full: the upload was discarded; "
+                                        "push again once space has been freed")
+            error.code = "BLOB_UPLOAD_INVALID"
+            return error
+        return InsufficientStorage()
     log.exception("unexpected storage error", exc_info=exc)
     return RegistryError("internal storage error")
 
