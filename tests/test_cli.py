@@ -151,3 +151,31 @@ def test_dispatcher_routes_every_client_command():
     import kura.__main__ as dispatcher
     import puller.cli as client
     assert set(dispatcher.CLIENT_COMMANDS) == set(client.WITHOUT_STORE) | set(client.WITH_STORE)
+
+
+def test_argument_errors_name_the_subcommand(tmp_path):
+    for argv, usage in ((["serve", "--lisen", "127.0.0.1:5000"], "kura serve"),
+                        (["fsck", "--rot", str(tmp_path)], "kura fsck"),
+                        (["user", "add", "bob", "--flie", "x"], "kura user add"),
+                        (["user", "list", "--verbose"], "kura user list")):
+        result = kura(*argv)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"usage: {usage} "), result.stderr
+        unknown = " ".join(a for a in argv[len(usage.split()) - 1:] if a.startswith("--"))
+        assert result.stderr.splitlines()[-1].startswith(f"{usage}: error: unrecognized arguments: {unknown}"), \
+            result.stderr
+    result = kura("user", "frob")
+    assert result.returncode == 2 and result.stderr.startswith("usage: kura user "), result.stderr
+
+
+def test_server_commands_have_described_help_with_examples():
+    for argv, example in ((["serve"], "kura serve --config kura.toml"),
+                          (["fsck"], "kura fsck --root /srv/kura"),
+                          (["user"], "kura user add alice --config kura.toml"),
+                          (["user", "add"], "echo \"$PASSWORD\" | kura user add alice --config kura.toml"),
+                          (["user", "list"], "kura user list --config kura.toml"),
+                          (["user", "remove"], "kura user remove alice --config kura.toml")):
+        result = kura(*argv, "--help")
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert any(line.strip() == example for line in lines), result.stdout  # a line of its own, as written
