@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from kura.arguments import Parser
 from ocispec.reference import InvalidReference, Reference, names_registry
 
 from ocispec.digest import Digest
@@ -39,14 +40,6 @@ def _unpack_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse a layer that decompresses to more (default 16 GiB)")
 
 
-class _Parser(argparse.ArgumentParser):
-    """A usage mistake is one line naming the command, like every other error (`--help`
-    shows the usage)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
 def _at_least_one(text: str) -> int:
     try:
         value = int(text)
@@ -58,7 +51,7 @@ def _at_least_one(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kura")
+    parser = Parser(prog="kura")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("pull", help="pull an image into the local store",

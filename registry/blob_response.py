@@ -10,6 +10,8 @@ from aiohttp import web
 
 from storage import BlobContent, StorageDriver
 
+from .middlewares import client_gone
+
 # [0-9], not \d: \d also matches other scripts' digits, which int() accepts. At most 19
 # digits (any int64): int() refuses numbers of 4,300+ digits, and no blob is that large.
 _RANGE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
@@ -68,13 +70,20 @@ async def serve_blob(request: web.Request, blob: BlobContent, driver: StorageDri
         await response.prepare(request)
         await response.write_eof()
         return response
-    if blob.local_path is not None:
-        await _sendfile(request, response, blob, start, count)
-    else:
-        await response.prepare(request)
-        async for chunk in driver.read_blob(blob.digest, start, count):
-            await response.write(chunk)
-        await response.write_eof()
+    try:
+        if blob.local_path is not None:
+            await _sendfile(request, response, blob, start, count)
+        else:
+            await response.prepare(request)
+            async for chunk in driver.read_blob(blob.digest, start, count):
+                await response.write(chunk)
+            await response.write_eof()
+    except ConnectionError as exc:
+        # Only writes to the client raise this here: its connection broke. The status already
+        # sent stands in the access log.
+        client_gone(request, "during the response", exc)
+        if request.transport is not None:
+            request.transport.abort()
     return response
 
 

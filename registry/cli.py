@@ -1,50 +1,106 @@
-"""The server's commands: `kura serve` and `kura fsck`."""
+"""The server's commands: `kura serve`, `kura fsck` and `kura user`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import ssl
 import sys
 from pathlib import Path
+
+from kura.arguments import Parser
 
 from .config import ConfigError, load
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kura")
-    commands = parser.add_subparsers(dest="command", required=True)
+SERVE_HELP = """Run the registry server. Flags override the config file, which overrides the defaults.
+It refuses to start (one line naming the path or address) when it cannot listen, read
+its TLS files, or create or write its storage root.
 
-    serve = commands.add_parser("serve", help="run the registry server")
+Examples:
+  kura serve
+  kura serve --config kura.toml
+  kura serve --listen 127.0.0.1:5001 --root ./other-data
+"""
+
+FSCK_HELP = """Verify a store: re-hash every blob, check every link, re-validate every manifest.
+Prints each problem; exits 1 when there is any. Safe while the server runs.
+
+Examples:
+  kura fsck --root /srv/kura
+  kura fsck --config kura.toml
+"""
+
+USER_HELP = """Manage the accounts of htpasswd and token auth (bcrypt, `htpasswd -B` compatible).
+The file is auth.htpasswd from the config, else <storage root>/auth/htpasswd: give the same
+--config (or --root) as `kura serve`. The server re-reads it; no restart needed.
+
+Examples:
+  kura user add alice --config kura.toml
+  kura user list --config kura.toml
+  kura user remove alice --config kura.toml
+"""
+
+USER_ACTIONS = {
+    "add": ("add a user or change their password",
+            "Add a user, or change their password. The password is read from a prompt (twice),\n"
+            "or from the first line of stdin. At least auth.min_password_length characters.\n\n"
+            "Examples:\n  kura user add alice --config kura.toml\n"
+            "  echo \"$PASSWORD\" | kura user add alice --config kura.toml\n"),
+    "remove": ("remove a user", "Remove a user.\n\nExample:\n  kura user remove alice --config kura.toml\n"),
+    "list": ("list the user names", "List the user names, one a line.\n\nExample:\n  kura user list --config kura.toml\n"),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]]:
+    """The parser, and each (sub)command's own parser by its words (to report errors as it)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = Parser(prog="kura")
+    commands = parser.add_subparsers(dest="command", required=True)
+    own: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+
+    serve = own["serve",] = commands.add_parser("serve", help="run the registry server", description=SERVE_HELP,
+                                                 formatter_class=raw)
     serve.add_argument("--config", type=Path, help="TOML configuration file")
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:5000)")
     serve.add_argument("--root", type=Path, help="storage root directory (default ./data)")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="allow auth mode 'none' on an address other than loopback")
 
-    check = commands.add_parser("fsck", help="verify a store: re-hash blobs, check every link")
+    check = own["fsck",] = commands.add_parser("fsck", help="verify a store: re-hash blobs, check every link",
+                                                description=FSCK_HELP, formatter_class=raw)
     check.add_argument("--root", type=Path, help="storage root directory (default ./data)")
     check.add_argument("--config", type=Path, help="read the storage root from this config")
 
-    user = commands.add_parser("user", help="manage accounts in the htpasswd file (bcrypt)")
+    user = own["user",] = commands.add_parser("user", help="manage accounts in the htpasswd file (bcrypt)",
+                                               description=USER_HELP, formatter_class=raw)
     user_commands = user.add_subparsers(dest="action", required=True)
-    for action, text in (("add", "add a user or change their password (read from a prompt or stdin)"),
-                         ("remove", "remove a user"), ("list", "list the user names")):
-        sub = user_commands.add_parser(action, help=text)
+    for action, (text, description) in USER_ACTIONS.items():
+        sub = own["user", action] = user_commands.add_parser(action, help=text, description=description,
+                                                             formatter_class=raw)
         if action != "list":
             sub.add_argument("name")
         sub.add_argument("--file", type=Path, help="htpasswd file (default: auth.htpasswd, else <root>/auth/htpasswd)")
         sub.add_argument("--config", type=Path, help="server config naming the file")
         sub.add_argument("--root", type=Path, help="storage root (default ./data)")
+    return parser, own
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str]) -> int:
+    parser, own = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Reported by the subcommand's own parser: `usage: kura serve ...`, not the top level's.
+        words = (args.command, getattr(args, "action", None))
+        own.get(words, own[args.command,]).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         config = load(args.config, root=args.root, **({"listen": args.listen} if args.command == "serve" else {}))
     except ConfigError as exc:
         print(f"kura: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        if config.auth.mode == "none" and not _is_loopback(config.host) and not args.insecure_no_auth:
+        from .startup import is_loopback
+
+        if config.auth.mode == "none" and not is_loopback(config.host) and not args.insecure_no_auth:
             print(f"kura: refusing to serve {config.listen} without authentication: anyone who can reach it "
                   "could push and delete. Set [auth] mode, or pass --insecure-no-auth.", file=sys.stderr)
             return 2
@@ -52,16 +108,6 @@ def main(argv: list[str]) -> int:
     if args.command == "user":
         return _user(args, config)
     return _fsck(config.root)
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _user(args, config) -> int:
@@ -110,19 +156,16 @@ def _mismatch():
 
 
 def _serve(config) -> int:
-    from .app import make_app
     from .serve import run
+    from .startup import StartupError, prepare
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ssl_context = None
-    if config.tls_cert:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
-    app = make_app(config)
-    scheme = "https" if ssl_context else "http"
-    logging.getLogger("kura.registry").info("serving %s on %s://%s (storage %s)",
-                                            "registry", scheme, config.listen, config.root.resolve())
-    run(app, config, ssl_context)
+    try:
+        ready = prepare(config)
+        run(ready.app, config, ready.ssl_context, ready.notes)
+    except StartupError as exc:
+        print(f"kura: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

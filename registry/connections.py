@@ -25,6 +25,12 @@ REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: c
            b"Content-Length: 0\r\n\r\n")
 HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
                   b"Content-Length: 0\r\n\r\n")
+# The answer to a TLS handshake on a plain-HTTP port. Go clients recognise an HTTP answer to
+# their ClientHello ("server gave HTTP response to HTTPS client"), so one is still sent.
+_PLAIN_ONLY = b"This port speaks plain HTTP, not HTTPS.\n"
+PLAIN_HTTP_ONLY = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(_PLAIN_ONLY), _PLAIN_ONLY))
+TLS_HANDSHAKE_RECORD = 0x16  # the first byte of a TLS ClientHello; no HTTP method starts with it
 REPORT_INTERVAL = 10.0
 RECV_SIZE = 64 * 1024
 
@@ -141,6 +147,7 @@ class GuardedRequestHandler(web.RequestHandler):
         self.limits = connections.limits
         self.admitted = False
         self.stalled = False  # closed by a time-out: handlers cut off answer 408 in the access log
+        self.closed_because: str | None = None  # why we closed it, when we did
         self.last_activity = connections.loop.time()
         self._head_started: float | None = None  # first byte of a request whose head is incomplete
         self._head_bytes = 0
@@ -175,6 +182,9 @@ class GuardedRequestHandler(web.RequestHandler):
 
     # -- progress -------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self._request_count == 0 and self._head_started is None and data[:1] == bytes([TLS_HANDSHAKE_RECORD]):
+            self._refuse_tls_handshake()
+            return
         now = self.loop_time()
         self.last_activity = now
         in_body = self._body is not None and not self._body.is_eof()
@@ -204,6 +214,17 @@ class GuardedRequestHandler(web.RequestHandler):
             self._unanswered -= 1
             self.last_activity = self.loop_time()
 
+    def _refuse_tls_handshake(self) -> None:
+        """Port scanners and clients with the wrong scheme: worth a DEBUG line, not the
+        access log (where they were a fifth of the entries)."""
+        peer = self.peername
+        log.debug("TLS handshake from %s on the plain-HTTP port: answered 400 and closed",
+                  "%s:%s" % peer[:2] if isinstance(peer, tuple) else peer)
+        if self.transport is not None:
+            self.transport.write(PLAIN_HTTP_ONLY)
+        self.connections.release(self)
+        self.force_close()
+
     def check_deadlines(self, now: float) -> None:
         if self._head_started is not None and now - self._head_started > self.limits.header_timeout:
             self.close_now(f"request head not complete within server.header_timeout_seconds "
@@ -223,6 +244,7 @@ class GuardedRequestHandler(web.RequestHandler):
         connection is reset, dropping anything it has not read of what we sent."""
         log.debug("closing connection from %s: %s", self.peername, reason)
         self.stalled = stalled
+        self.closed_because = reason
         self.connections.release(self)
         transport = self.transport
         self.force_close()

@@ -77,6 +77,14 @@ class HeadTooLarge(RegistryError):
     message = "request head too large"
 
 
+class InsufficientStorage(RegistryError):
+    """507: docker and skopeo print only the status line of a 5xx answer, so the status says
+    it; and neither they nor Kura's client retry it (a disk does not empty in seconds)."""
+    code = "UNKNOWN"
+    status = 507
+    message = "the registry's storage is full; retry once space has been freed"
+
+
 class UnsupportedMediaType(RegistryError):
     code = "UNSUPPORTED"
     status = 415

@@ -17,6 +17,7 @@ from .errors import (
     BlobUploadUnknown,
     DigestInvalid,
     HeadTooLarge,
+    InsufficientStorage,
     RegistryError,
     RequestTooLarge,
     SizeInvalid,
@@ -56,6 +57,15 @@ def _translate(exc: st.StorageError, request: web.Request) -> RegistryError:
         return TooManyRequests("the repository is busy; retry", headers={"Retry-After": "1"})
     if isinstance(exc, st.BlobNotFound):
         return BlobUnknown(detail={"digest": str(exc)})
+    if isinstance(exc, st.StorageFull):
+        log.error("storage full: %s %s: %s", request.method, request.path, exc)
+        if "/blobs/uploads/" in request.path:
+            # The spec's code for an upload that "can no longer proceed": its session is gone.
+            error = InsufficientStorage("the registry's storage is full: the upload was discarded; "
+                                        "push again once space has been freed")
+            error.code = "BLOB_UPLOAD_INVALID"
+            return error
+        return InsufficientStorage()
     log.exception("unexpected storage error", exc_info=exc)
     return RegistryError("internal storage error")
 
@@ -86,16 +96,30 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         raise
     except asyncio.CancelledError:
         raise
-    except ConnectionError:
+    except ConnectionError as exc:
         if request.transport is not None and not request.transport.is_closing():
             raise  # not the client's connection that broke
         # The client went away mid-request (or was cut off for stalling): nobody will read an
-        # answer, and the access log's status is all that is worth recording.
+        # answer; one line says what broke.
         stalled = getattr(request.protocol, "stalled", False)
+        cut_off = getattr(request.protocol, "closed_because", None)
+        client_gone(request, "during the request body", f"closed by us: {cut_off}" if cut_off else _what(exc))
         return web.Response(status=408 if stalled else 400)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return RegistryError("internal server error").response()
+
+
+def _what(exc: BaseException) -> str:
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    return text[:1].lower() + text[1:]
+
+
+def client_gone(request: web.Request, when: str, what: str | BaseException) -> None:
+    """One INFO line for a client connection that broke mid-request (no traceback: it is
+    routine, and nothing on our side failed)."""
+    log.info("%s %s: client went away %s (%s)", request.method, request.path, when,
+             _what(what) if isinstance(what, BaseException) else what)
 
 
 def head_size(request: web.Request) -> int:

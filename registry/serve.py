@@ -11,6 +11,7 @@ from aiohttp import web
 
 from .config import Config
 from .connections import ConnectionLimits, GuardedSite, quiet_accept_errors
+from .startup import StartupError, reason
 
 log = logging.getLogger("kura.server")
 
@@ -58,11 +59,13 @@ def connection_limits(config: Config, open_files: int) -> ConnectionLimits:
                             max_header_bytes=config.max_header_bytes)
 
 
-def run(app: web.Application, config: Config, ssl_context=None) -> None:
-    asyncio.run(_serve(app, config, ssl_context))
+def run(app: web.Application, config: Config, ssl_context=None, notes: list[tuple[int, str]] = ()) -> None:
+    """Serve until SIGINT or SIGTERM; `notes` are logged once the address is bound (so
+    "serving on" is never printed by a server that then fails to listen)."""
+    asyncio.run(_serve(app, config, ssl_context, notes))
 
 
-async def _serve(app: web.Application, config: Config, ssl_context) -> None:
+async def _serve(app: web.Application, config: Config, ssl_context, notes) -> None:
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
     stop = asyncio.Event()
@@ -75,7 +78,12 @@ async def _serve(app: web.Application, config: Config, ssl_context) -> None:
     await runner.setup()
     try:
         site = GuardedSite(runner, config.host, config.port, limits, settings, ssl_context=ssl_context)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {config.listen}: {reason(exc)}") from None
+        for level, message in notes:
+            log.log(level, "%s", message)
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -10,6 +10,7 @@ from .errors import (
     RepositoryBusy,
     SizeMismatch,
     StorageError,
+    StorageFull,
     TooLarge,
     TooManyUploads,
     UploadBusy,
@@ -19,7 +20,7 @@ from .filesystem import FilesystemDriver
 
 __all__ = [
     "manifests", "BlobContent", "StorageDriver", "UploadInfo", "UploadQuota", "FilesystemDriver",
-    "StorageError", "BlobNotFound", "DigestMismatch", "ManifestNotFound", "ManifestReferenceUnknown", "RangeMismatch", "SizeMismatch",
+    "StorageError", "StorageFull", "BlobNotFound", "DigestMismatch", "ManifestNotFound", "ManifestReferenceUnknown", "RangeMismatch", "SizeMismatch",
     "TooLarge", "TooManyUploads", "UploadBusy", "UploadNotFound", "RepositoryBusy",
 ]
 from . import manifests  # noqa: E402 - after the names it uses

@@ -30,6 +30,11 @@ class RepositoryBusy(StorageError):
     """Another request held the repository's lock for too long."""
 
 
+class StorageFull(StorageError):
+    """The store's filesystem has no space (or quota) left for a write. The message says what
+    was undone; nothing half-written is left behind."""
+
+
 class RangeMismatch(StorageError):
     """A chunk did not start where the session ends."""
 

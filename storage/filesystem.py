@@ -25,6 +25,7 @@ from .errors import (
     RangeMismatch,
     RepositoryBusy,
     SizeMismatch,
+    StorageFull,
     TooLarge,
     TooManyUploads,
     UploadBusy,
@@ -42,6 +43,7 @@ BATCH_BUDGET = 16 << 20
 READ_CHUNK = 1 << 20
 LOCK_WAIT_SECONDS = 30.0
 MAX_CACHED_HASHES = 1024
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -113,13 +115,13 @@ class FilesystemDriver(StorageDriver):
         path = self.layout.blob(digest)
         if path.exists():
             return
-        await asyncio.to_thread(atomic.atomic_write, path, data, self.layout.tmp)
+        await _finish_in_thread(atomic.atomic_write, path, data, self.layout.tmp)
 
     # -- repository membership ------------------------------------------------------
     async def link_blob(self, repository: str, digest: Digest) -> None:
         path = self.layout.layer_link(repository, digest)
         if not path.exists():
-            await asyncio.to_thread(atomic.atomic_write, path, str(digest).encode(), self.layout.tmp)
+            await _finish_in_thread(atomic.atomic_write, path, str(digest).encode(), self.layout.tmp)
 
     async def unlink_blob(self, repository: str, digest: Digest) -> bool:
         return await asyncio.to_thread(atomic.remove, self.layout.layer_link(repository, digest))
@@ -134,7 +136,7 @@ class FilesystemDriver(StorageDriver):
     async def link_manifest(self, repository: str, digest: Digest, media_type: str) -> None:
         record = json.dumps({"digest": str(digest), "mediaType": media_type}).encode()
         path = self.layout.revision_link(repository, digest)
-        await asyncio.to_thread(atomic.atomic_write, path, record, self.layout.tmp)
+        await _finish_in_thread(atomic.atomic_write, path, record, self.layout.tmp)
 
     async def get_manifest_link(self, repository: str, digest: Digest) -> ManifestLink | None:
         try:
@@ -160,7 +162,7 @@ class FilesystemDriver(StorageDriver):
     # -- tags -----------------------------------------------------------------------
     async def set_tag(self, repository: str, tag: str, digest: Digest) -> None:
         path = self.layout.tag(repository, tag)
-        await asyncio.to_thread(atomic.atomic_write, path, str(digest).encode(), self.layout.tmp)
+        await _finish_in_thread(atomic.atomic_write, path, str(digest).encode(), self.layout.tmp)
 
     async def resolve_tag(self, repository: str, tag: str) -> Digest | None:
         try:
@@ -181,7 +183,7 @@ class FilesystemDriver(StorageDriver):
     async def add_referrer(self, repository: str, subject: Digest, descriptor: dict) -> None:
         referrer = Digest.parse(descriptor["digest"])
         path = self.layout.referrer(repository, subject, referrer)
-        await asyncio.to_thread(atomic.atomic_write, path, json.dumps(descriptor).encode(), self.layout.tmp)
+        await _finish_in_thread(atomic.atomic_write, path, json.dumps(descriptor).encode(), self.layout.tmp)
 
     async def remove_referrer(self, repository: str, subject: Digest, referrer: Digest) -> None:
         await asyncio.to_thread(atomic.remove, self.layout.referrer(repository, subject, referrer))
@@ -207,8 +209,9 @@ class FilesystemDriver(StorageDriver):
     @contextlib.asynccontextmanager
     async def repository_lock(self, repository: str):
         path = self.layout.repository_lock(repository)
-        atomic.make_dirs(path.parent)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with _no_space_as_storage_full():
+            atomic.make_dirs(path.parent)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if not await _flock(fd):
                 raise RepositoryBusy(repository)
@@ -235,7 +238,7 @@ class FilesystemDriver(StorageDriver):
                    (self.layout.repository_uploads(repository), quota.per_repository, "repository")]
         capped = [(index, limit, scope) for index, limit, scope in indexes if limit]
         async with self._locked_indexes([index for index, _, _ in capped]):
-            await asyncio.to_thread(self._create_upload, uuid, repository, started, owner,
+            await _finish_in_thread(self._create_upload, uuid, repository, started, owner,
                                     [index for index, _, _ in indexes], capped, quota.active_since)
         return UploadInfo(uuid, repository, 0, started, owner)
 
@@ -244,7 +247,8 @@ class FilesystemDriver(StorageDriver):
         fds = []
         try:
             for index in indexes:
-                atomic.make_dirs(index)
+                with _no_space_as_storage_full():
+                    atomic.make_dirs(index)
                 fds.append(os.open(index, os.O_RDONLY | os.O_DIRECTORY))
                 if not await _flock(fds[-1]):
                     raise RepositoryBusy(index.name)
@@ -261,14 +265,20 @@ class FilesystemDriver(StorageDriver):
         # Index entries first: after a crash an entry without a session is dropped when
         # counted; a session without entries would go uncounted. (Not fsynced: after a power
         # cut a few sessions may go uncounted until they expire.)
-        for index in indexes:
-            atomic.make_dirs(index)
-            (index / uuid).touch()
         directory = self.layout.upload(uuid)
-        atomic.make_dirs(directory)
-        (directory / "data").touch()
-        info = json.dumps({"repository": repository, "started_at": started, "owner": owner}).encode()
-        atomic.atomic_write(directory / "info", info, self.layout.tmp)
+        try:
+            for index in indexes:
+                atomic.make_dirs(index)
+                (index / uuid).touch()
+            atomic.make_dirs(directory)
+            (directory / "data").touch()
+            info = json.dumps({"repository": repository, "started_at": started, "owner": owner}).encode()
+            atomic.atomic_write(directory / "info", info, self.layout.tmp)
+        except OSError:
+            shutil.rmtree(directory, ignore_errors=True)
+            for index in indexes:
+                (index / uuid).unlink(missing_ok=True)
+            raise
 
     async def get_upload(self, uuid: str) -> UploadInfo:
         if not is_valid_upload_id(uuid):
@@ -319,6 +329,11 @@ class FilesystemDriver(StorageDriver):
                 end = await _receive(fd, start, chunks, hasher, length, max_size)
                 # The client is told these bytes are stored; make it true before answering.
                 await _finish_in_thread(os.fsync, fd)
+            except StorageFull as exc:
+                # A session that cannot grow holds space that others need: drop all of it.
+                await asyncio.to_thread(self._remove_upload, uuid)
+                raise StorageFull(f"{exc}; removed the upload session {uuid} and the {start} bytes "
+                                  "it held before this request") from None
             except BaseException:
                 os.ftruncate(fd, start)
                 raise
@@ -336,7 +351,8 @@ class FilesystemDriver(StorageDriver):
                        length: int | None = None, max_size: int | None = None) -> BlobContent:
         self.layout.repository(repository)  # validates the name before any byte is written
         tmp = self.layout.tmp / f"{uuidlib.uuid4().hex}.blob"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        with _no_space_as_storage_full():
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             hasher = new_hasher(digest.algorithm)
             size = await _receive(fd, 0, chunks, hasher, length, max_size)
@@ -344,6 +360,8 @@ class FilesystemDriver(StorageDriver):
                 raise DigestMismatch(str(digest), f"{digest.algorithm}:{hasher.hexdigest()}")
             await _finish_in_thread(self._install_file, fd, tmp, digest)
             await self.link_blob(repository, digest)
+        except StorageFull as exc:
+            raise StorageFull(f"{exc}; discarded the upload") from None
         finally:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -484,16 +502,27 @@ async def _flock(fd: int) -> bool:
         await asyncio.sleep(0.005)
 
 
+@contextlib.contextmanager
+def _no_space_as_storage_full():
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in FULL_ERRNOS:
+            raise StorageFull(os.strerror(exc.errno).lower()) from None
+        raise
+
+
 async def _finish_in_thread(func, *args):
     """Run blocking file work in a thread; if the request is cancelled meanwhile, wait for
     the thread to finish before letting the cancellation through, so that cleanup (truncate,
-    unlink) never races a write that is still running."""
+    unlink) never races a write that is still running. A full disk is StorageFull."""
     work = asyncio.ensure_future(asyncio.to_thread(func, *args))
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        await asyncio.wait({work})
-        raise
+    with _no_space_as_storage_full():
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait({work})
+            raise
 
 
 async def _receive(fd: int, start: int, chunks: AsyncIterable[bytes], hasher, length: int | None,

@@ -160,3 +160,30 @@ def test_argument_errors_name_the_subcommand():
         result = kura(*args)
         assert result.returncode == 2
         assert result.stderr == f"kura {args[0]}: {error} (see kura {args[0]} --help)\n", result.stderr
+
+
+def test_server_argument_errors_name_the_subcommand(tmp_path):
+    for argv, command, unknown in ((["serve", "--lisen", "127.0.0.1:5000"], "kura serve", "--lisen 127.0.0.1:5000"),
+                                   (["fsck", "--rot", str(tmp_path)], "kura fsck", f"--rot {tmp_path}"),
+                                   (["user", "add", "bob", "--flie", "x"], "kura user add", "--flie x"),
+                                   (["user", "list", "--verbose"], "kura user list", "--verbose")):
+        result = kura(*argv)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == f"{command}: unrecognized arguments: {unknown} (see {command} --help)\n", \
+            result.stderr
+    result = kura("user", "frob")
+    assert result.returncode == 2 and result.stderr.startswith("kura user: argument action: invalid choice"), \
+        result.stderr
+
+
+def test_server_commands_have_described_help_with_examples():
+    for argv, example in ((["serve"], "kura serve --config kura.toml"),
+                          (["fsck"], "kura fsck --root /srv/kura"),
+                          (["user"], "kura user add alice --config kura.toml"),
+                          (["user", "add"], "echo \"$PASSWORD\" | kura user add alice --config kura.toml"),
+                          (["user", "list"], "kura user list --config kura.toml"),
+                          (["user", "remove"], "kura user remove alice --config kura.toml")):
+        result = kura(*argv, "--help")
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert any(line.strip() == example for line in lines), result.stdout  # a line of its own, as written

@@ -6,6 +6,7 @@ import base64
 import binascii
 import ipaddress
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,8 @@ class Credentials:
         """True for a right password; False for a wrong one; 429 while slowed down."""
         wait = await self.limiter.begin(address, user)
         if wait:
+            log.warning("failed login for user %r from %s: locked out (too many failed logins; "
+                        "retry in %d s)", user, address, wait)
             raise TooManyRequests("too many failed logins; try again later", headers={"Retry-After": str(wait)})
         ok = None
         try:
@@ -176,7 +179,8 @@ class Credentials:
         finally:
             self.limiter.end(address, user, ok)
         if not ok:
-            log.info("failed login from %s", address)
+            reason = "no user name" if not user else "wrong password" if self.htpasswd.exists(user) else "unknown user"
+            log.warning("failed login for user %r from %s: %s", user, address, reason)
         return ok
 
 
@@ -253,7 +257,34 @@ class AuthState:
     config: AuthConfig | None = None
 
 
+class AuthSetupError(Exception):
+    """Authentication cannot be set up (a key that cannot be created or read): one line."""
+
+
+def _file_error(exc: OSError, what: str, default: Path) -> AuthSetupError:
+    path = Path(exc.filename) if exc.filename else default
+    verb = "read" if path.exists() else "create"
+    text = os.strerror(exc.errno) if isinstance(exc.errno, int) else str(exc)
+    return AuthSetupError(f"cannot {verb} {what} {path}: {text[:1].lower()}{text[1:]}")
+
+
 def build(config: AuthConfig, root: Path) -> AuthState:
+    try:
+        return _build(config, root)
+    except AuthSetupError:
+        raise
+    except OSError as exc:
+        key_path, cert_path = config.key_paths(root)
+        if config.external is not None:
+            raise _file_error(exc, "the trusted issuer's keys", config.external.certificate or config.external.jwks)
+        what = "the token signing certificate" if exc.filename == str(cert_path) else "the token signing key"
+        raise _file_error(exc, what, key_path) from None
+    except ValueError as exc:
+        where = "auth.external" if config.external is not None else "token signing key"
+        raise AuthSetupError(f"{where}: {exc}") from None
+
+
+def _build(config: AuthConfig, root: Path) -> AuthState:
     if config.mode == "none":
         return AuthState(NoAuth(), config=config)
     limiter = LoginLimiter(config.login_attempts, config.login_window_seconds)
@@ -264,13 +295,38 @@ def build(config: AuthConfig, root: Path) -> AuthState:
         ext = config.external
         keys = load_trusted_keys(ext.certificate, ext.jwks)
         if not keys:
-            raise ValueError("auth.external: no usable public key found")
+            raise AuthSetupError("auth.external: no usable public key found")
         return AuthState(TokenAuth(keys, ext.service, ext.issuer, ext.realm, None), config=config)
     key_path, cert_path = config.key_paths(root)
     signing_key = load_or_create(key_path, cert_path, config.algorithm, config.issuer)
     controller = TokenAuth(signing_key.public_keys, config.service, config.issuer, config.realm, config.rules,
                            config.trusted_proxies)
     return AuthState(controller, credentials, signing_key, config)
+
+
+def startup_report(state: AuthState, listen: str, plain_http_off_loopback: bool) -> list[tuple[int, str]]:
+    """What `kura serve` logs about access control once it listens (may raise OSError when
+    the accounts file cannot be read)."""
+    config = state.config
+    if config is None or config.mode == "none":
+        return [(logging.INFO, "auth: none (anyone who can reach the server may pull, push and delete)")]
+    if config.external is not None:
+        ext = config.external
+        notes = [(logging.INFO, f"auth: token mode, trusting tokens of issuer {ext.issuer!r} for service "
+                                f"{ext.service!r} ({len(state.controller.public_keys)} key(s))")]
+    else:
+        path = state.credentials.htpasswd.path
+        count = len(state.credentials.htpasswd.users())
+        notes = [(logging.INFO, f"auth: {config.mode} mode, {count} account{'' if count == 1 else 's'} from {path}")]
+        if count == 0 and not any(rule.anonymous for rule in config.rules.rules):
+            notes.append((logging.WARNING, f"auth: no accounts in {path} and no rule for anonymous users: nobody "
+                                           "can pull or push. Add one with `kura user add NAME` and the same "
+                                           "--config (or --root) as `kura serve` (no restart needed)"))
+    if plain_http_off_loopback:
+        notes.append((logging.WARNING, f"auth: serving plain HTTP on {listen}: passwords and tokens cross the "
+                                       "network in clear. Set server.tls_cert and server.tls_key, or listen on "
+                                       "127.0.0.1 behind a TLS proxy"))
+    return notes
 
 
 AUTH = web.AppKey("auth", AuthState)

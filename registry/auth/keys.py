@@ -61,21 +61,27 @@ def _self_signed(key, issuer: str) -> x509.Certificate:
 
 
 def _create_once(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` atomically unless it exists (two processes starting at once agree)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Create `path` atomically unless it exists (two processes starting at once agree).
+    An error names `path` and leaves no temp file behind."""
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def load_trusted_keys(certificate: Path | None, jwks: Path | None) -> dict[str, object]:

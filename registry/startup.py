@@ -1,0 +1,149 @@
+"""What `kura serve` checks before it listens. Anything that would stop it becomes a
+StartupError: one line naming the path or address at fault, never a traceback. What it
+should tell the operator once it is listening is collected as notes."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from storage import FilesystemDriver
+from storage.atomic import make_dirs
+
+from .app import make_app
+from .auth.controller import AUTH, AuthSetupError, startup_report
+from .config import Config
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StartupError(Exception):
+    pass
+
+
+@dataclass
+class Ready:
+    """Everything `kura serve` needs to listen, and what to log once it does."""
+    app: web.Application
+    ssl_context: ssl.SSLContext | None
+    notes: list[tuple[int, str]] = field(default_factory=list)
+
+
+def reason(exc: OSError) -> str:
+    """`address already in use`, `no such file or directory`: the errno's text, lower case."""
+    if isinstance(exc, socket.gaierror) or not isinstance(exc.errno, int):
+        text = exc.strerror or str(exc)
+    else:
+        text = os.strerror(exc.errno)
+    return text[:1].lower() + text[1:]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def prepare(config: Config) -> Ready:
+    context = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+    driver, notes = open_store(config.root)
+    try:
+        app = make_app(config, driver)
+    except AuthSetupError as exc:
+        raise StartupError(str(exc)) from None
+    plain_off_loopback = context is None and not is_loopback(config.host)
+    try:
+        notes += startup_report(app[AUTH], config.listen, plain_off_loopback)
+    except OSError as exc:
+        raise StartupError(f"cannot read the accounts file {exc.filename}: {reason(exc)}") from None
+    scheme = "https" if context else "http"
+    notes.append((logging.INFO, f"serving registry on {scheme}://{config.listen} (storage {driver.root})"))
+    return Ready(app, context, notes)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot read {what} {path}: {reason(exc)}") from None
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context for server.tls_cert/tls_key; which file is wrong, and how, if one is."""
+    cert_pem = _read(cert, "the TLS certificate")
+    key_pem = _read(key, "the TLS key")
+    try:
+        x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise StartupError(f"{cert} holds no PEM certificate (server.tls_cert)") from None
+    try:
+        serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise StartupError(f"{key} holds no usable PEM private key (server.tls_key; it must not be "
+                           "protected by a passphrase)") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise StartupError(f"the TLS key {key} does not belong to the certificate {cert} "
+                               "(server.tls_key, server.tls_cert)") from None
+        raise StartupError(f"cannot use the TLS certificate {cert} with the key {key}: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise StartupError(f"cannot read the TLS files {cert}, {key}: {reason(exc)}") from None
+    return context
+
+
+def open_store(configured: Path) -> tuple[FilesystemDriver, list[tuple[int, str]]]:
+    """The store at `configured`, created if missing (only when its parent exists: a typo in
+    storage.root should not grow a tree somewhere), and checked to take a write."""
+    root = Path(os.path.abspath(configured))
+    if root.exists() and not root.is_dir():
+        raise StartupError(f"storage root {root} is not a directory")
+    if not root.exists():
+        if not root.parent.is_dir():
+            raise StartupError(f"storage root {root} does not exist, nor does its parent {root.parent}; "
+                               "create it first (or fix storage.root)")
+        try:
+            make_dirs(root)
+        except OSError as exc:
+            raise StartupError(f"cannot create the storage root {root}: {reason(exc)}") from None
+    try:
+        driver = FilesystemDriver(root)
+    except OSError as exc:
+        raise StartupError(f"cannot create {exc.filename or root}: {reason(exc)}") from None
+    notes = []
+    probe = driver.layout.tmp / f".write-test-{uuid.uuid4().hex}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"kura")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno not in FULL_ERRNOS:
+            raise StartupError(f"storage root {root} is not writable: {reason(exc)}") from None
+        # Pulls still work; pushes are answered 507 until space is freed.
+        notes.append((logging.WARNING, f"storage root {root} is full ({reason(exc)}): pushes will fail "
+                                       "with 507 Insufficient Storage until space is freed"))
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return driver, notes
