@@ -1,4 +1,4 @@
-"""The server's commands: `kura serve` and `kura fsck`."""
+"""The server's commands: `kura serve`, `kura fsck`, `kura user`, `kura du`, `kura repo`."""
 
 from __future__ import annotations
 
@@ -37,6 +37,21 @@ def main(argv: list[str]) -> int:
         sub.add_argument("--config", type=Path, help="server config naming the file")
         sub.add_argument("--root", type=Path, help="storage root (default ./data)")
 
+    du = commands.add_parser("du", help="show what each repository stores and what a collection would free")
+    du.add_argument("--root", type=Path, help="storage root directory (default ./data)")
+    du.add_argument("--config", type=Path, help="read the storage root and the quotas from this config")
+    du.add_argument("--json", action="store_true", help="print the numbers (bytes) as JSON")
+
+    repo = commands.add_parser("repo", help="manage repositories in the store")
+    repo_commands = repo.add_subparsers(dest="action", required=True)
+    delete = repo_commands.add_parser(
+        "delete", help="delete a repository: its tags, manifests, referrers and blob links "
+                       "(the blobs go at the next garbage collection)")
+    delete.add_argument("name", help="the repository, e.g. team/app")
+    delete.add_argument("--root", type=Path, help="storage root directory (default ./data)")
+    delete.add_argument("--config", type=Path, help="read the storage root and the quotas from this config")
+    delete.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
     args = parser.parse_args(argv)
     try:
         config = load(args.config, root=args.root, **({"listen": args.listen} if args.command == "serve" else {}))
@@ -51,6 +66,9 @@ def main(argv: list[str]) -> int:
         return _serve(config)
     if args.command == "user":
         return _user(args, config)
+    if args.command in ("du", "repo"):
+        from .store_commands import delete_repository, disk_usage
+        return disk_usage(config, args.json) if args.command == "du" else delete_repository(config, args.name, args.yes)
     return _fsck(config.root)
 
 
