@@ -91,14 +91,17 @@ async def charged(request: web.Request, repository: str, digest: Digest | None, 
             raise _denied(quota, quota.max_bytes - charge.headroom, None) from None
         raise
     except BaseException:
-        await _refund(store, digest, tokens)
+        # A failure after the link was written (a tag write, a cancelled request) still
+        # leaves the blob in the repository: then it counts.
+        if await _is_held(store, repository, digest):
+            await _confirm(store, quotas, digest, size)
+        else:
+            await _refund(store, digest, tokens)
         raise
-    if not charge.linked:
+    if charge.linked:
+        await _confirm(store, quotas, digest, size)
+    else:
         await _refund(store, digest, tokens)
-        return
-    blob = await store.stat_blob(digest)
-    for key in sorted(quotas):
-        await store.usage_ledger(key).confirm(digest, blob.size if blob is not None else size or 0)
 
 
 @contextlib.asynccontextmanager
@@ -111,6 +114,17 @@ async def manifest_charged(request: web.Request, repository: str, data: bytes, r
         digest = await asyncio.to_thread(Digest.of_bytes, data, algorithm)
     async with charged(request, repository, digest, len(data)) as charge:
         yield charge
+
+
+async def _is_held(store, repository: str, digest: Digest) -> bool:
+    return await store.is_blob_linked(repository, digest) or \
+        await store.get_manifest_link(repository, digest) is not None
+
+
+async def _confirm(store, quotas: dict[str, Quota], digest: Digest, size: int | None) -> None:
+    blob = await store.stat_blob(digest)
+    for key in sorted(quotas):
+        await store.usage_ledger(key).confirm(digest, blob.size if blob is not None else size or 0)
 
 
 async def _refund(store, digest: Digest, tokens: list[tuple[str, int]]) -> None:

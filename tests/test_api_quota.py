@@ -6,10 +6,15 @@ per namespace, however many of its repositories hold it.
 """
 
 import os
+from dataclasses import replace
 
+from aiohttp.test_utils import TestServer
+
+from registry.app import make_app
 from registry.config import make_quota
+from registry.serve import handler_settings
 from storage import FilesystemDriver, usage
-from tests.conftest import OCI_MANIFEST, image_manifest, push_image, upload_blob
+from tests.conftest import OCI_MANIFEST, image_manifest, push_image, serve_app, upload_blob
 from tests.support.client import sha256
 
 A = b"a" * 600
@@ -167,3 +172,26 @@ async def test_start_up_counts_what_is_already_stored(make_client, config):
 async def test_without_quotas_nothing_is_counted(client, config):
     await upload_blob(client, "team/a", A)
     assert not (config.root / "usage").exists()
+
+
+class TagWritesFail(FilesystemDriver):
+    """A store whose disk fills up between a manifest's revision link and its tag."""
+
+    async def set_tag(self, repository, tag, digest):
+        raise OSError(28, "No space left on device")
+
+
+async def test_a_push_failing_after_its_link_still_counts(aiohttp_client, config):
+    quotas = (make_quota(["team/**"], 10_000),)
+    config = replace(config, quotas=quotas)
+    client = await serve_app(aiohttp_client, config)
+    await upload_blob(client, "team/a", A)
+    await upload_blob(client, "team/a", B)
+    manifest = image_manifest(sha256(A), len(A), [(sha256(B), len(B))])
+    server = TestServer(make_app(config, TagWritesFail(config.root)))
+    await server.start_server(**handler_settings(config))
+    failing = await aiohttp_client(server)
+    r = await failing.put("/v2/team/a/manifests/v1", data=manifest, headers={"Content-Type": OCI_MANIFEST})
+    assert r.status == 500
+    assert (await client.get(f"/v2/team/a/manifests/{sha256(manifest)}")).status == 200  # stored all the same
+    assert await used(config, ["team/**"]) == len(A) + len(B) + len(manifest)
