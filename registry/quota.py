@@ -58,9 +58,9 @@ async def charged(request: web.Request, repository: str, digest: Digest | None, 
                   *, upload: str | None = None):
     """Charge `digest` (`size` bytes; None when the body's length is unknown: the stored
     size is charged afterwards, and `Charge.cap` bounds the body by the room left) for the
-    block that links it into `repository`. Refused: the upload session `upload` is ended,
-    then 403 DENIED."""
-    quotas = _namespaces(request, repository)
+    block that links it into `repository` (no `digest`: nothing to charge). Refused: the
+    upload session `upload` is ended, then 403 DENIED."""
+    quotas = _namespaces(request, repository) if digest is not None else {}
     charge = Charge()
     if not quotas:
         yield charge

@@ -99,8 +99,8 @@ async def start_upload(request: web.Request) -> web.Response:
 
     if "mount" in query:
         digest = parse_digest(query["mount"])
-        blob = await store.stat_blob(digest)
-        async with quota.charged(request, name, digest, blob.size if blob else 0) as charge:
+        blob = await store.stat_blob(digest)  # none: nothing to charge, _mount declines
+        async with quota.charged(request, name, digest if blob else None, blob.size if blob else 0) as charge:
             if await _mount(request, name, digest, query.get("from")):
                 return _committed(name, digest)
             charge.void()

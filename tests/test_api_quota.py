@@ -195,3 +195,12 @@ async def test_a_push_failing_after_its_link_still_counts(aiohttp_client, config
     assert r.status == 500
     assert (await client.get(f"/v2/team/a/manifests/{sha256(manifest)}")).status == 200  # stored all the same
     assert await used(config, ["team/**"]) == len(A) + len(B) + len(manifest)
+
+
+async def test_a_mount_of_an_unknown_blob_still_starts_an_upload_in_a_full_namespace(make_client, config):
+    client = await quota_client(make_client, (["team/**"], 600))
+    await upload_blob(client, "team/a", A)
+    r = await client.post(f"/v2/team/b/blobs/uploads/?mount={sha256(b'unknown')}&from=team/a")
+    assert r.status == 202, await r.text()
+    client = await quota_client(make_client, (["team/**"], 500))  # lowered below what is stored
+    assert (await client.post(f"/v2/team/b/blobs/uploads/?mount={sha256(b'unknown')}&from=team/a")).status == 202
