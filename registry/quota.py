@@ -31,6 +31,7 @@ class Charge:
     def __init__(self) -> None:
         self.linked = True
         self.headroom: int | None = None
+        self.tightest: Quota | None = None  # the quota `headroom` comes from
 
     def void(self) -> None:
         self.linked = False
@@ -75,7 +76,8 @@ async def charged(request: web.Request, repository: str, digest: Digest | None, 
                 tokens.append((key, token))
                 if size is None:
                     room = quota.max_bytes - (await ledger.total() or 0)
-                    charge.headroom = room if charge.headroom is None else min(charge.headroom, room)
+                    if charge.headroom is None or room < charge.headroom:
+                        charge.headroom, charge.tightest = room, quota
     except QuotaExceeded as exc:
         await _refund(store, digest, tokens)
         if upload is not None:
@@ -86,8 +88,8 @@ async def charged(request: web.Request, repository: str, digest: Digest | None, 
         yield charge
     except TooLarge as exc:
         await _refund(store, digest, tokens)
-        if charge.headroom is not None and exc.limit == charge.headroom:
-            quota = min(quotas.values(), key=lambda q: q.max_bytes)
+        if charge.tightest is not None and exc.limit == charge.headroom:
+            quota = charge.tightest
             raise _denied(quota, quota.max_bytes - charge.headroom, None) from None
         raise
     except BaseException:

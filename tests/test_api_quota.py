@@ -139,6 +139,18 @@ async def test_every_matching_quota_applies_and_others_do_not(make_client, confi
     assert await used(config, ["solo"]) == 0
 
 
+async def test_a_body_of_unknown_length_is_capped_by_the_tightest_quota(make_client, config):
+    client = await quota_client(make_client, (["team/**"], 10_000), (["team/small/*"], 1000))
+    await upload_blob(client, "team/a", b"x" * 9600)  # 400 left there, 1000 in team/small/*
+
+    async def stream():
+        yield B
+
+    error = await denied(await client.post(f"/v2/team/small/b/blobs/uploads/?digest={sha256(B)}", data=stream()))
+    assert error["detail"] == {"quota": ["team/**"], "max_bytes": 10_000, "used_bytes": 9600, "needed_bytes": None}
+    assert await used(config, ["team/small/*"]) == 0
+
+
 async def test_a_refusal_by_one_quota_charges_none(make_client, config):
     client = await quota_client(make_client, (["team/**"], 10_000), (["team/small/*"], 100))
     await denied(await client.post(f"/v2/team/small/b/blobs/uploads/?digest={sha256(B)}", data=B))
