@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ocispec.digest import Digest, InvalidDigest
 from ocispec.manifest import ManifestInvalid, ManifestUnsupported, parse_manifest
 
-from .driver import StorageDriver
+from .driver import ManifestLink, StorageDriver
 from .errors import BlobNotFound, TooLarge
 from .manifests import READ_LIMIT
 
@@ -48,11 +48,13 @@ class Quota:
         return ", ".join(self.repositories)
 
 
-async def held_blobs(driver: StorageDriver, repository: str) -> set[Digest]:
-    """The blobs a repository holds: its layer links and its manifests."""
-    links = await driver.list_blob_links(repository)
-    manifests = await driver.list_manifests(repository)
-    return {link.digest for link in links} | {link.digest for link in manifests}
+async def held_blobs(driver: StorageDriver, repository: str,
+                     manifests: list[ManifestLink] | None = None) -> set[Digest]:
+    """The blobs a repository holds: its layer links and its manifests (`manifests`, when
+    the caller has listed them already)."""
+    if manifests is None:
+        manifests = await driver.list_manifests(repository)
+    return {link.digest for link in await driver.list_blob_links(repository)} | {link.digest for link in manifests}
 
 
 async def _sizes(driver: StorageDriver, digests, sizes: dict[Digest, int]) -> None:
@@ -66,16 +68,14 @@ async def _sizes(driver: StorageDriver, digests, sizes: dict[Digest, int]) -> No
 async def recount(driver: StorageDriver, quotas) -> dict[str, int]:
     """Count exactly what each quota's namespace stores and store it in its ledger (safe
     while pushes go on, in this process or others). Returns ledger key -> bytes."""
-    namespaces: dict[str, list[Quota]] = {}
-    for quota in quotas:
-        namespaces.setdefault(quota.ledger, []).append(quota)
+    namespaces: dict[str, Quota] = {quota.ledger: quota for quota in quotas}  # same globs, same ledger
     if not namespaces:
         return {}
     checkpoints = {key: await driver.usage_ledger(key).checkpoint() for key in namespaces}
     counted: dict[str, set[Digest]] = {key: set() for key in namespaces}
     sizes: dict[Digest, int] = {}
     for number, repository in enumerate(await driver.list_repositories(), 1):
-        keys = [key for key, group in namespaces.items() if group[0].matches(repository)]
+        keys = [key for key, quota in namespaces.items() if quota.matches(repository)]
         if keys:
             held = await held_blobs(driver, repository)
             for key in keys:
@@ -123,7 +123,7 @@ async def measure(driver: StorageDriver) -> StoreUsage:
     manifests: dict[Digest, str] = {}
     for number, repository in enumerate(await driver.list_repositories(), 1):
         links = await driver.list_manifests(repository)
-        held[repository] = await held_blobs(driver, repository)
+        held[repository] = await held_blobs(driver, repository, links)
         counts[repository] = (len(links), len(await driver.list_tags(repository)))
         for digest in held[repository]:
             holders[digest] = holders.get(digest, 0) + 1
