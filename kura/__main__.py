@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-SERVER_COMMANDS = ("serve", "fsck", "user")
+SERVER_COMMANDS = ("serve", "fsck", "user", "du", "repo")
 CLIENT_COMMANDS = ("pull", "images", "rmi", "unpack", "push", "login", "logout", "copy", "tag", "inspect", "tags",
                    "delete")
 
@@ -17,6 +17,8 @@ server commands:
   serve     run the registry (kura serve --help)
   fsck      verify a store: re-hash blobs, check every link
   user      add or remove accounts (kura user add NAME)
+  du        what each repository stores, what a collection would free, quota usage
+  repo      delete a whole repository (kura repo delete NAME)
 
 client commands:
   login     log in to a registry (kura login -u USER --password-stdin SERVER)

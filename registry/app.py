@@ -12,6 +12,7 @@ from aiohttp import web
 
 from storage import FilesystemDriver, StorageDriver
 
+from . import quota
 from .auth import issuer
 from .auth.controller import AUTH, auth_middleware
 from .auth.controller import build as build_auth
@@ -33,6 +34,7 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
     app[STORAGE] = driver or FilesystemDriver(config.root)
     app[AUTH] = auth = build_auth(config.auth, Path(config.root))
     app.on_response_prepare.append(add_api_version)
+    app.on_startup.append(quota.recount_at_start)
     app.cleanup_ctx.append(_upload_purger)
     setup_routes(app)
     if auth.signing_key is not None:

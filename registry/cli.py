@@ -1,4 +1,4 @@
-"""The server's commands: `kura serve`, `kura fsck` and `kura user`."""
+"""The server's commands: `kura serve`, `kura fsck`, `kura user`, `kura du`, `kura repo`."""
 
 from __future__ import annotations
 
@@ -82,6 +82,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argpa
         sub.add_argument("--file", type=Path, help="htpasswd file (default: auth.htpasswd, else <root>/auth/htpasswd)")
         sub.add_argument("--config", type=Path, help="server config naming the file")
         sub.add_argument("--root", type=Path, help="storage root (default ./data)")
+
+    du = own["du",] = commands.add_parser(
+        "du", help="show what each repository stores and what a collection would free",
+        description="Per repository: manifests, tags, bytes referenced, bytes only it holds; totals\n"
+                    "(store size, reclaimable by the next collection) and each quota's usage.\n\n"
+                    "Examples:\n  kura du --config kura.toml\n  kura du --root /srv/kura --json\n",
+        formatter_class=raw)
+    du.add_argument("--root", type=Path, help="storage root directory (default ./data)")
+    du.add_argument("--config", type=Path, help="read the storage root and the quotas from this config")
+    du.add_argument("--json", action="store_true", help="print the numbers (bytes) as JSON")
+
+    repo = own["repo",] = commands.add_parser("repo", help="manage repositories in the store",
+                                               description="Example:\n  kura repo delete team/app --config kura.toml\n",
+                                               formatter_class=raw)
+    repo_commands = repo.add_subparsers(dest="action", required=True)
+    delete = own["repo", "delete"] = repo_commands.add_parser(
+        "delete", help="delete a repository: its tags, manifests, referrers and blob links "
+                       "(the blobs go at the next garbage collection)",
+        description="Delete a repository at once: its tags, manifests, referrers and blob links, in an order\n"
+                    "that keeps the store consistent. The blobs go at the next garbage collection.\n\n"
+                    "Example:\n  kura repo delete team/app --config kura.toml --yes\n",
+        formatter_class=raw)
+    delete.add_argument("name", help="the repository, e.g. team/app")
+    delete.add_argument("--root", type=Path, help="storage root directory (default ./data)")
+    delete.add_argument("--config", type=Path, help="read the storage root and the quotas from this config")
+    delete.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     return parser, own
 
 
@@ -107,6 +133,9 @@ def main(argv: list[str]) -> int:
         return _serve(config)
     if args.command == "user":
         return _user(args, config)
+    if args.command in ("du", "repo"):
+        from .store_commands import delete_repository, disk_usage
+        return disk_usage(config, args.json) if args.command == "du" else delete_repository(config, args.name, args.yes)
     return _fsck(config.root)
 
 

@@ -6,9 +6,12 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from storage.usage import Quota
+
 from .auth.config import AuthConfig
 from .auth.config import ConfigError as AuthConfigError
 from .auth.config import parse as parse_auth
+from .auth.rules import glob_to_regex
 
 MIB = 1 << 20
 MAX_MANIFEST_LIMIT = 64 * MIB  # storage.manifests.READ_LIMIT: what can be pushed can be read back
@@ -42,6 +45,7 @@ class Config:
     log_level: str = "info"
     access_log: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)
+    quotas: tuple[Quota, ...] = ()
 
     @property
     def host(self) -> str:
@@ -90,6 +94,7 @@ def load(path: Path | None = None, **overrides) -> Config:
     """Defaults, then the TOML file at `path`, then non-None `overrides` (command-line flags)."""
     values: dict = {}
     auth_section: dict = {}
+    quota_section: object = []
     if path is not None:
         try:
             document = tomllib.loads(Path(path).read_text())
@@ -100,6 +105,9 @@ def load(path: Path | None = None, **overrides) -> Config:
         for section, table in document.items():
             if section == "auth":
                 auth_section = table
+                continue
+            if section == "quota":
+                quota_section = table
                 continue
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
@@ -124,9 +132,39 @@ def load(path: Path | None = None, **overrides) -> Config:
         values["auth"] = parse_auth(auth_section)
     except AuthConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    try:
+        values["quotas"] = parse_quotas(quota_section)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
     config = replace(Config(), **values)
     _validate(config)
     return config
+
+
+def make_quota(repositories, max_bytes: int) -> Quota:
+    """A quota on the repositories matching `repositories` (globs, as in [[auth.rules]])."""
+    globs = tuple(repositories)
+    return Quota(globs, max_bytes, tuple(glob_to_regex(glob) for glob in globs))
+
+
+def parse_quotas(entries: object) -> tuple[Quota, ...]:
+    """The `[[quota]]` entries: `repositories` (globs) and `max_bytes`."""
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise ConfigError("quota must be an array of tables: [[quota]]")
+    quotas = []
+    for number, entry in enumerate(entries, 1):
+        where = f"quota #{number}"
+        unknown = set(entry) - {"repositories", "max_bytes"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown option {sorted(unknown)[0]}")
+        globs = entry.get("repositories")
+        if not isinstance(globs, list) or not globs or not all(isinstance(g, str) and g for g in globs):
+            raise ConfigError(f"{where}: repositories must be a non-empty list of globs")
+        limit = entry.get("max_bytes")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+            raise ConfigError(f"{where}: max_bytes must be a positive integer")
+        quotas.append(make_quota(globs, limit))
+    return tuple(quotas)
 
 
 def _validate(config: Config) -> None:

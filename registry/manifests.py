@@ -10,6 +10,7 @@ from ocispec.manifest import ManifestUnsupported
 from ocispec.names import is_valid_tag
 from storage import ManifestNotFound, ManifestReferenceUnknown, manifests
 
+from . import quota
 from .context import config, parse_reference, repository, storage
 from .errors import (
     ManifestBlobUnknown,
@@ -78,21 +79,22 @@ async def put_manifest(request: web.Request) -> web.Response:
     reference = parse_reference(request.match_info["reference"])
     extra_tags = _tags_from_query(request) if isinstance(reference, Digest) else []
     data = await _read_manifest_body(request)
-    try:
-        digest, manifest = await manifests.put_manifest(
-            storage(request), name, data, request.headers.get("Content-Type"),
-            digest=reference if isinstance(reference, Digest) else None,
-            tags=tuple(extra_tags) if isinstance(reference, Digest) else (reference,))
-    except ParseInvalid as exc:
-        raise ManifestInvalid(str(exc)) from None
-    except ManifestUnsupported as exc:
-        raise UnsupportedMediaType(str(exc)) from None
-    except ManifestReferenceUnknown as exc:
-        if exc.kind == "blob":
-            raise ManifestBlobUnknown(str(exc), detail={"digests": exc.digests}) from None
-        error = ManifestUnknown(str(exc), detail={"digests": exc.digests})
-        error.status = 400  # a flaw in the pushed document, as distribution answers it
-        raise error from None
+    async with quota.manifest_charged(request, name, data, reference):
+        try:
+            digest, manifest = await manifests.put_manifest(
+                storage(request), name, data, request.headers.get("Content-Type"),
+                digest=reference if isinstance(reference, Digest) else None,
+                tags=tuple(extra_tags) if isinstance(reference, Digest) else (reference,))
+        except ParseInvalid as exc:
+            raise ManifestInvalid(str(exc)) from None
+        except ManifestUnsupported as exc:
+            raise UnsupportedMediaType(str(exc)) from None
+        except ManifestReferenceUnknown as exc:
+            if exc.kind == "blob":
+                raise ManifestBlobUnknown(str(exc), detail={"digests": exc.digests}) from None
+            error = ManifestUnknown(str(exc), detail={"digests": exc.digests})
+            error.status = 400  # a flaw in the pushed document, as distribution answers it
+            raise error from None
     headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
     if manifest.subject is not None:
         headers["OCI-Subject"] = str(manifest.subject.digest)

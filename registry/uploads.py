@@ -13,6 +13,7 @@ from ocispec.digest import Digest
 from ocispec.names import is_valid_name
 from storage import UploadInfo, UploadNotFound, UploadQuota
 
+from . import quota
 from .auth.controller import grant
 from .context import config, parse_digest, principal, range_header, repository, storage, upload_location
 from .errors import BlobUploadInvalid, BlobUploadUnknown, SizeInvalid
@@ -98,13 +99,18 @@ async def start_upload(request: web.Request) -> web.Response:
 
     if "mount" in query:
         digest = parse_digest(query["mount"])
-        if await _mount(request, name, digest, query.get("from")):
-            return _committed(name, digest)
+        blob = await store.stat_blob(digest)  # none: nothing to charge, _mount declines
+        async with quota.charged(request, name, digest if blob else None, blob.size if blob else 0) as charge:
+            if await _mount(request, name, digest, query.get("from")):
+                return _committed(name, digest)
+            charge.void()
 
     if "digest" in query:
         digest = parse_digest(query["digest"])
-        await store.put_blob(name, digest, _body(request), length=_content_length(request),
-                             max_size=_max_size(request))
+        length = _content_length(request)
+        async with quota.charged(request, name, digest, length) as charge:
+            await store.put_blob(name, digest, _body(request), length=length,
+                                 max_size=charge.cap(_max_size(request)))
         return _committed(name, digest)
 
     upload = await store.create_upload(name, owner=principal(request), quota=_quota(request))
@@ -176,7 +182,8 @@ async def finish_upload(request: web.Request) -> web.Response:
     offset, length = _chunk_range(request)
     if request.can_read_body and length != 0:
         upload = await _append(request, upload, offset=offset, length=length)
-    await storage(request).commit_upload(upload.uuid, digest)
+    async with quota.charged(request, upload.repository, digest, upload.size, upload=upload.uuid):
+        await storage(request).commit_upload(upload.uuid, digest)
     return _committed(upload.repository, digest)
 
 

@@ -6,6 +6,7 @@ from .errors import (
     DigestMismatch,
     ManifestNotFound,
     ManifestReferenceUnknown,
+    QuotaExceeded,
     RangeMismatch,
     RepositoryBusy,
     SizeMismatch,
@@ -21,6 +22,6 @@ from .filesystem import FilesystemDriver
 __all__ = [
     "manifests", "BlobContent", "StorageDriver", "UploadInfo", "UploadQuota", "FilesystemDriver",
     "StorageError", "StorageFull", "BlobNotFound", "DigestMismatch", "ManifestNotFound", "ManifestReferenceUnknown", "RangeMismatch", "SizeMismatch",
-    "TooLarge", "TooManyUploads", "UploadBusy", "UploadNotFound", "RepositoryBusy",
+    "TooLarge", "TooManyUploads", "UploadBusy", "UploadNotFound", "RepositoryBusy", "QuotaExceeded", "usage",
 ]
-from . import manifests  # noqa: E402 - after the names it uses
+from . import manifests, usage  # noqa: E402 - after the names they use

@@ -51,6 +51,59 @@ class ManifestLink:
     media_type: str
 
 
+@dataclass(frozen=True)
+class StoredBlob:
+    digest: Digest
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class BlobLink:
+    digest: Digest
+    mtime: float
+    """When the blob was (last) linked into the repository."""
+
+
+class UsageLedger(abc.ABC):
+    """The bytes one quota namespace stores, each blob counted once, kept exact across the
+    processes serving a store: a running total checked and updated under a lock on every
+    push, and the set of blobs it counts (so a blob already counted adds nothing).
+
+    A push calls `charge` before it links a blob, then `confirm` once linked, or `refund`
+    if it failed. A recount takes a `checkpoint`, counts what the namespace's repositories
+    hold, and hands that to `replace`, which keeps whatever was charged or confirmed after the
+    checkpoint (the walk may have missed it) and drops the rest (blobs no longer held)."""
+
+    @abc.abstractmethod
+    async def charge(self, digest: Digest, size: int, limit: int) -> int | None:
+        """Count `digest` (`size` bytes) unless it is counted already (then None). Raises
+        QuotaExceeded, counting nothing, when the total would pass `limit`. Returns a token
+        for `refund`."""
+
+    @abc.abstractmethod
+    async def refund(self, digest: Digest, token: int) -> None:
+        """Undo the `charge` that returned `token`, unless the blob was confirmed since."""
+
+    @abc.abstractmethod
+    async def confirm(self, digest: Digest, size: int) -> None:
+        """`digest` is now linked in the namespace: make sure it is counted (again, if a
+        recount dropped it while it was being linked)."""
+
+    @abc.abstractmethod
+    async def total(self) -> int | None:
+        """Bytes counted; None when the ledger has never been counted."""
+
+    @abc.abstractmethod
+    async def checkpoint(self) -> int:
+        """Mark the start of a recount (before the walk); pass the result to `replace`."""
+
+    @abc.abstractmethod
+    async def replace(self, counted: dict[Digest, int], checkpoint: int) -> int:
+        """End a recount: count exactly the blobs of `counted` (digest -> size), plus those
+        charged or confirmed after `checkpoint`. Returns the new total."""
+
+
 class StorageDriver(abc.ABC):
     # -- blobs (content-addressed, shared by all repositories) ------------------------
     @abc.abstractmethod
@@ -172,6 +225,27 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def purge_uploads(self, older_than: float) -> int:
         """Remove sessions started before the `older_than` timestamp; returns how many."""
+
+    # -- usage accounting and whole-repository removal ----------------------------------
+    @abc.abstractmethod
+    def iter_blobs(self) -> AsyncIterator[StoredBlob]:
+        """Every blob in the store (any order)."""
+
+    @abc.abstractmethod
+    async def list_blob_links(self, repository: str) -> list[BlobLink]:
+        """The blobs linked into `repository` (its layer links; manifests are separate)."""
+
+    @abc.abstractmethod
+    def usage_ledger(self, key: str) -> UsageLedger:
+        """The usage ledger named `key` (64 hex digits), created empty on first use."""
+
+    @abc.abstractmethod
+    async def delete_repository(self, repository: str) -> bool:
+        """Remove a repository's tags, then its referrer entries, then its manifest
+        revisions, then its blob links and upload sessions, then its directory, so that a
+        crash between any two steps leaves a consistent store (no tag or referrer naming a
+        missing manifest). Blobs stay for the garbage collection. Call it under
+        `repository_lock`. False when there is no such repository."""
 
     async def close(self) -> None:
         """Release resources; the default driver holds none."""

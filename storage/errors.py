@@ -74,3 +74,13 @@ class ManifestReferenceUnknown(StorageError):
 
 class ManifestNotFound(StorageError):
     pass
+
+
+class QuotaExceeded(StorageError):
+    """Counting a blob would take a namespace's stored bytes past its quota."""
+
+    def __init__(self, used: int, limit: int, size: int):
+        super().__init__(f"{used} of {limit} bytes used, {size} more needed")
+        self.used = used
+        self.limit = limit
+        self.size = size

@@ -18,7 +18,7 @@ from typing import AsyncIterable, AsyncIterator
 from ocispec.digest import Digest, InvalidDigest, new_hasher
 
 from . import atomic
-from .driver import BlobContent, ManifestLink, StorageDriver, UploadInfo, UploadQuota
+from .driver import BlobContent, BlobLink, ManifestLink, StorageDriver, StoredBlob, UploadInfo, UploadQuota, UsageLedger
 from .errors import (
     BlobNotFound,
     DigestMismatch,
@@ -32,6 +32,7 @@ from .errors import (
     UploadNotFound,
 )
 from .layout import Layout, is_repository_dir, is_valid_upload_id, walk_repositories
+from .ledger import FilesystemLedger
 
 # Received bytes are handed to a worker thread (write + hash) in batches of this size:
 # bounded memory per upload, and few thread hops per GiB. While the batches of all uploads
@@ -44,6 +45,8 @@ READ_CHUNK = 1 << 20
 LOCK_WAIT_SECONDS = 30.0
 MAX_CACHED_HASHES = 1024
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# delete_repository's steps, in an order that keeps the store consistent after any of them.
+REPOSITORY_DELETE_STEPS = ("tags", "referrers", "revisions", "layers", "uploads", "directory")
 
 
 @dataclass
@@ -485,6 +488,79 @@ class FilesystemDriver(StorageDriver):
             return True
         finally:
             os.close(fd)
+
+    # -- usage accounting and whole-repository removal ----------------------------------
+    async def iter_blobs(self) -> AsyncIterator[StoredBlob]:
+        for algorithm_dir in await asyncio.to_thread(_subdirs, self.layout.blobs):
+            for prefix_dir in await asyncio.to_thread(_subdirs, algorithm_dir):
+                for blob in await asyncio.to_thread(_stored_blobs, algorithm_dir.name, prefix_dir):
+                    yield blob
+
+    async def list_blob_links(self, repository: str) -> list[BlobLink]:
+        return await asyncio.to_thread(_blob_links, self.layout.repository(repository) / "_layers")
+
+    def usage_ledger(self, key: str) -> UsageLedger:
+        return FilesystemLedger(self.layout.usage_ledger(key), self.layout.tmp, _flock)
+
+    async def delete_repository(self, repository: str) -> bool:
+        if not await self.repository_exists(repository):
+            return False
+        for step in REPOSITORY_DELETE_STEPS:
+            await asyncio.to_thread(self._delete_repository_step, repository, step)
+        return True
+
+    def _delete_repository_step(self, name: str, step: str) -> None:
+        directory = self.layout.repository(name)
+        parts = {"tags": self.layout.tags(name), "referrers": directory / "_referrers",
+                 "revisions": directory / "_manifests", "layers": directory / "_layers"}
+        if step in parts:
+            shutil.rmtree(parts[step], ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                atomic.fsync_dir(parts[step].parent)
+        elif step == "uploads":
+            # Sessions would link their blob into the repository again when committed.
+            # One that a request is writing right now is left to finish (or expire).
+            index = self.layout.repository_uploads(name)
+            for uuid in _listdir(index):
+                if is_valid_upload_id(uuid) and self._purge_session(uuid, float("inf")):
+                    self._hash_states.pop(uuid, None)
+        elif step == "directory":
+            # Up to the first directory still holding something (a nested repository).
+            while directory != self.layout.repositories:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+                directory = directory.parent
+            atomic.fsync_dir(directory)
+        else:
+            raise ValueError(f"unknown step {step!r}")
+
+
+def _stored_blobs(algorithm: str, prefix_dir: Path) -> list[StoredBlob]:
+    blobs = []
+    for entry in os.scandir(prefix_dir):
+        with contextlib.suppress(InvalidDigest, FileNotFoundError):
+            digest = Digest.parse(f"{algorithm}:{entry.name}")
+            info = entry.stat()
+            blobs.append(StoredBlob(digest, info.st_size, info.st_mtime))
+    return blobs
+
+
+def _blob_links(layers: Path) -> list[BlobLink]:
+    links = []
+    for algorithm_dir in _subdirs(layers):
+        for entry in os.scandir(algorithm_dir):
+            with contextlib.suppress(InvalidDigest, FileNotFoundError):
+                links.append(BlobLink(Digest.parse(f"{algorithm_dir.name}:{entry.name}"), entry.stat().st_mtime))
+    return links
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
 
 
 async def _flock(fd: int) -> bool:

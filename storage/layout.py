@@ -14,6 +14,10 @@
       upload-index/repository/<sha256 of name>/<uuid>  the same per repository
       tmp/                                           files being written, renamed into place once fsynced
       locks/<sha256 of name>                         flock()ed while a repository's manifests or tags change
+      usage/<ledger key>/state                       {"bytes", "seq"}: what one quota namespace stores (a cache,
+                                                     recounted at start-up; storage/usage.py)
+      usage/<ledger key>/lock                        flock()ed while the ledger is checked or changed
+      usage/<ledger key>/blobs/<alg>/<hex>           "<size> <seq>": the blob is counted (seq: when last charged)
 
 Repository name components always start with [a-z0-9], so they never collide with the
 `_`-prefixed directories. Every function re-validates what it is handed, so no string from
@@ -30,6 +34,7 @@ from pathlib import Path
 from ocispec.digest import Digest
 from ocispec.names import is_valid_name, is_valid_tag
 
+_LEDGER_KEY = re.compile(r"[0-9a-f]{64}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -46,6 +51,7 @@ class Layout:
         self.upload_index = self.root / "upload-index"
         self.tmp = self.root / "tmp"
         self.locks = self.root / "locks"
+        self.usage = self.root / "usage"
 
     def blob(self, digest: Digest) -> Path:
         _check_digest(digest)
@@ -86,6 +92,11 @@ class Layout:
     def referrer(self, name: str, subject: Digest, referrer: Digest) -> Path:
         _check_digest(referrer)
         return self.referrers(name, subject) / f"{referrer.algorithm}-{referrer.encoded}"
+
+    def usage_ledger(self, key: str) -> Path:
+        if not _LEDGER_KEY.fullmatch(key):
+            raise ValueError(f"invalid usage ledger key {key!r}")
+        return self.usage / key
 
     def owner_uploads(self, owner: str | None) -> Path:
         key = "anonymous" if owner is None else hashlib.sha256(owner.encode()).hexdigest()

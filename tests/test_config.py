@@ -88,3 +88,45 @@ def test_connection_cap_fits_the_open_file_limit():
     config = load()
     assert connection_limits(config, 1 << 20).max_connections == config.max_connections
     assert connection_limits(config, 1024).max_connections == (1024 - 64) // 2  # two descriptors each
+
+
+def test_quotas(tmp_path):
+    f = tmp_path / "kura.toml"
+    f.write_text('[[quota]]\nrepositories = ["team/**", "solo"]\nmax_bytes = 1000\n'
+                 '[[quota]]\nrepositories = ["library/*"]\nmax_bytes = 5\n')
+    team, library = load(f).quotas
+    assert (team.repositories, team.max_bytes, library.max_bytes) == (("team/**", "solo"), 1000, 5)
+    assert team.matches("team/a/b") and team.matches("solo") and not team.matches("teamx")
+    assert library.matches("library/redis") and not library.matches("library/a/b")
+    assert load().quotas == ()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[quota]\nmax_bytes = 1\n', r"array of tables: \[\[quota\]\]"),
+    ('[[quota]]\nmax_bytes = 1\n', "quota #1: repositories must be a non-empty list"),
+    ('[[quota]]\nrepositories = []\nmax_bytes = 1\n', "non-empty list of globs"),
+    ('[[quota]]\nrepositories = "a"\nmax_bytes = 1\n', "non-empty list of globs"),
+    ('[[quota]]\nrepositories = ["a"]\n', "quota #1: max_bytes must be a positive integer"),
+    ('[[quota]]\nrepositories = ["a"]\nmax_bytes = 0\n', "positive integer"),
+    ('[[quota]]\nrepositories = ["a"]\nmax_bytes = "1 GB"\n', "positive integer"),
+    ('[[quota]]\nrepositories = ["a"]\nmax_bytes = 1\n[[quota]]\nrepositories = ["b"]\nmax_byte = 1\n',
+     "quota #2: unknown option max_byte"),
+])
+def test_invalid_quotas(tmp_path, text, message):
+    f = tmp_path / "kura.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load(f)
+
+
+def test_example_quota_section_parses():
+    """The commented quota example in config.example.toml is valid and means what it says."""
+    import re
+    import tomllib
+
+    from registry.config import parse_quotas
+    text = (Path(__file__).parents[1] / "config.example.toml").read_text()
+    block = re.search(r"# BEGIN QUOTA EXAMPLE\n(.*)# END QUOTA EXAMPLE", text, re.S).group(1)
+    example = tomllib.loads("\n".join(line[2:] for line in block.splitlines()))
+    quotas = parse_quotas(example["quota"])
+    assert [q.max_bytes for q in quotas if q.matches("team/app")] == [50 * 1024**3]
