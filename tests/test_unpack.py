@@ -397,6 +397,63 @@ def test_compressions_and_diff_id(world, media_type):
     assert stream.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("inflater", ["isal", "zlib"])
+def test_concatenated_gzip_members_with_either_inflater(monkeypatch, inflater):
+    """zlib (the fallback when ISA-L is missing) keeps what follows a member's end in
+    unconsumed_tail as well as in unused_data: inflating that tail again never ends."""
+    import zlib
+
+    from puller import layers
+    if inflater == "zlib":
+        monkeypatch.setattr(layers, "_gzip_decompressor", lambda: zlib.decompressobj(wbits=47))
+        monkeypatch.setattr(layers, "_gzip_errors", lambda: (zlib.error,))
+    members = [os.urandom(300_000), bytes(3_000_000), b"", b"last"]
+    compressed = b"".join(gzip.compress(member) for member in members)
+    for size in (10240, 1 << 20):
+        stream = DecompressedLayer(io.BytesIO(compressed), GZIP)
+        out = bytearray()
+        while chunk := stream.read(size):
+            out += chunk
+        assert out == b"".join(members)
+
+
+def test_small_reads_do_not_reinflate_the_compressed_input(monkeypatch):
+    """tarfile reads 10 KiB at a time. Each read handing the inflater the rest of its 1 MiB input
+    chunk again (zlib's unconsumed_tail, copied on every call) made small reads cost far more
+    than large ones; inflating up to a chunk at a time, input handed over is at most the
+    compressed size plus the output."""
+    from puller import layers
+
+    handed = 0
+    make = layers._gzip_decompressor
+
+    class Counting:
+        def __init__(self):
+            self.real = make()
+
+        def decompress(self, data, max_length=0):
+            nonlocal handed
+            handed += len(data)
+            return self.real.decompress(data, max_length)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(layers, "_gzip_decompressor", Counting)
+    words = [os.urandom(4).hex().encode() for _ in range(4096)]
+    plain = b" ".join(words[i * 7919 % 4096] for i in range(1_500_000))
+    compressed = gzip.compress(plain, compresslevel=6) + gzip.compress(b"second member")
+    stream = DecompressedLayer(io.BytesIO(compressed), GZIP)
+    out = bytearray()
+    while chunk := stream.read(10240):
+        assert len(chunk) <= 10240
+        out += chunk
+    assert out == plain + b"second member"
+    bound = len(compressed) + len(out)
+    assert handed <= bound, f"{handed} bytes handed to the inflater for {len(compressed)} compressed"
+
+
 def test_unknown_media_type():
     with pytest.raises(LayerError, match="unsupported"):
         DecompressedLayer(io.BytesIO(b""), "application/x-rar")
