@@ -118,6 +118,37 @@ async def test_undecodable_layer_is_a_one_line_error(case, registry, home, tmp_p
     assert not (tmp_path / "x.tar").exists() and not (tmp_path / "x.tar.partial").exists()
 
 
+def chained_extended_headers(count: int) -> bytes:
+    record = b"12 comment=\n"
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(record)
+    block = header.tobuf(tarfile.USTAR_FORMAT) + record + bytes(512 - len(record))
+    return gzip.compress(block * count + tarfile.TarInfo("f").tobuf(tarfile.USTAR_FORMAT) + bytes(1024))
+
+
+def gnu_sparse() -> bytes:
+    header = bytearray(tarfile.TarInfo("sparse").tobuf(tarfile.GNU_FORMAT))
+    header[156:157] = tarfile.GNUTYPE_SPARSE
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return gzip.compress(bytes(header) + bytes(1024))
+
+
+UNSAFE_LAYERS = {
+    "400 chained extended headers": (chained_extended_headers(400), "extended headers"),  # was a RecursionError
+    "GNU sparse file": (gnu_sparse(), "sparse"),
+}
+
+
+@pytest.mark.parametrize("case", UNSAFE_LAYERS)
+async def test_unsafe_tar_headers_are_a_one_line_error(case, registry, home, tmp_path):
+    layer, expected = UNSAFE_LAYERS[case]
+    host, _ = await registry(layer, layer_media_type=GZIP)
+    message = one_line_error(await kura(home, "pull", "--quiet", "--unpack", str(tmp_path / "bundle"),
+                                        f"{host}/hostile:layer"))
+    assert expected in message, message
+
+
 # ------------------------------------------------------------- hostile archives (kura push)
 
 def archive_with(path, members: list[tuple[str, str, bytes]]) -> None:
