@@ -21,7 +21,8 @@ from ocispec import mediatypes as mt
 
 from .layers import DecompressedLayer
 from .push import PushError, Source, source_from_layout
-from .unpack import MAX_LINK_HOPS, tar_members
+from .tarreader import tar_members
+from .unpack import MAX_LINK_HOPS
 
 _LAYOUT_MEMBER = re.compile(r"(?:\./)?(oci-layout|index\.json|blobs/sha256/[a-f0-9]{64})")
 _CHUNK = 1 << 20

@@ -1,5 +1,5 @@
 """Streaming decompression of layer blobs, in bounded memory, with a cap against decompression
-bombs: every read inflates at most what it was asked for (one chunk), so a layer that expands
+bombs: at most one chunk (1 MiB) is inflated ahead of what was read, so a layer that expands
 a thousandfold is refused at the limit without ever being held."""
 
 from __future__ import annotations
@@ -40,29 +40,43 @@ def _gzip_errors() -> tuple[type[Exception], ...]:
 
 
 class _Gunzip:
-    """Inflates gzip (concatenated members too), at most `n` bytes a call."""
+    """Inflates gzip (concatenated members too) a chunk of output at a time, and serves reads
+    of any size from that chunk: inflating only what each small read asks for would hand zlib
+    the rest of its input chunk again on every call (its unconsumed_tail, a copy each time)."""
     kind = "gzip"
 
     def __init__(self, raw):
         self.raw = raw
         self.inflater = _gzip_decompressor()
         self.errors = _gzip_errors()
+        self.inflated = b""
+        self.served = 0  # of self.inflated
 
     def read(self, n: int) -> bytes:
+        if self.served == len(self.inflated):
+            self.inflated, self.served = self._inflate(), 0
+        out = self.inflated[self.served:self.served + n]
+        self.served += len(out)
+        return out
+
+    def _inflate(self) -> bytes:
+        """The next at most CHUNK bytes of output; b"" at the end."""
         while True:
-            if self.inflater.unconsumed_tail:
-                data = self.inflater.decompress(self.inflater.unconsumed_tail, n)
-            elif self.inflater.eof:
+            if self.inflater.eof:
+                # What follows a member is in unused_data (zlib leaves it in unconsumed_tail
+                # too, where inflating it again would return nothing, forever).
                 rest = self.inflater.unused_data or self.raw.read(CHUNK)
                 if not rest:
                     return b""
                 self.inflater = _gzip_decompressor()  # the next member of a concatenated stream
-                data = self.inflater.decompress(rest, n)
+                data = self.inflater.decompress(rest, CHUNK)
+            elif self.inflater.unconsumed_tail:
+                data = self.inflater.decompress(self.inflater.unconsumed_tail, CHUNK)
             else:
                 chunk = self.raw.read(CHUNK)
                 if not chunk:
                     raise LayerError("layer is not valid gzip data: the stream is truncated")
-                data = self.inflater.decompress(chunk, n)
+                data = self.inflater.decompress(chunk, CHUNK)
             if data:
                 return data
 
@@ -117,8 +131,8 @@ class DecompressedLayer:
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             n = CHUNK
-        # Never more than one chunk (and never past the limit, plus one byte to notice it)
-        # is inflated, whatever a caller asks for.
+        # Never more than one chunk (and never past the limit, plus one byte to notice it) is
+        # returned, whatever a caller asks for; sources inflate at most one chunk ahead.
         wanted = min(n, CHUNK, self.limit - self.size + 1)
         try:
             out = self._source.read(wanted) if wanted > 0 else b""

@@ -368,20 +368,27 @@ async def _pull_from(client: RegistryClient, reference: Reference, store: Store,
 
 MAX_INDEX_DEPTH = 4  # indexes on the way to an image, the top one included
 MAX_NESTED_INDEXES = 16  # indexes fetched below the top one, in all
+MAX_WALKED_MANIFESTS = 128  # manifests fetched below the top one, indexes and images, in all
 
 
 class _NestedIndexes:
     """Image indexes that hold indexes, as containerd and containers/image follow them: the
-    platform is chosen at each level. Bounded in depth and in number, against a registry that
-    nests without end."""
+    platform is chosen at each level. Each digest is fetched and walked once, and the walk is
+    bounded in depth, in indexes and in manifests, against a registry that nests or repeats
+    without end."""
 
     def __init__(self, client: RegistryClient):
         self.client = client
         self.fetched = 0
+        self.walked: dict[str, bool] = {}  # digest fetched -> is an index
         self.platforms: set[str] = set()  # every platform seen, for the error when none fits
 
     async def _child(self, entry: dict, depth: int) -> _Manifest:
+        if len(self.walked) >= MAX_WALKED_MANIFESTS:
+            raise RegistryError(f"image indexes lead to more than {MAX_WALKED_MANIFESTS} manifests; "
+                                "refusing to follow them further")
         child = await fetch_manifest(self.client, entry["digest"], Digest.parse(entry["digest"]))
+        self.walked[entry["digest"]] = child.is_index
         if child.is_index:
             self.fetched += 1
             if depth > MAX_INDEX_DEPTH or self.fetched > MAX_NESTED_INDEXES:
@@ -396,6 +403,9 @@ class _NestedIndexes:
         candidates = matching(index.document, wanted) + [
             e for e in runnable_entries(index.document) if Platform.of(e) is None and e.get("mediaType") in mt.INDEXES]
         for entry in candidates:
+            was_index = self.walked.get(entry["digest"])
+            if was_index or (was_index is not None and Platform.of(entry) is None):
+                continue  # an index searched already (or being searched), or an image no use without a platform
             child = await self._child(entry, depth + 1)
             if not child.is_index:
                 if Platform.of(entry) is not None:
@@ -405,9 +415,11 @@ class _NestedIndexes:
         return None
 
     async def everything(self, index: _Manifest, depth: int = 1) -> list[_Manifest]:
-        """Every runnable manifest below `index`, nested indexes included."""
+        """Every runnable manifest below `index`, nested indexes included, each once."""
         found = []
         for entry in runnable_entries(index.document):
+            if entry["digest"] in self.walked:
+                continue
             child = await self._child(entry, depth + 1)
             found.append(child)
             if child.is_index:

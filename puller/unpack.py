@@ -18,20 +18,21 @@ import shutil
 import stat
 import tarfile
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .layers import CHUNK, DecompressedLayer
+from .pathtree import PathTree
+from .tarreader import UnsafeLayer, open_layer_tar, tar_members
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_LINK_HOPS = 40
-# PAX and GNU long-name headers are read whole into memory: at most this (Go's archive/tar,
-# which containerd and Docker unpack with, has the same bound).
-MAX_SPECIAL_HEADER = 1 << 20
+# Directories' xattrs wait in memory until their layer is done; each costs its bytes and about
+# this much in Python objects.
+MAX_DIRECTORY_XATTR_BYTES = 16 << 20
+_XATTR_OVERHEAD = 100
+_XATTR_PREFIX = "SCHILY.xattr."
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class UnsafeLayer(ValueError):
-    """A layer entry that would reach outside the rootfs, or cannot be applied safely."""
 
 
 @dataclass
@@ -122,29 +123,21 @@ class Root:
             os.unlink(name, dir_fd=parent)
 
 
-class _BoundedTarInfo(tarfile.TarInfo):
-    def _proc_member(self, tarfile_):
-        if self.type in _SPECIAL_HEADERS and self.size > MAX_SPECIAL_HEADER:
-            raise UnsafeLayer(f"a tar extended header of {self.size} bytes (more than {MAX_SPECIAL_HEADER})")
-        return super()._proc_member(tarfile_)
-
-
-_SPECIAL_HEADERS = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
-                    tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
-
-
-def tar_members(archive: tarfile.TarFile):
-    """The entries of a tar read once in order, without TarFile keeping each one in `.members`
-    (a layer of a million entries would otherwise hold them all until the end)."""
-    while (member := archive.next()) is not None:
-        archive.members.clear()
-        yield member
+class _Directory(NamedTuple):
+    """What the metadata pass needs of a directory entry (never the entry's whole PAX header)."""
+    device: int
+    inode: int
+    uid: int
+    gid: int
+    mode: int
+    mtime_ns: int
+    xattrs: tuple[tuple[str, bytes], ...]
 
 
 def apply_layer(root: Root, tar_stream: DecompressedLayer, options: UnpackOptions) -> None:
-    created: set[tuple[str, ...]] = set()  # what this layer made (and their parents): whiteouts do not touch it
-    directories: list[tuple[tuple[str, ...], tarfile.TarInfo, tuple[int, int]]] = []
-    with tarfile.open(fileobj=tar_stream, mode="r|", errorlevel=2, tarinfo=_BoundedTarInfo) as archive:
+    created = PathTree()  # what this layer made (and their parents): whiteouts do not touch it
+    xattr_bytes = 0
+    with open_layer_tar(tar_stream) as archive:
         for member in tar_members(archive):
             parts = clean_name(member.name)
             if not parts:
@@ -160,21 +153,27 @@ def apply_layer(root: Root, tar_stream: DecompressedLayer, options: UnpackOption
                 _whiteout(root, parts[:-1], target, created, member.name)
                 continue
             identity = _apply_member(root, archive, member, parts, options)
-            for i in range(1, len(parts) + 1):
-                created.add(tuple(parts[:i]))
+            directory = None
             if identity is not None:
-                directories.append((tuple(parts), member, identity))
-    # Directory metadata last (adding children changes mtimes), applied through a descriptor
-    # of the very directory made earlier: if a later entry replaced it, it is skipped.
-    for parts, member, identity in reversed(directories):
-        _set_directory_metadata(root, parts, member, identity, options)
+                xattrs = _xattrs(member)
+                xattr_bytes += sum(len(name) + len(value) + _XATTR_OVERHEAD for name, value in xattrs)
+                if xattr_bytes > MAX_DIRECTORY_XATTR_BYTES:
+                    raise UnsafeLayer(f"entry {member.name!r}: the layer's directories carry more than "
+                                      f"{MAX_DIRECTORY_XATTR_BYTES} bytes of extended attributes")
+                directory = _Directory(*identity, member.uid, member.gid, member.mode & 0o7777,
+                                       _mtime_ns(member), xattrs)
+            created.add(parts, directory)
+    # Directory metadata last (adding children changes mtimes; children before their parents),
+    # applied through a descriptor of the very directory made earlier: if a later entry
+    # replaced it, it is skipped.
+    for parts, directory in created.values_deepest_first():
+        _set_directory_metadata(root, parts, directory, options)
     tar_stream.drain()
 
 
-def _set_directory_metadata(root: Root, parts: tuple[str, ...], member: tarfile.TarInfo,
-                            identity: tuple[int, int], options: UnpackOptions) -> None:
+def _set_directory_metadata(root: Root, parts: list[str], directory: _Directory, options: UnpackOptions) -> None:
     try:
-        parent = root.walk(list(parts[:-1]), create=False, entry=member.name)
+        parent = root.walk(list(parts[:-1]), create=False, entry="/".join(parts))
     except (FileNotFoundError, NotADirectoryError, UnsafeLayer):
         return
     try:
@@ -185,32 +184,33 @@ def _set_directory_metadata(root: Root, parts: tuple[str, ...], member: tarfile.
         os.close(parent)
     try:
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != identity:
+        if (st.st_dev, st.st_ino) != (directory.device, directory.inode):
             return
         if options.as_root:
-            os.fchown(fd, member.uid, member.gid)
-        os.fchmod(fd, member.mode & 0o7777)
-        _set_xattrs(fd, member, options)
-        os.utime(fd, ns=(int(member.mtime * 1e9),) * 2)
+            os.fchown(fd, directory.uid, directory.gid)
+        os.fchmod(fd, directory.mode)
+        _set_xattrs(fd, directory.xattrs, options)
+        os.utime(fd, ns=(directory.mtime_ns,) * 2)
     finally:
         os.close(fd)
 
 
-def _opaque(root: Root, dir_parts: list[str], created: set, entry: str) -> None:
+def _opaque(root: Root, dir_parts: list[str], created: PathTree, entry: str) -> None:
     try:
         fd = root.walk(dir_parts, create=True, entry=entry)
     except FileNotFoundError:
         return
     try:
+        made = created.names_under(dir_parts)
         for name in os.listdir(fd):
-            if tuple(dir_parts + [name]) not in created:
+            if name not in made:
                 root.remove(fd, name)
     finally:
         os.close(fd)
 
 
-def _whiteout(root: Root, dir_parts: list[str], target: str, created: set, entry: str) -> None:
-    if tuple(dir_parts + [target]) in created:
+def _whiteout(root: Root, dir_parts: list[str], target: str, created: PathTree, entry: str) -> None:
+    if dir_parts + [target] in created:
         return  # whiteouts only hide lower layers
     try:
         fd = root.walk(dir_parts, create=False, entry=entry)
@@ -299,16 +299,24 @@ def _set_metadata(parent: int, name: str, member: tarfile.TarInfo, options: Unpa
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
         try:
             os.fchmod(fd, member.mode & 0o7777)  # after chown, which clears setuid/setgid
-            _set_xattrs(fd, member, options)
+            _set_xattrs(fd, _xattrs(member), options)
         finally:
             os.close(fd)
-    os.utime(name, ns=(int(member.mtime * 1e9),) * 2, dir_fd=parent, follow_symlinks=False)
+    os.utime(name, ns=(_mtime_ns(member),) * 2, dir_fd=parent, follow_symlinks=False)
 
 
-def _set_xattrs(fd: int, member: tarfile.TarInfo, options: UnpackOptions) -> None:
-    for key, value in (member.pax_headers or {}).items():
-        if key.startswith("SCHILY.xattr."):
-            try:
-                os.setxattr(fd, key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape"))
-            except OSError:
-                options.note_once("some extended attributes could not be set on this filesystem")
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    return int(member.mtime * 1e9)
+
+
+def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:
+    return tuple((key[len(_XATTR_PREFIX):], value.encode("utf-8", "surrogateescape"))
+                 for key, value in (member.pax_headers or {}).items() if key.startswith(_XATTR_PREFIX))
+
+
+def _set_xattrs(fd: int, xattrs: tuple[tuple[str, bytes], ...], options: UnpackOptions) -> None:
+    for name, value in xattrs:
+        try:
+            os.setxattr(fd, name, value)
+        except OSError:
+            options.note_once("some extended attributes could not be set on this filesystem")

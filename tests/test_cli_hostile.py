@@ -118,6 +118,37 @@ async def test_undecodable_layer_is_a_one_line_error(case, registry, home, tmp_p
     assert not (tmp_path / "x.tar").exists() and not (tmp_path / "x.tar.partial").exists()
 
 
+def chained_extended_headers(count: int) -> bytes:
+    record = b"12 comment=\n"
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(record)
+    block = header.tobuf(tarfile.USTAR_FORMAT) + record + bytes(512 - len(record))
+    return gzip.compress(block * count + tarfile.TarInfo("f").tobuf(tarfile.USTAR_FORMAT) + bytes(1024))
+
+
+def gnu_sparse() -> bytes:
+    header = bytearray(tarfile.TarInfo("sparse").tobuf(tarfile.GNU_FORMAT))
+    header[156:157] = tarfile.GNUTYPE_SPARSE
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return gzip.compress(bytes(header) + bytes(1024))
+
+
+UNSAFE_LAYERS = {
+    "400 chained extended headers": (chained_extended_headers(400), "extended headers"),  # was a RecursionError
+    "GNU sparse file": (gnu_sparse(), "sparse"),
+}
+
+
+@pytest.mark.parametrize("case", UNSAFE_LAYERS)
+async def test_unsafe_tar_headers_are_a_one_line_error(case, registry, home, tmp_path):
+    layer, expected = UNSAFE_LAYERS[case]
+    host, _ = await registry(layer, layer_media_type=GZIP)
+    message = one_line_error(await kura(home, "pull", "--quiet", "--unpack", str(tmp_path / "bundle"),
+                                        f"{host}/hostile:layer"))
+    assert expected in message, message
+
+
 # ------------------------------------------------------------- hostile archives (kura push)
 
 def archive_with(path, members: list[tuple[str, str, bytes]]) -> None:
@@ -300,6 +331,83 @@ async def test_index_nesting_is_bounded(all_platforms, registry, home):
     assert "nested" in message
     assert len([r for r in faults.requests if r.startswith("GET manifest")]) <= 5
     assert json.loads((await kura(home, "images", "--json")).stdout) == []
+
+
+def variant_image(i: int) -> bytes:
+    """The same image under as many digests as wanted."""
+    document = manifest_document()
+    document["annotations"] = {"n": str(i)}
+    return json.dumps(document).encode()
+
+
+def index_over(entries: list[tuple[bytes, dict | None]], claim_index: bool = False) -> bytes:
+    """An index over (document, platform) pairs; with `claim_index`, every entry says it is an
+    index, whatever it is (so one without a platform may hold the platform and is followed)."""
+    document = json.loads(index_of(*entries))
+    if claim_index:
+        for entry in document["manifests"]:
+            entry["mediaType"] = OCI_INDEX
+    return json.dumps(document).encode()
+
+
+def manifest_requests(faults: Faults) -> int:
+    return len([r for r in faults.requests if r.startswith("GET manifest")])
+
+
+async def test_number_of_nested_indexes_is_bounded(registry, home):
+    """Shallow but wide: 20 indexes side by side, none with the platform, are searched up to
+    MAX_NESTED_INDEXES (16)."""
+    s390x = {"os": "linux", "architecture": "s390x"}
+    inner = [index_over([(variant_image(i), s390x)]) for i in range(20)]
+    documents = {sha256(d): d for d in inner}
+    documents["wide"] = index_over([(d, None) for d in inner])
+    host, faults = await registry(manifests=documents)
+    message = one_line_error(await kura(home, "pull", "--quiet", "--platform", "linux/amd64", f"{host}/hostile:wide"))
+    assert "more than 16" in message
+    assert manifest_requests(faults) == 1 + 17
+
+
+async def test_platformless_entries_that_are_images_are_bounded(registry, home):
+    """An entry without a platform that says it is an index may hold the platform, so it is
+    fetched; if it is an image it is of no use. 300 of them are not all fetched."""
+    images = [variant_image(i) for i in range(300)]
+    documents = {sha256(d): d for d in images}
+    documents["wide"] = index_over([(d, None) for d in images], claim_index=True)
+    host, faults = await registry(manifests=documents)
+    message = one_line_error(await kura(home, "pull", "--quiet", "--platform", "linux/amd64", f"{host}/hostile:wide"))
+    assert "more than 128 manifests" in message
+    assert manifest_requests(faults) == 1 + 128
+
+
+async def test_every_platform_of_a_very_wide_index_is_bounded(registry, home):
+    images = [variant_image(i) for i in range(300)]
+    documents = {sha256(d): d for d in images}
+    documents["wide"] = index_over([(d, AMD64) for d in images])
+    host, faults = await registry(manifests=documents)
+    message = one_line_error(await kura(home, "pull", "--quiet", "--all-platforms", f"{host}/hostile:wide"))
+    assert "more than 128 manifests" in message
+    assert manifest_requests(faults) == 1 + 128
+    assert json.loads((await kura(home, "images", "--json")).stdout) == []
+
+
+@pytest.mark.parametrize("all_platforms", [False, True])
+async def test_repeated_entries_are_fetched_once(all_platforms, registry, home):
+    """The same index or image listed again and again (here 300 times, at two levels) is
+    fetched and walked once."""
+    s390x = {"os": "linux", "architecture": "s390x"}
+    leaf = variant_image(0)
+    inner = index_over([(leaf, s390x)] * 300)
+    documents = {sha256(leaf): leaf, sha256(inner): inner, "wide": index_over([(inner, None)] * 300)}
+    host, faults = await registry(manifests=documents)
+    flags = ["--all-platforms"] if all_platforms else ["--platform", "linux/amd64"]
+    ran = await kura(home, "pull", "--quiet", *flags, f"{host}/hostile:wide")
+    if all_platforms:
+        assert ran.returncode == 0, ran.stderr
+        [stored] = json.loads((await kura(home, "images", "--json")).stdout)
+        assert stored["digest"] == sha256(documents["wide"])
+    else:
+        assert "linux/s390x" in one_line_error(ran)
+    assert manifest_requests(faults) == (3 if all_platforms else 2)  # the s390x image is no candidate
 
 
 # ------------------------------------------------------------------------------- login

@@ -149,3 +149,61 @@ async def test_oversized_config_in_the_store_is_not_read(tmp_path):
     for command in (["unpack", "localhost/fat:1", str(tmp_path / "bundle")], ["inspect", "--local", "localhost/fat:1"]):
         message = one_line_error(await kura(home, *command))
         assert "config" in message and str(4 * MIB) in message, message
+
+
+def gzip_tar(*blocks: bytes) -> bytes:
+    deflate = zlib.compressobj(6, zlib.DEFLATED, 31)
+    return b"".join(deflate.compress(block) for block in blocks) + deflate.compress(bytes(1024)) + deflate.flush()
+
+
+def directory(name: str, pax: dict | None = None) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    if pax is None:
+        return info.tobuf(tarfile.USTAR_FORMAT)
+    info.pax_headers = pax
+    return info.tobuf(tarfile.PAX_FORMAT)
+
+
+def global_header_of_many_keys() -> bytes:
+    """A global PAX header just under the 1 MiB bound, of ~80k short records."""
+    records = []
+    size = i = 0
+    while size < MIB - 64:
+        record = b"13 k%06d=v\n" % i  # 13 bytes, its own length included
+        records.append(record)
+        size += len(record)
+        i += 1
+    payload = b"".join(records)
+    header = tarfile.TarInfo("pax_global_header")
+    header.type, header.size = tarfile.XGLTYPE, len(payload)
+    return header.tobuf(tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % 512)
+
+
+async def test_global_pax_header_is_not_copied_into_every_entry(registry, tmp_path):
+    """tarfile merges a global header into each later entry's pax_headers; 400 directories
+    after one of 80k records came to ~740 MiB from a ~190 KiB download."""
+    layer = gzip_tar(global_header_of_many_keys(), *(directory(f"d{i}") for i in range(400)))
+    assert len(layer) < 300 * 1024
+    host = await registry(layer, layer_media_type=GZIP)
+    bundle = tmp_path / "bundle"
+    ran = await kura(tmp_path / "home", "pull", "--quiet", "--unpack", str(bundle), f"{host}/global:1",
+                     measure=True)
+    assert ran.returncode == 0, ran.stderr
+    assert sorted(p.name for p in (bundle / "rootfs").iterdir()) == sorted(f"d{i}" for i in range(400))
+    assert ran.peak_rss < RSS_LIMIT, f"peak RSS {ran.peak_rss / MIB:.0f} MiB"
+
+
+async def test_directories_metadata_does_not_keep_their_pax_headers(registry, tmp_path):
+    """Directory metadata is applied once the layer is done: 300 directories each with a 1 MiB
+    PAX comment were held whole until then (~290 MiB)."""
+    comment = {"comment": "x" * 1_000_000}
+    layer = gzip_tar(*(directory(f"d{i}", comment) for i in range(300)))
+    assert len(layer) < 2 * MIB
+    host = await registry(layer, layer_media_type=GZIP)
+    bundle = tmp_path / "bundle"
+    ran = await kura(tmp_path / "home", "pull", "--quiet", "--unpack", str(bundle), f"{host}/dirs:1",
+                     measure=True)
+    assert ran.returncode == 0, ran.stderr
+    assert len(list((bundle / "rootfs").iterdir())) == 300
+    assert ran.peak_rss < RSS_LIMIT, f"peak RSS {ran.peak_rss / MIB:.0f} MiB"

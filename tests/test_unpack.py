@@ -196,6 +196,125 @@ def test_oversized_extended_header_is_refused(world):
     world.untouched()
 
 
+def pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length += 1
+    return str(length).encode() + body
+
+
+def extended_header(kind: bytes = tarfile.XHDTYPE, **records: str) -> bytes:
+    """A PAX extended (`x`) or global (`g`) header with its records, as its own tar blocks."""
+    payload = b"".join(pax_record(key.replace("__", "."), value) for key, value in records.items())
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = kind, len(payload)
+    return info.tobuf(tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % 512)
+
+
+def raw_entry(name: str, data: bytes = b"") -> bytes:
+    info, _ = entry(name, data=data)
+    return info.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512)
+
+
+def test_global_pax_header_applies_to_nothing(world):
+    """As with Go's archive/tar (containerd, Docker, umoci): a global header is an entry of its
+    own, ignored. tarfile would apply it to every later entry (here: their mtime and name)."""
+    data = extended_header(tarfile.XGLTYPE, mtime="12345", path="renamed", comment="x") + raw_entry("a", b"1")
+    world.apply(data + bytes(1024))
+    assert sorted(os.listdir(world.root)) == ["a"]
+    assert os.stat(world.root / "a").st_mtime == 1_600_000_000
+
+
+def gnu_sparse_entry(extension_blocks: int) -> bytes:
+    """An old-format GNU sparse entry whose map goes on for `extension_blocks` blocks of 21 pairs."""
+    info = tarfile.TarInfo("sparse")
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[156:157] = tarfile.GNUTYPE_SPARSE
+    header[482] = 1  # the map continues in the next block
+    header[483:495] = b"%011o\0" % (1 << 30)  # the file's real size
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    block = bytearray(512)
+    for i in range(21):
+        block[24 * i:24 * i + 24] = b"%011o\0%011o\0" % (4096 * (i + 1), 1)
+    block[504] = 1
+    last = bytearray(block)
+    last[504] = 0
+    return bytes(header) + bytes(block) * (extension_blocks - 1) + bytes(last)
+
+
+def test_gnu_sparse_entry_is_refused_before_its_map_is_read(world):
+    """tarfile reads an old GNU sparse map whole (10k blocks here: 5 MiB; the review's 200k
+    blocks took 415 MiB). Layers never hold sparse files: the entry is refused at its header,
+    so the layer's 1 MiB limit is never reached."""
+    with pytest.raises(UnsafeLayer, match="'sparse'.*GNU sparse file"):
+        world.apply(gnu_sparse_entry(10_000) + bytes(1024), limit=1 << 20)
+    assert not (world.root / "sparse").exists()
+    world.untouched()
+
+
+@pytest.mark.parametrize("records", [
+    {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "x", "GNU.sparse.realsize": "10"},
+    {"GNU.sparse.map": "0,1,4,1", "GNU.sparse.size": "10", "GNU.sparse.name": "x"},
+    {"GNU.sparse.size": "10", "GNU.sparse.numblocks": "1", "GNU.sparse.offset": "0", "GNU.sparse.numbytes": "1"},
+    {"GNU.sparse.name": "x"},
+], ids=["1.0", "0.1", "0.0", "stray-key"])
+def test_pax_gnu_sparse_entries_are_refused(world, records):
+    """Sparse 1.0 keeps its map at the start of the data: 1M pairs (4 MiB) here, read whole by
+    tarfile (5M pairs took 507 MiB); it is refused before, so the 1 MiB limit is not reached."""
+    pairs = 1_000_000
+    data = b"%d\n" % pairs + b"1\n2\n" * pairs
+    with pytest.raises(UnsafeLayer, match="GNU sparse file"):
+        world.apply(layer(entry("x", data=data), pax={"x": records}), limit=1 << 20)
+    assert not (world.root / "x").exists()
+    world.untouched()
+
+
+def test_many_extended_headers_before_one_entry_are_refused(world):
+    """tarfile recurses over consecutive extended headers, holding each: 400 of 1 MiB took
+    475 MiB, then a RecursionError. More than 8 before one entry are refused."""
+    chain = extended_header(comment="c") * 9 + raw_entry("f", b"1")
+    with pytest.raises(UnsafeLayer, match="extended headers"):
+        world.apply(chain + bytes(1024))
+    assert not (world.root / "f").exists()
+    global_chain = extended_header(tarfile.XGLTYPE, comment="c") * 400 + raw_entry("g", b"1")
+    world.apply(global_chain + bytes(1024))  # each global header is an entry of its own
+    assert (world.root / "g").read_bytes() == b"1"
+    world.untouched()
+
+
+def test_extended_headers_before_one_entry_are_bounded_together(world):
+    big = "y" * 800_000
+    chain = extended_header(comment=big) * 3 + raw_entry("f", b"1")
+    with pytest.raises(UnsafeLayer, match="extended headers"):
+        world.apply(chain + bytes(1024))
+    world.apply(extended_header(comment=big) * 2 + raw_entry("f", b"1") + bytes(1024))
+    assert (world.root / "f").read_bytes() == b"1"
+
+
+def test_gnu_long_names_with_a_pax_header_still_unpack(world):
+    """What real tars put before one entry (GNU long name and long link, a PAX header) is fine."""
+    name, target = "d/" * 60 + "n" * 150, "t" * 300
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        info, _ = entry(name, "symlink", target=target)
+        archive.addfile(info)
+    world.apply(extended_header(mtime="1700000000") + buffer.getvalue())
+    assert os.readlink(world.root / name) == target
+    assert os.lstat(world.root / name).st_mtime == 1_700_000_000
+
+
+def test_directories_extended_attributes_are_bounded(world):
+    """Directories' xattrs wait in memory until the layer is done: past 16 MiB in all the
+    layer is refused (each directory's PAX header alone may be 1 MiB)."""
+    xattr = {"SCHILY.xattr.user.big": "v" * 1_000_000}
+    many = layer(*(entry(f"d{i}", "dir") for i in range(20)), pax={f"d{i}": xattr for i in range(20)})
+    with pytest.raises(UnsafeLayer, match="extended attributes"):
+        world.apply(gzip.compress(many), media_type=GZIP)
+    world.untouched()
+
+
 # ---------------------------------------------------------------- changeset rules
 
 def test_whiteouts_and_opaque_directories(world):
@@ -278,6 +397,63 @@ def test_compressions_and_diff_id(world, media_type):
     assert stream.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("inflater", ["isal", "zlib"])
+def test_concatenated_gzip_members_with_either_inflater(monkeypatch, inflater):
+    """zlib (the fallback when ISA-L is missing) keeps what follows a member's end in
+    unconsumed_tail as well as in unused_data: inflating that tail again never ends."""
+    import zlib
+
+    from puller import layers
+    if inflater == "zlib":
+        monkeypatch.setattr(layers, "_gzip_decompressor", lambda: zlib.decompressobj(wbits=47))
+        monkeypatch.setattr(layers, "_gzip_errors", lambda: (zlib.error,))
+    members = [os.urandom(300_000), bytes(3_000_000), b"", b"last"]
+    compressed = b"".join(gzip.compress(member) for member in members)
+    for size in (10240, 1 << 20):
+        stream = DecompressedLayer(io.BytesIO(compressed), GZIP)
+        out = bytearray()
+        while chunk := stream.read(size):
+            out += chunk
+        assert out == b"".join(members)
+
+
+def test_small_reads_do_not_reinflate_the_compressed_input(monkeypatch):
+    """tarfile reads 10 KiB at a time. Each read handing the inflater the rest of its 1 MiB input
+    chunk again (zlib's unconsumed_tail, copied on every call) made small reads cost far more
+    than large ones; inflating up to a chunk at a time, input handed over is at most the
+    compressed size plus the output."""
+    from puller import layers
+
+    handed = 0
+    make = layers._gzip_decompressor
+
+    class Counting:
+        def __init__(self):
+            self.real = make()
+
+        def decompress(self, data, max_length=0):
+            nonlocal handed
+            handed += len(data)
+            return self.real.decompress(data, max_length)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(layers, "_gzip_decompressor", Counting)
+    words = [os.urandom(4).hex().encode() for _ in range(4096)]
+    plain = b" ".join(words[i * 7919 % 4096] for i in range(1_500_000))
+    compressed = gzip.compress(plain, compresslevel=6) + gzip.compress(b"second member")
+    stream = DecompressedLayer(io.BytesIO(compressed), GZIP)
+    out = bytearray()
+    while chunk := stream.read(10240):
+        assert len(chunk) <= 10240
+        out += chunk
+    assert out == plain + b"second member"
+    bound = len(compressed) + len(out)
+    assert handed <= bound, f"{handed} bytes handed to the inflater for {len(compressed)} compressed"
+
+
 def test_unknown_media_type():
     with pytest.raises(LayerError, match="unsupported"):
         DecompressedLayer(io.BytesIO(b""), "application/x-rar")
@@ -295,8 +471,40 @@ def test_directory_replaced_later_in_the_layer_is_not_reopened(world):
     world.untouched()
 
 
+def test_directory_listed_twice_gets_its_last_metadata(world):
+    """As with umoci and containerd, which apply each entry's metadata in turn."""
+    world.apply(layer(entry("d", "dir", mode=0o700, mtime=1_500_000_000), entry("d/f", data=b"1"),
+                      entry("d", "dir", mode=0o751, mtime=1_600_000_000)))
+    assert stat.S_IMODE(os.stat(world.root / "d").st_mode) == 0o751
+    assert os.stat(world.root / "d").st_mtime == 1_600_000_000
+
+
 def test_opaque_keeps_everything_this_layer_made(world):
     world.apply(layer(entry("d", "dir"), *[entry(f"d/old{i}", data=b"") for i in range(2000)]))
     world.apply(layer(entry("d", "dir"), *[entry(f"d/new{i}/f", data=b"") for i in range(2000)],
                       entry("d/.wh..wh..opq")))
     assert sorted(os.listdir(world.root / "d")) == sorted(f"new{i}" for i in range(2000))
+
+
+def test_memory_for_what_a_layer_made_grows_with_entries_not_with_their_depth(tmp_path):
+    """Whiteouts must spare what the same layer made, so each path it makes is remembered; a
+    path `depth` names deep must cost memory in proportion to `depth` (it creates that many
+    directories), not to its square (every parent as a tuple of names: ~200 MiB for 50
+    entries 1000 deep, from a 1 KiB download). Deeper trees than here break pytest's cleanup."""
+    import tracemalloc
+
+    def peak_per_directory(depth: int) -> float:
+        count = 10_000 // depth
+        data = layer(*(entry(f"x{i}/" + "a/" * (depth - 1) + "f") for i in range(count)))
+        root = Root(str(tmp_path / f"depth-{depth}"))
+        tracemalloc.start()
+        try:
+            apply_layer(root, DecompressedLayer(io.BytesIO(data), TAR), UnpackOptions())
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            root.close()
+        return peak / (count * depth)
+
+    shallow, deep = peak_per_directory(10), peak_per_directory(100)
+    assert deep < 1.5 * shallow, f"{shallow:.0f} bytes a directory at depth 10, {deep:.0f} at depth 100"
