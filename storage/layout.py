@@ -14,6 +14,16 @@
       upload-index/repository/<sha256 of name>/<uuid>  the same per repository
       tmp/                                           files being written, renamed into place once fsynced
       locks/<sha256 of name>                         flock()ed while a repository's manifests or tags change
+      locks/gc                                       the reference guard: flock()ed shared by every operation that
+                                                     makes something refer to stored content, exclusive by a
+                                                     collection while it deletes
+      locks/gc-turnstile                             flock()ed on the way in to the guard, and by a collection for
+                                                     as long as it wants or holds it, so pushes cannot starve it
+      locks/gc-run                                   flock()ed for a whole garbage collection: one at a time
+      gc/marking                                     exists while a collection runs: {"id", "started_at"}
+      gc/journal                                     while it exists: `m <digest>` / `b <digest>` lines appended by
+                                                     every guard holder, for the referenced manifests and blobs
+      gc/last                                        when the last collection ended (a Unix time)
 
 Repository name components always start with [a-z0-9], so they never collide with the
 `_`-prefixed directories. Every function re-validates what it is handed, so no string from
@@ -46,6 +56,13 @@ class Layout:
         self.upload_index = self.root / "upload-index"
         self.tmp = self.root / "tmp"
         self.locks = self.root / "locks"
+        self.gc = self.root / "gc"
+        self.gc_guard = self.locks / "gc"
+        self.gc_turnstile = self.locks / "gc-turnstile"
+        self.gc_run = self.locks / "gc-run"
+        self.gc_marker = self.gc / "marking"
+        self.gc_journal = self.gc / "journal"
+        self.gc_last = self.gc / "last"
 
     def blob(self, digest: Digest) -> Path:
         _check_digest(digest)
