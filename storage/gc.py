@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -245,12 +246,13 @@ class Collector:
     async def mark(self, snapshots: dict[str, RepositorySnapshot] | None = None) -> None:
         """Find what is reachable, and the candidates: unreachable blobs and the links no
         manifest of their repository references, older than the grace period."""
-        if snapshots is None:
-            snapshots = {}
-            for name in await self.driver.list_repositories():
-                snapshots[name] = await self.driver.snapshot_repository(name)
+        names = list(snapshots) if snapshots is not None else await self.driver.list_repositories()
         young_links: set[str] = set()
-        for name, snapshot in snapshots.items():
+        for name in names:  # one repository in memory at a time
+            if snapshots is not None:
+                snapshot = snapshots[name]
+            else:
+                snapshot = await self.driver.snapshot_repository(name)
             manifests, blobs = await self._closure([str(d) for d in snapshot.revisions])
             referenced = manifests | blobs
             self.reachable |= referenced
@@ -399,7 +401,7 @@ def _descriptor_digest(descriptor: object) -> str | None:
     for key, value in descriptor.items():
         if isinstance(key, str) and key.casefold() == "digest":
             try:
-                return str(Digest.parse(value))
+                return sys.intern(str(Digest.parse(value)))  # one string per digest, however often named
             except InvalidDigest:
                 return None
     return None
