@@ -145,8 +145,11 @@ async def collect(driver: StorageDriver, settings: GcSettings, *, dry_run: bool 
         await collector.mark()
         await collector.sweep()
         await collector.tidy()
-    collector.report.duration = time.monotonic() - started
-    return collector.report
+    report = collector.report
+    for items in (report.tags, report.manifests, report.layer_links, report.blobs, report.repositories):
+        items.sort()
+    report.duration = time.monotonic() - started
+    return report
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ class _Refs:
 
 
 _NO_REFS = _Refs((), (), None)
+_UNREADABLE = _Refs((), (), None)  # missing, too large or not JSON: what it references is unknown
 
 
 class Collector:
@@ -226,6 +230,8 @@ class Collector:
         referrers: dict[str, list[str]] = {}
         for digest in revisions:
             refs = await self._references(digest)
+            if refs is _UNREADABLE:
+                return set()  # which manifests it keeps is unknown: none is judged untagged
             if refs.subject is not None:
                 referrers.setdefault(refs.subject, []).append(digest)
         roots = {str(stamp.digest) for tag, stamp in snapshot.tags.items() if tag not in removed_tags}
@@ -255,6 +261,9 @@ class Collector:
                 snapshot = await self.driver.snapshot_repository(name)
             manifests, blobs = await self._closure([str(d) for d in snapshot.revisions])
             referenced = manifests | blobs
+            if any(self._refs.get(str(d)) is _UNREADABLE for d in snapshot.revisions):
+                # A manifest of this repository does not read: it may need any blob linked here.
+                referenced |= {str(d) for d in snapshot.layers}
             self.reachable |= referenced
             doomed = 0
             for digest, mtime in snapshot.layers.items():
@@ -307,7 +316,7 @@ class Collector:
                 data = await self.driver.read_small_blob(Digest.parse(digest), READ_LIMIT)
                 refs = references_of(data)
             except (BlobNotFound, TooLarge, InvalidDigest):
-                refs = _NO_REFS
+                refs = _UNREADABLE
             self._refs[digest] = refs
         return refs
 
@@ -374,9 +383,9 @@ def references_of(data: bytes) -> _Refs:
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError):
-        return _NO_REFS
+        return _UNREADABLE
     if not isinstance(doc, dict):
-        return _NO_REFS
+        return _UNREADABLE
     fields: dict[str, list] = {}
     for key, value in doc.items():
         fields.setdefault(key.casefold() if isinstance(key, str) else "", []).append(value)

@@ -373,7 +373,24 @@ async def retention_rules_must_all_agree(client, root) -> Expected:
     return Expected(tags={("app", "v0")}, settings=replace(SETTINGS, retention=(keep_one, older)))
 
 
-CASES = [shared_layers_between_two_images, shared_layers_across_repositories, index_and_its_children,
+async def unreadable_manifest_keeps_its_repositorys_blobs(client, root) -> Expected:
+    """A linked manifest that no longer reads (damage fsck reports) might need any blob its
+    repository links: those stay, and its untagged manifests are not judged. Other
+    repositories are collected as usual."""
+    broken = await push(client, "broken", "v1", layers=[b"needed by the broken one"])
+    untagged = await push(client, "broken", "v2", layers=[b"untagged"])
+    r = await client.delete("/v2/broken/manifests/v2")
+    assert r.status == 202
+    other = await push(client, "other", "v1", layers=[b"other"])
+    await delete(client, "other", other.digest)
+    blob_path(root, broken.digest).write_bytes(b"{not json")
+    age_store(root)
+    assert untagged.digest
+    return Expected(blobs=other.blobs, links={("other", other.config), ("other", sha256(b"other"))},
+                    repositories={"other"}, settings=replace(SETTINGS, delete_untagged=True))
+
+
+CASES = [unreadable_manifest_keeps_its_repositorys_blobs, shared_layers_between_two_images, shared_layers_across_repositories, index_and_its_children,
          deleted_index_leaves_its_children, referrer_and_its_subject, referrer_keeps_a_deleted_subject,
          referrer_and_subject_both_deleted, overwritten_tag, overwritten_tag_with_delete_untagged, deleted_tag,
          deleted_tag_with_delete_untagged, unreferenced_blob_outside_grace, unreferenced_blob_inside_grace,
@@ -415,11 +432,16 @@ async def test_collection_removes_exactly_the_unreachable(client, config, case):
     after = set((await (await client.get("/v2/_catalog")).json())["repositories"])
     assert after == catalog - expected.repositories
     check = fsck(root)
-    assert check.ok, check.problems
+    if case is unreadable_manifest_keeps_its_repositorys_blobs:  # only the planted damage
+        assert len(check.problems) == 2 and all(("corrupt" in p or "does not parse" in p) for p in check.problems)
+    else:
+        assert check.ok, check.problems
     # What is left is still served, byte for byte.
     for name, digest in revisions - expected.manifests:
         r = await client.get(f"/v2/{name}/manifests/{digest}")
         assert r.status == 200
+        if name == "broken":
+            continue
         document = json.loads(await r.read())
         for descriptor in [document["config"], *document["layers"]] if "config" in document else []:
             blob = await client.get(f"/v2/{name}/blobs/{descriptor['digest']}")
