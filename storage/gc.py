@@ -357,9 +357,9 @@ class Collector:
 
     # -- tidy ---------------------------------------------------------------------------
     async def tidy(self) -> None:
-        self.report.uploads = await self.driver.purge_uploads(self.now - self.settings.upload_expiry_seconds)
         self.report.temp_files = await self.driver.purge_temp(
             self.now - max(self.settings.grace_seconds, TEMP_MIN_AGE_SECONDS))
+        self.report.uploads = await self.driver.purge_uploads(self.now - self.settings.upload_expiry_seconds)
 
     async def _pace(self) -> None:
         if time.monotonic() - self._slice_started > TIME_SLICE_SECONDS:

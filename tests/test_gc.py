@@ -449,3 +449,47 @@ async def test_collection_removes_exactly_the_unreachable(client, config, case):
     # A second collection finds nothing more to do.
     again = removed(await collect(FilesystemDriver(root), expected.settings))
     assert (again.blobs, again.links, again.manifests, again.tags, again.repositories) == (set(),) * 5
+
+
+def tree(root) -> dict[str, tuple[int, float]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if "locks" not in p.parts}
+
+
+async def test_dry_run_changes_nothing(client, config):
+    root = config.root
+    await overwritten_tag_with_delete_untagged(client, root)
+    await shared_layers_across_repositories(client, root)
+    await unreferenced_blob_outside_grace(client, root)
+    (root / "tmp" / "stale.tmp").write_bytes(b"x")
+    set_age([root / "tmp" / "stale.tmp"], 2 * DAY)
+    rule = RetentionRule(repositories=("**",), keep_last=0)
+    settings = replace(SETTINGS, delete_untagged=True, retention=(rule,))
+    before = tree(root)
+    dry = await collect(FilesystemDriver(root), settings, dry_run=True)
+    assert tree(root) == before
+    assert dry.dry_run and dry.tags and dry.manifests and dry.blobs and dry.layer_links and dry.repositories
+    real = await collect(FilesystemDriver(root), settings)
+    assert removed(real) == removed(dry) and real.bytes_freed == dry.bytes_freed
+    assert tree(root) != before
+
+
+async def test_collection_purges_expired_uploads_and_stale_temp_files(client, config):
+    root = config.root
+    r = await client.post("/v2/app/blobs/uploads/")
+    assert r.status == 202
+    r = await client.patch(r.headers["Location"], data=b"abandoned", headers={"Content-Range": "0-8"})
+    assert r.status == 202
+    (root / "tmp" / "stale.tmp").write_bytes(b"x")
+    (root / "tmp" / "young.tmp").write_bytes(b"x")
+    session = next((root / "uploads").iterdir())
+    (session / "info").write_text(json.dumps({"repository": "app", "started_at": time.time() - 2 * DAY,
+                                              "owner": None}))
+    set_age([session / "data", root / "tmp" / "stale.tmp"], 2 * DAY)
+    report = await collect(FilesystemDriver(root), SETTINGS)
+    assert (report.uploads, report.temp_files) == (1, 1)
+    assert list((root / "uploads").iterdir()) == []
+    assert [p.name for p in (root / "tmp").iterdir()] == ["young.tmp"]
+    # Temp files are being written: even with no grace period, none younger than an hour goes.
+    set_age([root / "tmp" / "young.tmp"], 30 * 60)
+    assert (await collect(FilesystemDriver(root), replace(SETTINGS, grace_seconds=0))).temp_files == 0
