@@ -159,7 +159,6 @@ class _Refs:
     subject: str | None
 
 
-_NO_REFS = _Refs((), (), None)
 _UNREADABLE = _Refs((), (), None)  # missing, too large or not JSON: what it references is unknown
 
 
@@ -227,6 +226,7 @@ class Collector:
 
     async def _untagged_plan(self, snapshot: RepositorySnapshot, removed_tags: set[str]) -> set[str]:
         revisions = {str(d): mtime for d, mtime in snapshot.revisions.items()}
+        await self._read_ahead(list(revisions))
         referrers: dict[str, list[str]] = {}
         for digest in revisions:
             refs = await self._references(digest)
@@ -234,6 +234,7 @@ class Collector:
                 return set()  # which manifests it keeps is unknown: none is judged untagged
             if refs.subject is not None:
                 referrers.setdefault(refs.subject, []).append(digest)
+            await self._pace()
         roots = {str(stamp.digest) for tag, stamp in snapshot.tags.items() if tag not in removed_tags}
         roots |= {digest for digest, mtime in revisions.items() if mtime >= self.cutoff}  # young: kept
         kept: set[str] = set()
@@ -246,6 +247,7 @@ class Collector:
             refs = await self._references(digest)
             linked = [*refs.children, *([refs.subject] if refs.subject else []), *referrers.get(digest, ())]
             stack += [d for d in linked if d in revisions and d not in kept]
+            await self._pace()
         return set(revisions) - kept
 
     # -- mark ---------------------------------------------------------------------------
