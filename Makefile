@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PEERS := skopeo docker-registry umoci runc curl apache2-utils
 
-.PHONY: run test stress bench install install-test peers clean
+.PHONY: run test stress bench bench-gc install install-test peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ stress: install-test peers
 
 bench: install-test peers
 	$(BIN)/python -m tests.bench
+
+bench-gc: install-test
+	$(BIN)/python -m tests.bench_gc
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-SERVER_COMMANDS = ("serve", "fsck", "user", "du", "repo")
+SERVER_COMMANDS = ("serve", "fsck", "gc", "du", "repo", "user")
 CLIENT_COMMANDS = ("pull", "images", "rmi", "unpack", "push", "login", "logout", "copy", "tag", "inspect", "tags",
                    "delete")
 
@@ -16,6 +16,7 @@ USAGE = """usage: kura COMMAND [ARGS]     (kura help COMMAND, kura --version)
 server commands:
   serve     run the registry (kura serve --help)
   fsck      verify a store: re-hash blobs, check every link
+  gc        delete what no repository references (kura gc --dry-run)
   user      add or remove accounts (kura user add NAME)
   du        what each repository stores, what a collection would free, quota usage
   repo      delete a whole repository (kura repo delete NAME)

@@ -17,3 +17,24 @@ def is_valid_name(name: str) -> bool:
 
 def is_valid_tag(tag: str) -> bool:
     return TAG_PATTERN.fullmatch(tag) is not None
+
+
+def glob_to_regex(pattern: str) -> re.Pattern:
+    """A repository-name glob as a regex to fullmatch: `*` stays within one path component,
+    `**` crosses them, `?` is one character other than `/`. (Access rules and retention rules.)"""
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))

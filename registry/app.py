@@ -11,6 +11,7 @@ from pathlib import Path
 from aiohttp import web
 
 from storage import FilesystemDriver, StorageDriver
+from storage.gc import collect
 
 from . import quota
 from .auth import issuer
@@ -36,6 +37,7 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
     app.on_response_prepare.append(add_api_version)
     app.on_startup.append(quota.recount_at_start)
     app.cleanup_ctx.append(_upload_purger)
+    app.cleanup_ctx.append(_garbage_collector)
     setup_routes(app)
     if auth.signing_key is not None:
         issuer.setup_routes(app)
@@ -63,3 +65,44 @@ async def _upload_purger(app: web.Application):
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await driver.close()
+
+
+# After a collection that could not run or failed, try again after at most this long.
+GC_RETRY_SECONDS = 60
+
+
+async def _garbage_collector(app: web.Application):
+    """A collection every gc.interval_seconds, counted from the last one on the store (by
+    any process) or from start-up: several processes serving one store share the schedule."""
+    config = app[CONFIG]
+    driver = app[STORAGE]
+    interval = config.gc_interval_seconds
+    started = time.time()
+
+    async def loop() -> None:
+        while True:
+            last = await driver.last_collection()
+            wait = (last or started) + interval - time.time()
+            if wait > 0:
+                await asyncio.sleep(min(wait, interval))
+                continue
+            try:
+                report = await collect(driver, config.gc_settings())
+            except Exception:
+                log.exception("garbage collection failed")
+                await asyncio.sleep(min(interval, GC_RETRY_SECONDS))
+                continue
+            if report.skipped:  # another process is collecting: its end restarts the count
+                await asyncio.sleep(min(interval, GC_RETRY_SECONDS))
+                continue
+            log.info("garbage collection freed %d bytes: %d blob(s), %d blob link(s), %d manifest(s), %d tag(s), "
+                     "%d empty repositories, %s expired upload(s), in %.1f s", report.bytes_freed,
+                     len(report.blobs), len(report.layer_links), len(report.manifests), len(report.tags),
+                     len(report.repositories), report.uploads, report.duration)
+
+    task = asyncio.create_task(loop()) if interval else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,4 +1,4 @@
-"""The server's commands: `kura serve`, `kura fsck`, `kura user`, `kura du`, `kura repo`."""
+"""The server's commands: `kura serve`, `kura fsck`, `kura gc`, `kura user`, `kura du`, `kura repo`."""
 
 from __future__ import annotations
 
@@ -71,6 +71,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argpa
     check.add_argument("--root", type=Path, help="storage root directory (default ./data)")
     check.add_argument("--config", type=Path, help="read the storage root from this config")
 
+    collect = own["gc",] = commands.add_parser(
+        "gc", help="delete what no repository references any more (safe while kura serve runs on the same store)",
+        description="One garbage collection now, safe while kura serve runs on the same store: blobs no\n"
+                    "manifest references, unneeded blob links, expired uploads, stale temp files and empty\n"
+                    "repositories (after the [gc] retention and untagged rules).\n\n"
+                    "Examples:\n  kura gc --config kura.toml --dry-run\n  kura gc --root /srv/kura --json\n",
+        formatter_class=raw)
+    collect.add_argument("--root", type=Path, help="storage root directory (default ./data)")
+    collect.add_argument("--config", type=Path, help="server config: storage root and [gc] settings")
+    collect.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    collect.add_argument("--json", action="store_true", help="print the report as JSON")
+
     user = own["user",] = commands.add_parser("user", help="manage accounts in the htpasswd file (bcrypt)",
                                                description=USER_HELP, formatter_class=raw)
     user_commands = user.add_subparsers(dest="action", required=True)
@@ -133,6 +145,8 @@ def main(argv: list[str]) -> int:
         return _serve(config)
     if args.command == "user":
         return _user(args, config)
+    if args.command == "gc":
+        return _gc(config, dry_run=args.dry_run, as_json=args.json)
     if args.command in ("du", "repo"):
         from .store_commands import delete_repository, disk_usage
         return disk_usage(config, args.json) if args.command == "du" else delete_repository(config, args.name, args.yes)
@@ -210,3 +224,54 @@ def _fsck(root: Path) -> int:
           f"{report.manifests} manifests, {report.tags} tags: "
           + ("ok" if report.ok else f"{len(report.problems)} problem(s)"))
     return 0 if report.ok else 1
+
+
+def _gc(config, *, dry_run: bool, as_json: bool) -> int:
+    import asyncio
+    import json
+
+    from storage import FilesystemDriver, StorageError
+    from storage.gc import collect
+
+    if not (config.root / "blobs").is_dir():
+        print(f"kura: {config.root} is not a Kura store (no blobs/ directory)", file=sys.stderr)
+        return 1
+    try:
+        report = asyncio.run(collect(FilesystemDriver(config.root), config.gc_settings(), dry_run=dry_run))
+    except (StorageError, OSError) as exc:
+        print(f"kura: garbage collection failed: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    if report.skipped:
+        print("another garbage collection is running on this store; nothing done")
+        return 0
+    verb = "would remove" if dry_run else "removed"
+    for name, tag in report.tags:
+        print(f"{verb} tag {name}:{tag}")
+    for name, digest in report.manifests:
+        print(f"{verb} manifest {name}@{digest}")
+    for name, digest in report.layer_links:
+        print(f"{verb} blob link {name} -> {digest}")
+    for digest, size in report.blobs:
+        print(f"{verb} blob {digest} ({size} bytes)")
+    for name in report.repositories:
+        print(f"{verb} empty repository {name}")
+    if report.uploads or report.temp_files:
+        print(f"{verb} {report.uploads} expired upload session(s), {report.temp_files} stale temp file(s)")
+    print(f"{'would free' if dry_run else 'freed'} {_size(report.bytes_freed)}: {len(report.blobs)} blob(s), "
+          f"{len(report.layer_links)} blob link(s), {len(report.manifests)} manifest(s), {len(report.tags)} tag(s), "
+          f"{len(report.repositories)} empty repositories, in {report.duration:.1f} s")
+    return 0
+
+
+def _size(count: int) -> str:
+    if count < 1024:
+        return f"{count} bytes"
+    value = count / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            break
+        value /= 1024
+    return f"{value:.1f} {unit} ({count} bytes)"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from storage.usage import Quota
+from storage.gc import GcSettings, RetentionRule
 
 from .auth.config import AuthConfig
 from .auth.config import ConfigError as AuthConfigError
@@ -44,8 +46,16 @@ class Config:
     max_upload_sessions_per_repository: int = 500  # 0: no limit
     log_level: str = "info"
     access_log: bool = True
+    gc_interval_seconds: int = 86400  # 0: no periodic collection
+    gc_grace_seconds: int = 3600
+    gc_delete_untagged: bool = False
+    gc_retention: tuple[RetentionRule, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
     quotas: tuple[Quota, ...] = ()
+
+    def gc_settings(self) -> GcSettings:
+        return GcSettings(grace_seconds=self.gc_grace_seconds, delete_untagged=self.gc_delete_untagged,
+                          retention=self.gc_retention, upload_expiry_seconds=self.upload_expiry_seconds)
 
     @property
     def host(self) -> str:
@@ -79,6 +89,13 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("limits", "max_unauthenticated_body_bytes"): ("max_unauthenticated_body_bytes", int),
     ("log", "level"): ("log_level", str),
     ("log", "access_log"): ("access_log", bool),
+    ("gc", "interval_seconds"): ("gc_interval_seconds", int),
+    ("gc", "grace_seconds"): ("gc_grace_seconds", int),
+    ("gc", "delete_untagged"): ("gc_delete_untagged", bool),
+}
+# [[gc.retention]] entries: key -> the types its value may have.
+_RETENTION_KEYS: dict[str, tuple[type, ...]] = {
+    "repositories": (list,), "keep_last": (int,), "keep_tags": (str,), "older_than_days": (int, float),
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -112,6 +129,9 @@ def load(path: Path | None = None, **overrides) -> Config:
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
             for key, value in table.items():
+                if (section, key) == ("gc", "retention"):
+                    values["gc_retention"] = _retention_rules(value, path)
+                    continue
                 if (section, key) not in _KEYS:
                     raise ConfigError(f"{path}: unknown option {section}.{key}")
                 name, kind = _KEYS[(section, key)]
@@ -167,6 +187,33 @@ def parse_quotas(entries: object) -> tuple[Quota, ...]:
     return tuple(quotas)
 
 
+def _retention_rules(value: object, path: Path | None) -> tuple[RetentionRule, ...]:
+    if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+        raise ConfigError(f"{path}: gc.retention must be [[gc.retention]] tables")
+    rules = []
+    for number, entry in enumerate(value, 1):
+        where = f"{path}: [[gc.retention]] #{number}"
+        for key, item in entry.items():
+            kinds = _RETENTION_KEYS.get(key)
+            if kinds is None:
+                raise ConfigError(f"{where}: unknown option {key}")
+            if not isinstance(item, kinds) or isinstance(item, bool):
+                raise ConfigError(f"{where}: {key} must be a {' or '.join(k.__name__ for k in kinds)}")
+        patterns = entry.get("repositories")
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise ConfigError(f"{where}: repositories must be a non-empty list of globs")
+        if entry.get("keep_last", 0) < 0 or entry.get("older_than_days", 0) < 0:
+            raise ConfigError(f"{where}: keep_last and older_than_days must not be negative")
+        try:
+            rules.append(RetentionRule(tuple(patterns), entry.get("keep_last"), entry.get("keep_tags"),
+                                       entry.get("older_than_days")))
+        except re.error as exc:
+            raise ConfigError(f"{where}: keep_tags is not a regular expression: {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return tuple(rules)
+
+
 def _validate(config: Config) -> None:
     split_listen(config.listen)
     if config.log_level not in LOG_LEVELS:
@@ -181,7 +228,8 @@ def _validate(config: Config) -> None:
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
     for name in ("chunk_min_length", "max_blob_bytes", "max_connections_per_client",
-                 "max_upload_sessions_per_user", "max_upload_sessions_per_repository"):
+                 "max_upload_sessions_per_user", "max_upload_sessions_per_repository",
+                 "gc_interval_seconds", "gc_grace_seconds"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must not be negative")
     if config.max_header_bytes < 8 * 1024:

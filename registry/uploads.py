@@ -131,15 +131,20 @@ async def _mount(request: web.Request, name: str, digest: Digest, source: str | 
     """Link an existing blob into `name`; False when it cannot (the caller starts an upload)."""
     store = storage(request)
     caller = grant(request)
-    if await store.stat_blob(digest) is None:
-        return False
-    if source is not None:
-        if not is_valid_name(source) or not caller.can("repository", source, "pull") \
-                or not await store.is_blob_linked(source, digest):
+    # Under the reference guard from finding the blob to linking it: a garbage collection
+    # may be about to delete it as unreferenced; one that is running keeps what is noted.
+    async with store.reference_guard():
+        if await store.stat_blob(digest) is None:
             return False
-    elif not any(caller.can("repository", other, "pull") for other in await store.repositories_linking_blob(digest)):
-        return False
-    await store.link_blob(name, digest)
+        if source is not None:
+            if not is_valid_name(source) or not caller.can("repository", source, "pull") \
+                    or not await store.is_blob_linked(source, digest):
+                return False
+        elif not any(caller.can("repository", other, "pull")
+                     for other in await store.repositories_linking_blob(digest)):
+            return False
+        await store.note_references(blobs=[digest])
+        await store.link_blob(name, digest)
     return True
 
 

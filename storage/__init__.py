@@ -1,6 +1,6 @@
 """Kura's content-addressed store: the driver interface and its filesystem driver."""
 
-from .driver import BlobContent, StorageDriver, UploadInfo, UploadQuota
+from .driver import BlobContent, Collection, RepositorySnapshot, Stamped, StorageDriver, StoredBlob, UploadInfo, UploadQuota
 from .errors import (
     BlobNotFound,
     DigestMismatch,
@@ -21,6 +21,7 @@ from .filesystem import FilesystemDriver
 
 __all__ = [
     "manifests", "BlobContent", "StorageDriver", "UploadInfo", "UploadQuota", "FilesystemDriver",
+    "Collection", "RepositorySnapshot", "Stamped", "StoredBlob",
     "StorageError", "StorageFull", "BlobNotFound", "DigestMismatch", "ManifestNotFound", "ManifestReferenceUnknown", "RangeMismatch", "SizeMismatch",
     "TooLarge", "TooManyUploads", "UploadBusy", "UploadNotFound", "RepositoryBusy", "QuotaExceeded", "usage",
 ]

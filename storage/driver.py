@@ -12,7 +12,7 @@ import abc
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterable, AsyncIterator
+from typing import AsyncIterable, AsyncIterator, Iterable
 
 from ocispec.digest import Digest
 
@@ -56,6 +56,7 @@ class StoredBlob:
     digest: Digest
     size: int
     mtime: float
+    """When the blob was stored or last linked into a repository (the grace period counts from it)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,39 @@ class UsageLedger(abc.ABC):
     async def replace(self, counted: dict[Digest, int], checkpoint: int) -> int:
         """End a recount: count exactly the blobs of `counted` (digest -> size), plus those
         charged or confirmed after `checkpoint`. Returns the new total."""
+
+
+@dataclass(frozen=True)
+class Stamped:
+    digest: Digest
+    mtime: float
+    """When the link or tag was last written."""
+
+
+@dataclass
+class RepositorySnapshot:
+    """What a garbage collection needs of one repository, read entry by entry (not atomically)."""
+    name: str
+    tags: dict[str, Stamped]
+    revisions: dict[Digest, float]
+    """Manifest links -> when each was last written."""
+    layers: dict[Digest, float]
+    """Blob links -> when each was last written or refreshed."""
+
+
+class Collection(abc.ABC):
+    """A garbage collection in progress (StorageDriver.collection). From its start to its end
+    every reference noted under the reference guard (note_references) is journaled for it."""
+
+    @abc.abstractmethod
+    def exclusive(self) -> contextlib.AbstractAsyncContextManager:
+        """Hold off every reference guard, in every process, for a short moment: the time to
+        read the rest of the journal and delete. Raises RepositoryBusy after a long wait."""
+
+    @abc.abstractmethod
+    async def read_journal(self) -> tuple[set[Digest], set[Digest]]:
+        """(manifests, blobs) noted since the previous call; complete up to now only when
+        called under exclusive()."""
 
 
 class StorageDriver(abc.ABC):
@@ -226,11 +260,55 @@ class StorageDriver(abc.ABC):
     async def purge_uploads(self, older_than: float) -> int:
         """Remove sessions started before the `older_than` timestamp; returns how many."""
 
-    # -- usage accounting and whole-repository removal ----------------------------------
+    # -- garbage collection (storage/gc.py) -------------------------------------------
+    @abc.abstractmethod
+    def reference_guard(self) -> contextlib.AbstractAsyncContextManager:
+        """Held (shared, across processes) by every operation that finds content stored and
+        then makes something refer to it: a manifest push from its reference checks to its
+        last link, a blob mount, the commit of a blob. A collection deletes only while no
+        guard is held, so none of these can act on content it is deleting. Not re-entrant;
+        taken before any repository_lock. Raises RepositoryBusy after a long wait."""
+
+    @abc.abstractmethod
+    async def note_references(self, *, manifests: Iterable[Digest] = (), blobs: Iterable[Digest] = ()) -> None:
+        """Under reference_guard: tell a running collection (if any) that these are referenced
+        now, so it keeps them (and, for manifests, what they reference)."""
+
+    @abc.abstractmethod
+    def collection(self) -> contextlib.AbstractAsyncContextManager[Collection | None]:
+        """Run one garbage collection. Yields None at once when another one is running (in
+        any process serving the store); else a Collection, journaling from its start, and a
+        journal a crashed collector left is discarded first."""
+
+    @abc.abstractmethod
+    async def last_collection(self) -> float | None:
+        """When the last collection ended (any process), None if there never was one."""
+
     @abc.abstractmethod
     def iter_blobs(self) -> AsyncIterator[StoredBlob]:
-        """Every blob in the store (any order)."""
+        """Every stored blob (manifests included), in no particular order."""
 
+    @abc.abstractmethod
+    async def snapshot_repository(self, repository: str) -> RepositorySnapshot: ...
+
+    @abc.abstractmethod
+    async def unlink_blobs(self, links: list[tuple[str, Digest]]) -> None:
+        """Remove these (repository, blob) links; under Collection.exclusive()."""
+
+    @abc.abstractmethod
+    async def delete_blobs(self, digests: list[Digest]) -> None:
+        """Delete these blobs, whose links the caller removed first; under Collection.exclusive()."""
+
+    @abc.abstractmethod
+    async def remove_repository_if_empty(self, repository: str) -> bool:
+        """Remove a repository that has no manifest, tag or blob link left, so it leaves the
+        catalog; False (and nothing removed) when it has any. Under Collection.exclusive()."""
+
+    @abc.abstractmethod
+    async def purge_temp(self, older_than: float) -> int:
+        """Remove files being written that were last touched before `older_than`; how many."""
+
+    # -- usage accounting and whole-repository removal ----------------------------------
     @abc.abstractmethod
     async def list_blob_links(self, repository: str) -> list[BlobLink]:
         """The blobs linked into `repository` (its layer links; manifests are separate)."""

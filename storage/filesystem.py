@@ -15,10 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterable, AsyncIterator
 
-from ocispec.digest import Digest, InvalidDigest, new_hasher
+from ocispec.digest import Digest, InvalidDigest, is_supported_algorithm, new_hasher
+from ocispec.names import is_valid_tag
 
 from . import atomic
-from .driver import BlobContent, BlobLink, ManifestLink, StorageDriver, StoredBlob, UploadInfo, UploadQuota, UsageLedger
+from .driver import (
+    BlobContent,
+    BlobLink,
+    Collection,
+    ManifestLink,
+    RepositorySnapshot,
+    Stamped,
+    StorageDriver,
+    StoredBlob,
+    UploadInfo,
+    UploadQuota,
+    UsageLedger,
+)
 from .errors import (
     BlobNotFound,
     DigestMismatch,
@@ -43,6 +56,10 @@ WRITE_BATCH_CHUNKS = 512  # within IOV_MAX (1024 on Linux) for one pwritev
 BATCH_BUDGET = 16 << 20
 READ_CHUNK = 1 << 20
 LOCK_WAIT_SECONDS = 30.0
+# A collection waits this long for the pushes and mounts in progress to finish their checks.
+COLLECTOR_LOCK_WAIT_SECONDS = 60.0
+# note_references writes a journal this large or larger from a worker thread.
+JOURNAL_LINES_INLINE = 1000
 MAX_CACHED_HASHES = 1024
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # delete_repository's steps, in an order that keeps the store consistent after any of them.
@@ -123,11 +140,17 @@ class FilesystemDriver(StorageDriver):
     # -- repository membership ------------------------------------------------------
     async def link_blob(self, repository: str, digest: Digest) -> None:
         path = self.layout.layer_link(repository, digest)
-        if not path.exists():
-            await _finish_in_thread(atomic.atomic_write, path, str(digest).encode(), self.layout.tmp)
+        # Linked (again) just now: a collection's grace period counts from now, for the link
+        # and for the blob (so an old blob committed or mounted again is young again).
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            await asyncio.to_thread(atomic.atomic_write, path, str(digest).encode(), self.layout.tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.layout.blob(digest))
 
     async def unlink_blob(self, repository: str, digest: Digest) -> bool:
-        return await asyncio.to_thread(atomic.remove, self.layout.layer_link(repository, digest))
+        return await asyncio.to_thread(_remove_link, self.layout.layer_link(repository, digest))
 
     async def is_blob_linked(self, repository: str, digest: Digest) -> bool:
         return self.layout.layer_link(repository, digest).is_file()
@@ -361,8 +384,7 @@ class FilesystemDriver(StorageDriver):
             size = await _receive(fd, 0, chunks, hasher, length, max_size)
             if hasher.hexdigest() != digest.encoded:
                 raise DigestMismatch(str(digest), f"{digest.algorithm}:{hasher.hexdigest()}")
-            await _finish_in_thread(self._install_file, fd, tmp, digest)
-            await self.link_blob(repository, digest)
+            await self._install_and_link(fd, tmp, digest, repository)
         except StorageFull as exc:
             raise StorageFull(f"{exc}; discarded the upload") from None
         finally:
@@ -383,13 +405,25 @@ class FilesystemDriver(StorageDriver):
                     actual = await asyncio.to_thread(_hash_file, fd, digest.algorithm)
                 if actual != digest.encoded:
                     raise DigestMismatch(str(digest), f"{digest.algorithm}:{actual}")
-                await _finish_in_thread(self._install_file, fd, self.layout.upload(uuid) / "data", digest)
-                await self.link_blob(info.repository, digest)
+                await self._install_and_link(fd, self.layout.upload(uuid) / "data", digest, info.repository)
+            except RepositoryBusy:
+                raise  # a collection held the store too long: the session stays, to be committed again
             except BaseException:
                 await asyncio.to_thread(self._remove_upload, uuid)
                 raise
             await asyncio.to_thread(self._remove_upload, uuid)
             return BlobContent(digest, actual_size, self.layout.blob(digest))
+
+    async def _install_and_link(self, fd: int, path: Path, digest: Digest, repository: str) -> None:
+        """Store the verified file as the blob and link it, under the reference guard: a
+        collection must not delete an identical blob stored earlier between this finding it
+        there and linking it."""
+        if not self.layout.blob(digest).exists():
+            await _finish_in_thread(os.fsync, fd)  # the slow part, before holding anyone off
+        async with self.reference_guard():
+            await _finish_in_thread(self._install_file, fd, path, digest)
+            await self.note_references(blobs=[digest])
+            await self.link_blob(repository, digest)
 
     def _install_file(self, fd: int, path: Path, digest: Digest) -> None:
         """Make the verified file at `path` (open as `fd`) the blob `digest`."""
@@ -459,12 +493,18 @@ class FilesystemDriver(StorageDriver):
             if is_valid_upload_id(entry) and self._purge_session(entry, older_than):
                 self._hash_states.pop(entry, None)
                 purged += 1
+        self._purge_temp(older_than)
+        return purged
+
+    def _purge_temp(self, older_than: float) -> int:
+        removed = 0
         for entry in os.listdir(self.layout.tmp):
             path = self.layout.tmp / entry
             if _mtime(path) < older_than:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-        return purged
+                    removed += 1
+        return removed
 
     def _purge_session(self, uuid: str, older_than: float) -> bool:
         """Remove a session idle since before `older_than`, unless a request holds it now."""
@@ -490,12 +530,6 @@ class FilesystemDriver(StorageDriver):
             os.close(fd)
 
     # -- usage accounting and whole-repository removal ----------------------------------
-    async def iter_blobs(self) -> AsyncIterator[StoredBlob]:
-        for algorithm_dir in await asyncio.to_thread(_subdirs, self.layout.blobs):
-            for prefix_dir in await asyncio.to_thread(_subdirs, algorithm_dir):
-                for blob in await asyncio.to_thread(_stored_blobs, algorithm_dir.name, prefix_dir):
-                    yield blob
-
     async def list_blob_links(self, repository: str) -> list[BlobLink]:
         return await asyncio.to_thread(_blob_links, self.layout.repository(repository) / "_layers")
 
@@ -537,38 +571,197 @@ class FilesystemDriver(StorageDriver):
             raise ValueError(f"unknown step {step!r}")
 
 
-def _stored_blobs(algorithm: str, prefix_dir: Path) -> list[StoredBlob]:
-    blobs = []
-    for entry in os.scandir(prefix_dir):
-        with contextlib.suppress(InvalidDigest, FileNotFoundError):
-            digest = Digest.parse(f"{algorithm}:{entry.name}")
-            info = entry.stat()
-            blobs.append(StoredBlob(digest, info.st_size, info.st_mtime))
-    return blobs
+    # -- garbage collection ---------------------------------------------------------
+    def _open_lock(self, path: Path) -> int:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            atomic.make_dirs(path.parent)
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    @contextlib.asynccontextmanager
+    async def reference_guard(self):
+        # In through the turnstile, which a collection holds while it waits for or holds the
+        # guard: flock() has no queue, so without it a steady stream of pushes could keep
+        # the shared lock held forever.
+        turnstile = self._open_lock(self.layout.gc_turnstile)
+        guard = -1
+        try:
+            guard = self._open_lock(self.layout.gc_guard)
+            if not await _flock(turnstile) or not await _flock(guard, fcntl.LOCK_SH):
+                raise RepositoryBusy("the store (a garbage collection is deleting)")
+            os.close(turnstile)
+            turnstile = -1
+            yield
+        finally:
+            for fd in (guard, turnstile):
+                if fd >= 0:
+                    os.close(fd)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive_guard(self):
+        turnstile = self._open_lock(self.layout.gc_turnstile)
+        guard = -1
+        try:
+            guard = self._open_lock(self.layout.gc_guard)
+            if not await _flock(turnstile, wait=COLLECTOR_LOCK_WAIT_SECONDS) \
+                    or not await _flock(guard, wait=COLLECTOR_LOCK_WAIT_SECONDS):
+                raise RepositoryBusy("the store (references were being made for too long)")
+            yield
+        finally:
+            for fd in (guard, turnstile):  # the guard first: it is only ever taken through the turnstile
+                if fd >= 0:
+                    os.close(fd)
+
+    async def note_references(self, *, manifests=(), blobs=()) -> None:
+        if not self.layout.gc_marker.exists():
+            return
+        # Each record starts on a fresh line: a write cut short (a full disk) cannot run into
+        # the next process's record.
+        lines = [f"\nm {digest}" for digest in manifests] + [f"\nb {digest}" for digest in blobs]
+        if not lines:
+            return
+        data = ("".join(lines) + "\n").encode()
+        if len(lines) < JOURNAL_LINES_INLINE:
+            _append(self.layout.gc_journal, data)
+        else:
+            await asyncio.to_thread(_append, self.layout.gc_journal, data)
+
+    @contextlib.asynccontextmanager
+    async def collection(self):
+        fd = self._open_lock(self.layout.gc_run)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                another_running = False
+            except BlockingIOError:
+                another_running = True
+            if another_running:
+                yield None
+                return
+            atomic.make_dirs(self.layout.gc)
+            async with self._exclusive_guard():
+                # From here on every guard holder journals what it references. (A marker and
+                # journal a crashed collector left behind are replaced.)
+                await asyncio.to_thread(self._start_journal)
+            try:
+                yield _FilesystemCollection(self)
+            finally:
+                # No lock needed: nothing is deleted any more, so the journal has no reader.
+                for path in (self.layout.gc_marker, self.layout.gc_journal):
+                    path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    atomic.atomic_write(self.layout.gc_last, repr(time.time()).encode(), self.layout.tmp)
+        finally:
+            os.close(fd)
+
+    def _start_journal(self) -> None:
+        with open(self.layout.gc_journal, "wb"):
+            pass
+        marker = json.dumps({"id": uuidlib.uuid4().hex, "pid": os.getpid(), "started_at": time.time()})
+        atomic.atomic_write(self.layout.gc_marker, marker.encode(), self.layout.tmp)
+
+    async def last_collection(self) -> float | None:
+        try:
+            return float(self.layout.gc_last.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    async def iter_blobs(self) -> AsyncIterator[StoredBlob]:
+        for algorithm_dir in _subdirs(self.layout.blobs):
+            if not is_supported_algorithm(algorithm_dir.name):
+                continue
+            for prefix_dir in _subdirs(algorithm_dir):
+                for blob in await asyncio.to_thread(_scan_blobs, prefix_dir, algorithm_dir.name):
+                    yield blob
+
+    async def snapshot_repository(self, repository: str) -> RepositorySnapshot:
+        return await asyncio.to_thread(self._snapshot, repository)
+
+    def _snapshot(self, repository: str) -> RepositorySnapshot:
+        tags = {}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.layout.tags(repository)):
+                if not is_valid_tag(entry.name):
+                    continue
+                with contextlib.suppress(OSError, ValueError), open(entry.path, "rb") as f:
+                    tags[entry.name] = Stamped(Digest.parse(f.read(200).decode()), os.fstat(f.fileno()).st_mtime)
+        return RepositorySnapshot(repository, tags, _stamped_digests(self.layout.revisions(repository)),
+                                  _stamped_digests(self.layout.repository(repository) / "_layers"))
+
+    async def unlink_blobs(self, links: list[tuple[str, Digest]]) -> None:
+        await asyncio.to_thread(_remove_all, [self.layout.layer_link(name, digest) for name, digest in links])
+
+    async def delete_blobs(self, digests: list[Digest]) -> None:
+        await asyncio.to_thread(_remove_all, [self.layout.blob(digest) for digest in digests])
+
+    async def remove_repository_if_empty(self, repository: str) -> bool:
+        async with self.repository_lock(repository):
+            return await asyncio.to_thread(self._remove_if_empty, repository)
+
+    def _remove_if_empty(self, repository: str) -> bool:
+        top = self.layout.repository(repository)
+        own = [top / "_layers", top / "_manifests", top / "_referrers"]
+        if any(_has_files(directory) for directory in own):
+            return False
+        for directory in own:
+            _remove_empty_tree(directory)
+        # Then the directory itself and the parents that hold nothing else (rmdir() refuses
+        # a directory that is not empty: a nested repository keeps its parents).
+        path = top
+        while path != self.layout.repositories:
+            try:
+                path.rmdir()
+            except OSError:
+                break
+            path = path.parent
+        with contextlib.suppress(FileNotFoundError):
+            atomic.fsync_dir(path)
+        return not is_repository_dir(top)
+
+    async def purge_temp(self, older_than: float) -> int:
+        return await asyncio.to_thread(self._purge_temp, older_than)
 
 
-def _blob_links(layers: Path) -> list[BlobLink]:
-    links = []
-    for algorithm_dir in _subdirs(layers):
-        for entry in os.scandir(algorithm_dir):
-            with contextlib.suppress(InvalidDigest, FileNotFoundError):
-                links.append(BlobLink(Digest.parse(f"{algorithm_dir.name}:{entry.name}"), entry.stat().st_mtime))
-    return links
+class _FilesystemCollection(Collection):
+    def __init__(self, driver: FilesystemDriver):
+        self._driver = driver
+        self._position = 0
+
+    def exclusive(self):
+        return self._driver._exclusive_guard()
+
+    async def read_journal(self) -> tuple[set[Digest], set[Digest]]:
+        return await asyncio.to_thread(self._read_journal)
+
+    def _read_journal(self) -> tuple[set[Digest], set[Digest]]:
+        manifests: set[Digest] = set()
+        blobs: set[Digest] = set()
+        try:
+            with open(self._driver.layout.gc_journal, "rb") as f:
+                f.seek(self._position)
+                data = f.read()
+        except FileNotFoundError:
+            return manifests, blobs
+        complete = data.rfind(b"\n") + 1  # a record still being written is read next time
+        self._position += complete
+        for line in data[:complete].split(b"\n"):
+            kind, _, text = line.decode(errors="replace").partition(" ")
+            with contextlib.suppress(InvalidDigest):
+                if kind == "m":
+                    manifests.add(Digest.parse(text))
+                elif kind == "b":
+                    blobs.add(Digest.parse(text))
+        return manifests, blobs
 
 
-def _listdir(path: Path) -> list[str]:
-    try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []
-
-
-async def _flock(fd: int) -> bool:
-    """Take an exclusive flock without blocking the event loop; False on time-out."""
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+async def _flock(fd: int, mode: int = fcntl.LOCK_EX, wait: float | None = None) -> bool:
+    """Take a flock (exclusive unless `mode` says) without blocking the event loop; False
+    after `wait` seconds (default LOCK_WAIT_SECONDS)."""
+    deadline = time.monotonic() + (LOCK_WAIT_SECONDS if wait is None else wait)
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
             return True
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -586,6 +779,17 @@ def _no_space_as_storage_full():
         if exc.errno in FULL_ERRNOS:
             raise StorageFull(os.strerror(exc.errno).lower()) from None
         raise
+
+
+def _remove_link(path: Path) -> bool:
+    """atomic.remove, where a collection may remove the emptied directory meanwhile."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        atomic.fsync_dir(path.parent)
+    return True
 
 
 async def _finish_in_thread(func, *args):
@@ -692,8 +896,83 @@ def _mtime(path: Path) -> float:
         return float("inf")
 
 
+def _append(path: Path, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except FileNotFoundError:
+        return  # the collection ended meanwhile
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _scan_blobs(prefix_dir: Path, algorithm: str) -> list[StoredBlob]:
+    blobs = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(prefix_dir):
+            if entry.name[:2] != prefix_dir.name:
+                continue  # not where this driver would look for it (fsck reports it)
+            with contextlib.suppress(InvalidDigest, FileNotFoundError):
+                digest = Digest.parse(f"{algorithm}:{entry.name}")
+                stat = entry.stat()
+                blobs.append(StoredBlob(digest, stat.st_size, stat.st_mtime))
+    return blobs
+
+
+def _stamped_digests(directory: Path) -> dict[Digest, float]:
+    """`<directory>/<alg>/<hex>` files -> their modification times."""
+    found = {}
+    for algorithm_dir in _subdirs(directory):
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(algorithm_dir):
+                with contextlib.suppress(InvalidDigest, FileNotFoundError):
+                    found[Digest.parse(f"{algorithm_dir.name}:{entry.name}")] = entry.stat().st_mtime
+    return found
+
+
+def _remove_all(paths: list[Path]) -> None:
+    """Unlink every path, then make the removals durable, one fsync per directory."""
+    directories = set()
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            directories.add(path.parent)
+    for directory in directories:
+        with contextlib.suppress(FileNotFoundError):
+            atomic.fsync_dir(directory)
+
+
+def _has_files(directory: Path) -> bool:
+    return any(files for _, _, files in os.walk(directory))
+
+
+def _remove_empty_tree(directory: Path) -> None:
+    for current, _, _ in os.walk(directory, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(current)
+
+
 def _subdirs(path: Path) -> list[Path]:
     try:
         return sorted(p for p in path.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
+
+
+def _blob_links(layers: Path) -> list[BlobLink]:
+    links = []
+    for algorithm_dir in _subdirs(layers):
+        for entry in os.scandir(algorithm_dir):
+            with contextlib.suppress(InvalidDigest, FileNotFoundError):
+                links.append(BlobLink(Digest.parse(f"{algorithm_dir.name}:{entry.name}"), entry.stat().st_mtime))
+    return links
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
     except FileNotFoundError:
         return []

@@ -18,6 +18,16 @@
                                                      recounted at start-up; storage/usage.py)
       usage/<ledger key>/lock                        flock()ed while the ledger is checked or changed
       usage/<ledger key>/blobs/<alg>/<hex>           "<size> <seq>": the blob is counted (seq: when last charged)
+      locks/gc                                       the reference guard: flock()ed shared by every operation that
+                                                     makes something refer to stored content, exclusive by a
+                                                     collection while it deletes
+      locks/gc-turnstile                             flock()ed on the way in to the guard, and by a collection for
+                                                     as long as it wants or holds it, so pushes cannot starve it
+      locks/gc-run                                   flock()ed for a whole garbage collection: one at a time
+      gc/marking                                     exists while a collection runs: {"id", "started_at"}
+      gc/journal                                     while it exists: `m <digest>` / `b <digest>` lines appended by
+                                                     every guard holder, for the referenced manifests and blobs
+      gc/last                                        when the last collection ended (a Unix time)
 
 Repository name components always start with [a-z0-9], so they never collide with the
 `_`-prefixed directories. Every function re-validates what it is handed, so no string from
@@ -52,6 +62,13 @@ class Layout:
         self.tmp = self.root / "tmp"
         self.locks = self.root / "locks"
         self.usage = self.root / "usage"
+        self.gc = self.root / "gc"
+        self.gc_guard = self.locks / "gc"
+        self.gc_turnstile = self.locks / "gc-turnstile"
+        self.gc_run = self.locks / "gc-run"
+        self.gc_marker = self.gc / "marking"
+        self.gc_journal = self.gc / "journal"
+        self.gc_last = self.gc / "last"
 
     def blob(self, digest: Digest) -> Path:
         _check_digest(digest)

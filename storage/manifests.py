@@ -5,6 +5,8 @@ the reverse: referrer entry -> tags -> revision link. A crash between any two st
 at worst an unreferenced blob or manifest, never a tag or referrer entry naming a missing
 manifest, nor a manifest whose blobs are missing (they are checked before anything is
 written). Pushes and deletes of one repository hold its lock, so they never interleave.
+A push holds the store's reference guard from its checks to its last write, so a garbage
+collection (storage/gc.py) never deletes what it found in between.
 """
 
 from __future__ import annotations
@@ -49,16 +51,25 @@ async def put_manifest(driver: StorageDriver, repository: str, data: bytes, cont
     if digest is not None and actual != digest:
         raise DigestMismatch(str(digest), str(actual))
     digest = actual
-    await _check_references(driver, repository, manifest)
-
-    await driver.put_small_blob(data, digest)
-    async with driver.repository_lock(repository):
-        await driver.link_manifest(repository, digest, manifest.media_type)
-        if manifest.subject is not None:
-            await driver.add_referrer(repository, manifest.subject.digest,
-                                      referrer_descriptor(manifest, digest, len(data)))
-        for tag in tags:
-            await driver.set_tag(repository, tag, digest)
+    # From the reference checks to the last link, a garbage collection cannot delete what
+    # the checks found; one that is running keeps what is noted here.
+    async with driver.reference_guard():
+        await _check_blobs(driver, repository, manifest)
+        await driver.note_references(
+            manifests=[digest, *(child.digest for child in manifest.children),
+                       *([manifest.subject.digest] if manifest.subject is not None else [])],
+            blobs=[descriptor.digest for descriptor in manifest.blobs])
+        async with driver.repository_lock(repository):
+            # Children are checked under the lock that deletes hold (a client's, or a
+            # collection's of untagged manifests), so none goes between check and link.
+            await _check_children(driver, repository, manifest)
+            await driver.put_small_blob(data, digest)
+            await driver.link_manifest(repository, digest, manifest.media_type)
+            if manifest.subject is not None:
+                await driver.add_referrer(repository, manifest.subject.digest,
+                                          referrer_descriptor(manifest, digest, len(data)))
+            for tag in tags:
+                await driver.set_tag(repository, tag, digest)
     return digest, manifest
 
 
@@ -76,9 +87,9 @@ def referrer_descriptor(manifest: Manifest, digest: Digest, size: int) -> dict:
     return descriptor
 
 
-async def _check_references(driver: StorageDriver, repository: str, manifest: Manifest) -> None:
-    """Every blob and child manifest must be in the repository: one check per distinct
-    digest (in first-seen order), every size claimed for a blob must be its size."""
+async def _check_blobs(driver: StorageDriver, repository: str, manifest: Manifest) -> None:
+    """Every blob must be in the repository: one check per distinct digest (in first-seen
+    order), every size claimed for a blob must be its size."""
     claimed_sizes: dict[Digest, set[int]] = {}
     for descriptor in manifest.blobs:
         if descriptor.media_type in FOREIGN_LAYER_TYPES and descriptor.urls:
@@ -94,6 +105,10 @@ async def _check_references(driver: StorageDriver, repository: str, manifest: Ma
             raise ManifestInvalid(f"descriptor of {digest} says {wrong} bytes, the blob has {blob.size}")
     if missing_blobs:
         raise ManifestReferenceUnknown("blob", missing_blobs)
+
+
+async def _check_children(driver: StorageDriver, repository: str, manifest: Manifest) -> None:
+    """Every child manifest must be in the repository (one check per distinct digest)."""
     missing_children = []
     async for child in _paced(dict.fromkeys(child.digest for child in manifest.children)):
         if await driver.get_manifest_link(repository, child) is None:
@@ -135,14 +150,19 @@ async def get_manifest(driver: StorageDriver, repository: str, reference: str | 
 async def delete_manifest(driver: StorageDriver, repository: str, digest: Digest, limit: int) -> None:
     """Remove a manifest from a repository, with the tags and referrer entry that name it."""
     async with driver.repository_lock(repository):
-        stored = await get_manifest(driver, repository, digest, limit)
-        subject = await asyncio.to_thread(_subject_of, stored)
-        if subject is not None:
-            await driver.remove_referrer(repository, subject, digest)
-        for tag in await driver.list_tags(repository):
-            if await driver.resolve_tag(repository, tag) == digest:
-                await driver.delete_tag(repository, tag)
-        await driver.unlink_manifest(repository, digest)
+        await remove_manifest(driver, repository, digest, limit)
+
+
+async def remove_manifest(driver: StorageDriver, repository: str, digest: Digest, limit: int) -> None:
+    """delete_manifest, for a caller that holds the repository's lock already."""
+    stored = await get_manifest(driver, repository, digest, limit)
+    subject = await asyncio.to_thread(_subject_of, stored)
+    if subject is not None:
+        await driver.remove_referrer(repository, subject, digest)
+    for tag in await driver.list_tags(repository):
+        if await driver.resolve_tag(repository, tag) == digest:
+            await driver.delete_tag(repository, tag)
+    await driver.unlink_manifest(repository, digest)
 
 
 def _subject_of(stored: StoredManifest) -> Digest | None:

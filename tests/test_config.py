@@ -50,6 +50,16 @@ def test_example_config_is_complete_and_loads():
     ('[uploads]\nmax_sessions_per_user = -1\n', "must not be negative"),
     ('[limits]\nmax_header_bytes = 100\n', "at least 8 KiB"),
     ('[limits]\nmax_unauthenticated_body_bytes = 10\n', "at least 1 KiB"),
+    ('[gc]\ninterval_seconds = -1\n', "must not be negative"),
+    ('[gc]\ngrace_seconds = "1h"\n', "must be a int"),
+    ('[gc]\nretention = 5\n', r"\[\[gc.retention\]\] tables"),
+    ('[[gc.retention]]\nrepositories = ["a"]\nkeep_tags = "v.*"\n', "needs keep_last or older_than_days"),
+    ('[[gc.retention]]\nrepositories = []\nkeep_last = 1\n', "non-empty list of globs"),
+    ('[[gc.retention]]\nkeep_last = 1\n', "non-empty list of globs"),
+    ('[[gc.retention]]\nrepositories = ["a"]\nkeep_last = -1\n', "must not be negative"),
+    ('[[gc.retention]]\nrepositories = ["a"]\nkeep_last = true\n', "keep_last must be a int"),
+    ('[[gc.retention]]\nrepositories = ["a"]\nkeep_last = 1\nkeep_tags = "("\n', "not a regular expression"),
+    ('[[gc.retention]]\nrepositories = ["a"]\nkeep_last = 1\nkeep = 2\n', "#1: unknown option keep"),
     ("not toml [", "kura.toml"),
 ])
 def test_invalid_files(tmp_path, text, message):
@@ -130,3 +140,35 @@ def test_example_quota_section_parses():
     example = tomllib.loads("\n".join(line[2:] for line in block.splitlines()))
     quotas = parse_quotas(example["quota"])
     assert [q.max_bytes for q in quotas if q.matches("team/app")] == [50 * 1024**3]
+
+
+def test_gc_section(tmp_path):
+    from storage.gc import RetentionRule
+    f = tmp_path / "kura.toml"
+    f.write_text('[gc]\ninterval_seconds = 0\ngrace_seconds = 60\ndelete_untagged = true\n'
+                 '[[gc.retention]]\nrepositories = ["ci/**"]\nkeep_last = 3\nkeep_tags = "v.*"\n'
+                 '[[gc.retention]]\nrepositories = ["a", "b/*"]\nolder_than_days = 1.5\n')
+    settings = load(f).gc_settings()
+    assert (settings.grace_seconds, settings.delete_untagged) == (60, True)
+    assert settings.retention == (RetentionRule(("ci/**",), keep_last=3, keep_tags="v.*"),
+                                  RetentionRule(("a", "b/*"), older_than_days=1.5))
+    assert load(f).gc_interval_seconds == 0
+    defaults = load().gc_settings()
+    assert (load().gc_interval_seconds, defaults.grace_seconds, defaults.delete_untagged, defaults.retention) == (
+        86400, 3600, False, ())
+
+
+def test_example_retention_rules_parse():
+    """The commented retention example in config.example.toml is valid and means what it says."""
+    import re
+    import tomllib
+
+    from registry.config import _retention_rules
+    text = (Path(__file__).parents[1] / "config.example.toml").read_text()
+    block = re.search(r"# BEGIN GC EXAMPLE\n(.*)# END GC EXAMPLE", text, re.S).group(1)
+    rules = _retention_rules(tomllib.loads("\n".join(line[2:] for line in block.splitlines()))["gc"]["retention"],
+                             None)
+    ci, nightly = rules
+    assert ci.applies_to("ci/app/x") and not ci.applies_to("nightly/x")
+    assert ci._keep.fullmatch("v1.2.3") and not ci._keep.fullmatch("latest")
+    assert nightly.applies_to("nightly/x") and not nightly.applies_to("nightly/x/y")

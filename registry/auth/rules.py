@@ -10,27 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ocispec.names import glob_to_regex
+
 ACTIONS = ("pull", "push", "delete")
 ANONYMOUS = None
-
-
-def glob_to_regex(pattern: str) -> re.Pattern:
-    out = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out))
 
 
 @dataclass(frozen=True)
