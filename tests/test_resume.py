@@ -171,3 +171,17 @@ def test_rmi_cleans_old_partial_files_but_not_recent_or_busy_ones(tmp_path):
         store.remove("example.com/app:1")
     assert not old.exists() and not stale_temp.exists()
     assert recent.exists() and busy.exists()
+
+
+@pytest.mark.parametrize("kept", ["the blob", "other bytes"])
+async def test_a_partial_file_holding_every_byte_is_finished_against_a_real_kura(client, tmp_path, kept):
+    """A partial as long as the blob: Kura answers `Range: bytes=<size>-` with 416, so the
+    partial is checked locally (installed when it matches, fetched again from 0 otherwise)."""
+    from tests.conftest import push_image
+    await push_image(client, "app", "v1", layer=LAYER)
+    store = Store(tmp_path / "store")
+    partial = store.partial_path(LAYER_DIGEST)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(LAYER if kept == "the blob" else os.urandom(len(LAYER)))
+    await run_pull(client.server, store)
+    assert installed(store.root) == LAYER and not partial.exists()
