@@ -500,3 +500,38 @@ def test_two_pushes_from_one_store_do_not_take_over_each_others_session(plain_ku
     assert "dropped the upload" not in err and "404" not in err
     assert not [r for r in proxy.requests if r.startswith("DELETE")]
     assert upload_sessions(server, "twice/debian") == []
+
+
+def test_a_push_that_lost_the_registry_continues_its_session_after_a_restart(env, tmp_path):
+    """The registry dies in the middle of a layer: the push fails but keeps its session; with the
+    registry back (same root, same port) the same push continues that session."""
+    require_shared()
+    root, port, store = tmp_path / "data", free_port(), str(tmp_path / "store")
+    server = start_kura(root, port, log=tmp_path / "kura.log")
+    try:
+        with DroppingProxy(server.url, mode="stall") as proxy:
+            target = f"127.0.0.1:{proxy.port}/restarted/debian:bookworm"
+            first = subprocess.Popen([sys.executable, "-m", "kura", "push", f"oci:{IMAGES / 'debian'}:bookworm",
+                                      target, "--store", store, "-q"], cwd=REPO, env=env, stderr=subprocess.PIPE,
+                                     text=True)
+            try:
+                deadline = time.monotonic() + 60
+                while proxy.patches < 2:
+                    assert first.poll() is None, first.stderr.read()
+                    assert time.monotonic() < deadline, "the push never reached its second chunk"
+                    time.sleep(0.05)
+                stop(server, signal.SIGKILL)
+                proxy.release()
+                assert first.wait(120) == 1
+            finally:
+                if first.poll() is None:
+                    first.kill()
+                first.stderr.close()
+            server = start_kura(root, port, log=tmp_path / "kura.log")
+            second = kura("push", "-v", f"oci:{IMAGES / 'debian'}:bookworm", target, "--store", store, env=env)
+            assert second.returncode == 0, second.stderr
+            assert "continuing the upload an earlier push left, at byte 16777216" in second.stderr
+            assert not [r for r in proxy.requests if r.startswith("DELETE")]
+        assert upload_sessions(server, "restarted/debian") == []
+    finally:
+        stop(server)
