@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -163,8 +164,14 @@ async def download_blob(client: RegistryClient, descriptor: dict, store: Store, 
                     store.partial_path(digest).unlink()  # those bytes are not worth resuming
                     raise
                 except LookupError:
+                    if not os.fstat(file.fileno()).st_size:
+                        store.partial_path(digest).unlink(missing_ok=True)
                     raise RegistryError(f"blob {digest} not found in {client.endpoint.host}/"
                                         f"{client.endpoint.repository}") from None
+                except BaseException:
+                    if not os.fstat(file.fileno()).st_size:  # nothing received: nothing to resume
+                        store.partial_path(digest).unlink(missing_ok=True)
+                    raise
                 file.flush()
                 store.install(store.partial_path(digest), digest)
                 progress.done(name, "downloaded")

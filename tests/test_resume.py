@@ -185,3 +185,12 @@ async def test_a_partial_file_holding_every_byte_is_finished_against_a_real_kura
     partial.write_bytes(LAYER if kept == "the blob" else os.urandom(len(LAYER)))
     await run_pull(client.server, store)
     assert installed(store.root) == LAYER and not partial.exists()
+
+
+async def test_a_blob_that_fails_before_its_first_byte_leaves_no_partial_file(aiohttp_server, tmp_path):
+    from puller.transport import RegistryError
+    server = await aiohttp_server(make_app(LAYER, Faults(missing_layer=True)))
+    store = Store(tmp_path / "store")
+    with pytest.raises(RegistryError):
+        await run_pull(server, store)
+    assert not store.partial_path(LAYER_DIGEST).exists()
