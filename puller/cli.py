@@ -465,6 +465,8 @@ def _copy(args) -> int:
     to_files = args.destination.startswith(("oci:", "docker-archive:"))
     if to_files:
         check_output(args.destination)
+        if args.destination.startswith("docker-archive:") and args.all_platforms:
+            raise ValueError("a docker-archive holds one platform; drop --all-platforms or copy to oci:DIR")
     with tempfile.TemporaryDirectory(prefix="kura-copy-") as scratch:
         if args.source.startswith("oci:"):
             directory, tag = parse_oci_target(args.source)

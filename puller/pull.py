@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -143,7 +144,7 @@ async def download_blob(client: RegistryClient, descriptor: dict, store: Store, 
         return False
     scope = f"repository:{client.endpoint.repository}:pull"
     openers = [lambda headers: client.request("GET", client.repo_path(f"blobs/{digest}"), scope=scope,
-                                              headers=headers, ok=(200, 206))]
+                                              headers=headers, ok=(200, 206, 416))]
     if descriptor.get("mediaType") in FOREIGN_LAYERS:
         for url in descriptor.get("urls") or []:
             if _allowed_url(url):
@@ -163,8 +164,14 @@ async def download_blob(client: RegistryClient, descriptor: dict, store: Store, 
                     store.partial_path(digest).unlink()  # those bytes are not worth resuming
                     raise
                 except LookupError:
+                    if not os.fstat(file.fileno()).st_size:
+                        store.partial_path(digest).unlink(missing_ok=True)
                     raise RegistryError(f"blob {digest} not found in {client.endpoint.host}/"
                                         f"{client.endpoint.repository}") from None
+                except BaseException:
+                    if not os.fstat(file.fileno()).st_size:  # nothing received: nothing to resume
+                        store.partial_path(digest).unlink(missing_ok=True)
+                    raise
                 file.flush()
                 store.install(store.partial_path(digest), digest)
                 progress.done(name, "downloaded")
@@ -207,6 +214,14 @@ async def _download_into(partial: _Partial, openers, digest: Digest, size: int, 
     progress.start(name, size)
     await asyncio.to_thread(partial.rehash, size)
     resumed = partial.written
+    if resumed == size:  # every byte is here already: no Range can ask for more (a registry answers 416)
+        if f"{digest.algorithm}:{partial.hasher.hexdigest()}" == str(digest):
+            progress.advance(name, size)
+            return
+        if report:
+            report(f"{name}: the bytes kept from an earlier pull do not match {digest}; downloading it again")
+        partial.restart()
+        resumed = 0
     if resumed:
         progress.advance(name, resumed)
         if report:
@@ -244,7 +259,7 @@ def _allowed_url(url: str) -> bool:
 async def _plain_get(session: aiohttp.ClientSession, url: str, headers: dict):
     """A foreign-layer URL: another host, so no registry credentials go with it."""
     async with session.get(url, headers=headers) as r:
-        if r.status not in (200, 206, 404):
+        if r.status not in (200, 206, 404, 416):
             raise RegistryError(f"GET {url}: HTTP {r.status}")
         yield r
 
@@ -261,6 +276,12 @@ async def _receive(opener, partial: _Partial, size: int, digest: Digest, name: s
             async with opener(headers) as r:
                 if r.status == 404:
                     return False
+                if r.status == 416:  # nothing left past `written`: those bytes are not this blob's start
+                    if not written:
+                        raise RegistryError(f"blob {digest}: the registry refused to send it (HTTP 416)")
+                    progress.advance(name, -written)
+                    partial.restart()
+                    continue
                 if written and (r.status != 206 or _range_start(r) not in (None, written)):
                     # Range ignored (or answered for other bytes): start over.
                     progress.advance(name, -written)

@@ -6,12 +6,16 @@ server's Range after a break), every blob re-hashed from disk before it is sent;
 manifests, children before the index, the top one by tag, the registry's digest checked.
 
 An upload session is remembered (in the local store) until its blob is committed, so a push
-that was interrupted continues it the next time; a push that fails for good cancels it.
+that was interrupted (or lost the registry: a break, a timeout, a 5xx, a 429) continues it the
+next time; a push the registry refuses for good (a 4xx, 507) cancels it. A push owns the
+session of a blob while it sends it (a flock in the store), so two pushes from one store never
+continue the same session at once: the second opens its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -28,7 +32,7 @@ from ocispec.reference import Reference
 from .credentials import Credentials
 from .progress import Progress, Quiet
 from .registries import Registries
-from .transport import RegistryClient, RegistryError
+from .transport import AuthError, RegistryClient, RegistryError, _error_text
 
 MONOLITHIC_LIMIT = 8 << 20
 DEFAULT_CHUNK = 16 << 20
@@ -40,6 +44,23 @@ INDEX_LIMIT = 4 << 20
 
 class PushError(RegistryError):
     pass
+
+
+class Refused(PushError):
+    """The registry refused for good (a 4xx other than 404/408/416/429, or 507 storage full):
+    sending again cannot help, and the upload session is of no further use."""
+
+
+ANY_STATUS = tuple(range(200, 600))  # answers the push reads itself, to tell a refusal from a break
+
+
+def _final(status: int) -> bool:
+    return status == 507 or (400 <= status < 500 and status not in (404, 408, 416, 429))
+
+
+async def _failure(response: aiohttp.ClientResponse, what: str) -> PushError:
+    text = await _error_text(response)
+    return (Refused if _final(response.status) else PushError)(f"{what}: HTTP {response.status} {text}".rstrip())
 
 
 @dataclass
@@ -88,6 +109,10 @@ class UploadSessions(Protocol):
 
     def remember_upload_session(self, host: str, repository: str, digest: str, location: str | None) -> None: ...
 
+    def upload_claim(self, host: str, repository: str, digest: str) -> contextlib.AbstractContextManager[bool]:
+        """True while this process alone owns the blob's session; False: another push does."""
+        ...
+
 
 @dataclass
 class PushOptions:
@@ -123,6 +148,7 @@ class Pusher:
         if options.mount_from:
             self.scope += f" repository:{options.mount_from}:pull"
         self._sessions: dict[str, str] = {}  # digest -> Location of its open upload session
+        self._owned: set[str] = set()  # digests whose session this push owns (and records in the store)
 
     def _path(self, suffix: str) -> str:
         return self.client.repo_path(suffix)
@@ -136,6 +162,27 @@ class Pusher:
             if r.status == 200:
                 self.options.progress.done(name, "already there")
                 return "exists"
+        with self._claim(digest):
+            return await self._send(digest, name, path, size)
+
+    @contextlib.contextmanager
+    def _claim(self, digest: Digest):
+        """Own the recorded session of `digest` while it is sent, when no other push does."""
+        if self.options.sessions is None:
+            yield
+            return
+        endpoint = self.client.endpoint
+        with self.options.sessions.upload_claim(endpoint.host, endpoint.repository, str(digest)) as owned:
+            if owned:
+                self._owned.add(str(digest))
+            elif self.options.verbose:
+                self._note(f"{digest.encoded[:12]}: another push from this store is sending it; opening a new upload")
+            try:
+                yield
+            finally:
+                self._owned.discard(str(digest))
+
+    async def _send(self, digest: Digest, name: str, path: Path, size: int) -> str:
         resumed = await self._resume(digest, size)
         source = None if resumed else self.options.mount_from or self._known_source(str(digest))
         offset = 0
@@ -152,15 +199,17 @@ class Pusher:
                 location, min_chunk = _location(r), r.headers.get("OCI-Chunk-Min-Length")
         else:
             location, min_chunk = await self._start()
-        self._remember(digest, location)
+        await self._remember(digest, location)
         self.options.progress.start(name, size)
         try:
             await self._upload(location, path, digest, size, int(min_chunk) if min_chunk and min_chunk.isdigit() else 0,
                                offset)
-        except RegistryError:
+        except (Refused, AuthError):
             await self._cancel(digest)
             raise
-        self._remember(digest, None)
+        # Any other failure (a break, a timeout, a 5xx, a 429) keeps the session recorded: the
+        # next push asks the registry where it stands.
+        await self._remember(digest, None)
         self.options.progress.done(name, "pushed")
         return "uploaded"
 
@@ -168,36 +217,40 @@ class Pusher:
         if self.options.verbose:
             self.options.progress.message(text)
 
-    def _remember(self, digest: Digest, location: str | None) -> None:
-        """Where the upload of `digest` stands (None: finished or gone), here and in the store."""
+    async def _remember(self, digest: Digest, location: str | None) -> None:
+        """Where the upload of `digest` stands (None: finished or gone), here and, when this push
+        owns the session and it moved, in the store (written off the event loop)."""
+        if self._sessions.get(str(digest)) == location:
+            return
         if location is None:
             self._sessions.pop(str(digest), None)
         else:
             self._sessions[str(digest)] = location
-        if self.options.sessions is not None:
+        await self._record(digest, location)
+
+    async def _record(self, digest: Digest, location: str | None) -> None:
+        if self.options.sessions is not None and str(digest) in self._owned:
             endpoint = self.client.endpoint
-            self.options.sessions.remember_upload_session(endpoint.host, endpoint.repository, str(digest), location)
+            await asyncio.to_thread(self.options.sessions.remember_upload_session, endpoint.host,
+                                    endpoint.repository, str(digest), location)
 
     async def _resume(self, digest: Digest, size: int) -> tuple[str, int] | None:
         """(location, offset) of the session an earlier, interrupted push left for this blob,
         when the registry still has it."""
-        if self.options.sessions is None:
+        if str(digest) not in self._owned:  # another push is using it (or there are no records)
             return None
         endpoint = self.client.endpoint
         location = self.options.sessions.upload_session(endpoint.host, endpoint.repository, str(digest))
         if location is None:
             return None
-        try:
-            state = await self._status(location)
-        except RegistryError:
-            state = None
+        state = await self._status(location)  # a break or a busy registry: fail, keeping the record
         if state is None or state[1] > size:
             self._note(f"{digest.encoded[:12]}: the registry no longer has the upload an earlier push left; "
                        "starting again")
             if state is not None:  # it has more bytes than the blob: of no use
                 self._sessions[str(digest)] = state[0]
                 await self._cancel(digest)
-            self._remember(digest, None)
+            await self._record(digest, None)
             return None
         self._note(f"{digest.encoded[:12]}: continuing the upload an earlier push left, at byte {state[1]}")
         return state
@@ -205,7 +258,7 @@ class Pusher:
     async def _cancel(self, digest: Digest) -> None:
         """Give up the upload session of `digest` (best effort): the registry can drop its bytes."""
         location = self._sessions.get(str(digest))
-        self._remember(digest, None)
+        await self._remember(digest, None)
         if location is None:
             return
         try:
@@ -232,10 +285,10 @@ class Pusher:
         name = digest.encoded[:12]
         if size <= MONOLITHIC_LIMIT and offset == 0:
             data = path.read_bytes()
-            async with self.client.request("PUT", _with_digest(location, digest), scope=self.scope, ok=(201,),
+            async with self.client.request("PUT", _with_digest(location, digest), scope=self.scope, ok=ANY_STATUS,
                                            data=data, headers={"Content-Type": "application/octet-stream"}) as r:
                 if r.status != 201:
-                    raise PushError(f"upload of {digest} failed: HTTP {r.status}")
+                    raise await _failure(r, f"upload of {digest} failed")
             self.options.progress.advance(name, size)
             return
         chunk_size = min(max(DEFAULT_CHUNK, min_chunk), MAX_CHUNK)
@@ -252,7 +305,7 @@ class Pusher:
                            "Content-Range": f"{offset}-{offset + len(chunk) - 1}"}
                 try:
                     # No automatic re-send: after a break, ask the server where the session is.
-                    async with self.client.request("PATCH", location, scope=self.scope, ok=(202, 416), data=chunk,
+                    async with self.client.request("PATCH", location, scope=self.scope, ok=ANY_STATUS, data=chunk,
                                                    headers=headers, retry=False) as r:
                         if r.status == 202:
                             location = _location(r, location)
@@ -260,8 +313,10 @@ class Pusher:
                         elif r.status == 416 and (resumed := _range_end(r.headers.get("Range"))) is not None:
                             location, offset = _location(r, location), resumed
                         else:
-                            raise PushError(f"upload of {digest} failed: HTTP {r.status}")
-                    self._remember(digest, location)
+                            raise await _failure(r, f"upload of {digest} failed")
+                    await self._remember(digest, location)
+                except (Refused, AuthError):
+                    raise  # sending it again cannot help
                 except RegistryError as exc:
                     failures += 1
                     if failures >= UPLOAD_ATTEMPTS:
@@ -269,6 +324,8 @@ class Pusher:
                     self._note(f"{name}: {exc}; asking the registry where the upload stands")
                     await asyncio.sleep(0.5 * failures)
                     state = await self._status(location)
+                    if state is None and await self._exists(digest):
+                        return  # the session was finished meanwhile (by a push that took it over)
                     if state is None:  # the registry dropped the session: start again, a few times
                         sessions += 1
                         if sessions > UPLOAD_SESSIONS:
@@ -277,19 +334,30 @@ class Pusher:
                         (location, _), offset = await self._start(), 0
                     else:
                         location, offset = state
-                    self._remember(digest, location)
+                    await self._remember(digest, location)
                 if offset > sent:
                     self.options.progress.advance(name, offset - sent)
                     sent = offset
-        async with self.client.request("PUT", _with_digest(location, digest), scope=self.scope, ok=(201,)) as r:
-            if r.status != 201:
-                raise PushError(f"finishing the upload of {digest} failed: HTTP {r.status}")
+        async with self.client.request("PUT", _with_digest(location, digest), scope=self.scope, ok=ANY_STATUS) as r:
+            if r.status == 201:
+                return
+            failure = await _failure(r, f"finishing the upload of {digest} failed")
+        if r.status == 404 and await self._exists(digest):
+            return  # the session was finished meanwhile (by a push that took it over)
+        raise failure
+
+    async def _exists(self, digest: Digest) -> bool:
+        async with self.client.request("HEAD", self._path(f"blobs/{digest}"), scope=self.scope) as r:
+            return r.status == 200
 
     async def _status(self, location: str) -> tuple[str, int] | None:
-        """(location, offset) of an upload session, None when the registry no longer has it."""
-        async with self.client.request("GET", location, scope=self.scope, ok=(204,)) as r:
-            if r.status != 204:
+        """(location, offset) of an upload session, None when the registry no longer has it (or
+        refuses it for good); a break or a busy registry raises."""
+        async with self.client.request("GET", location, scope=self.scope, ok=ANY_STATUS) as r:
+            if r.status == 404 or _final(r.status):
                 return None
+            if r.status != 204:
+                raise await _failure(r, "asking where the upload stands failed")
             end = _range_end(r.headers.get("Range"))
             return (_location(r, location), end) if end is not None else None
 

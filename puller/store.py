@@ -8,6 +8,7 @@ normalised reference. Blobs are stored once, written to a temp file, verified, t
     .kura/partial/<alg>-<hex>   a download not finished yet (resumed by the next pull; flocked
                                 while a pull writes it, so two pulls never write one file)
     .kura/uploads.json          upload sessions a push left unfinished, to continue them
+    .kura/uploads/<hash>        flocked by the push that owns a blob's session (while it does)
     .kura/sources.json          where blobs were seen, for cross-repository mounts
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -225,6 +227,20 @@ class Store:
         """The Location of the upload session a push left for this blob, if any."""
         entry = self._read_json("uploads.json").get(_session_key(host, repository, digest))
         return entry.get("location") if isinstance(entry, dict) else None
+
+    @contextlib.contextmanager
+    def upload_claim(self, host: str, repository: str, digest: str):
+        """True while this process alone owns the upload session of this blob (an exclusive
+        flock, released and its file removed on exit); False when another push owns it."""
+        key = hashlib.sha256(_session_key(host, repository, digest).encode()).hexdigest()
+        path = self.scratch / "uploads" / key
+        path.parent.mkdir(exist_ok=True)
+        with _locked_file(path) as file:
+            try:
+                yield file is not None
+            finally:
+                if file is not None:
+                    path.unlink(missing_ok=True)
 
     def remember_upload_session(self, host: str, repository: str, digest: str, location: str | None) -> None:
         """Record (or, with None, forget) where the upload of a blob stands."""

@@ -104,3 +104,15 @@ async def test_verbose_says_what_is_retried_and_why(aiohttp_server, tmp_path):
     await pull(Reference.parse(f"127.0.0.1:{server.port}/app:v1"), Store(tmp_path / "b"), Registries(),
                lambda host: None, PullOptions(progress=quiet))
     assert quiet.messages == []
+
+
+
+async def test_copy_all_platforms_into_a_docker_archive_is_refused_before_any_transfer(aiohttp_server, tmp_path):
+    """A docker-archive holds one platform: say so before pulling anything (as pull does)."""
+    faults = Faults()
+    server = await aiohttp_server(make_app(LAYER, faults))
+    ran = await run_kura("copy", "--all-platforms", f"127.0.0.1:{server.port}/app:v1",
+                         f"docker-archive:{tmp_path / 'out.tar'}")
+    assert ran.returncode != 0 and "docker-archive holds one platform" in ran.stderr
+    assert len(ran.stderr.splitlines()) == 1
+    assert not [r for r in faults.requests if "blob" in r or "manifest" in r]

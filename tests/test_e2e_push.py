@@ -183,10 +183,10 @@ class DroppingProxy:
     """Forwards to a registry, but breaks the second PATCH: either drops the connection in
     the middle of its body (the registry never sees it) or forwards it and drops the answer
     (the registry stored the chunk; the client does not know), or holds it unanswered until
-    release() (mode "stall"); mode "refuse" answers every PATCH 500 without forwarding it."""
+    release() (mode "stall"); mode "refuse" answers every PATCH `status` without forwarding it."""
 
-    def __init__(self, backend: str, mode: str = "request"):
-        self.backend, self.port, self.patches, self.mode = backend, free_port(), 0, mode
+    def __init__(self, backend: str, mode: str = "request", status: int = 500):
+        self.backend, self.port, self.patches, self.mode, self.status = backend, free_port(), 0, mode, status
         self.requests: list[str] = []
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
@@ -199,7 +199,8 @@ class DroppingProxy:
                 await request.read()
                 if self.mode == "stall":
                     await self.released.wait()
-                return web.json_response({"errors": [{"code": "UNKNOWN", "message": "refused"}]}, status=500)
+                status = self.status if self.mode == "refuse" else 500
+                return web.json_response({"errors": [{"code": "UNKNOWN", "message": "refused"}]}, status=status)
             if self.patches == 2 and self.mode == "request":
                 await request.content.read(1 << 20)
                 request.transport.close()  # mid-body, nothing forwarded
@@ -356,14 +357,38 @@ def test_a_session_the_registry_forgot_is_started_again(plain_kura, env, tmp_pat
     assert store.upload_session(server.host, "forgotten/redis", layer) is None
 
 
-def test_push_that_fails_for_good_deletes_its_upload_session(plain_kura, env, tmp_path):
+@pytest.mark.parametrize("status", [400, 403, 507])
+def test_push_refused_for_good_deletes_its_upload_session_after_one_attempt(plain_kura, env, tmp_path, status):
+    """A 4xx (or 507 storage full) is final: no second PATCH, no new session; the session is
+    deleted and forgotten."""
+    from puller.store import Store
     server, _ = plain_kura
-    with DroppingProxy(server.url, mode="refuse") as proxy:
-        result = kura("push", f"oci:{IMAGES / 'debian'}:bookworm", f"127.0.0.1:{proxy.port}/given-up/debian:bookworm",
+    repository = f"given-up-{status}/debian"
+    with DroppingProxy(server.url, mode="refuse", status=status) as proxy:
+        result = kura("push", f"oci:{IMAGES / 'debian'}:bookworm", f"127.0.0.1:{proxy.port}/{repository}:bookworm",
                       "--store", str(tmp_path / "store"), "-q", env=env)
         assert result.returncode == 1 and result.stderr.startswith("kura: ") and len(result.stderr.splitlines()) == 1
-        assert len([r for r in proxy.requests if r.startswith("DELETE /v2/given-up/debian/blobs/uploads/")]) == 1
-    assert upload_sessions(server, "given-up/debian") == []
+        assert f"HTTP {status}" in result.stderr
+        assert len([r for r in proxy.requests if r.startswith(f"DELETE /v2/{repository}/blobs/uploads/")]) == 1
+        assert proxy.patches == 1
+        assert len([r for r in proxy.requests if r.startswith(f"POST /v2/{repository}/blobs/uploads/")]) == 2
+    assert upload_sessions(server, repository) == []
+    assert json.loads((Store(tmp_path / "store").scratch / "uploads.json").read_text()) == {}
+
+
+def test_push_against_a_failing_registry_keeps_its_session(plain_kura, env, tmp_path):
+    """5xx is not a refusal: the push fails, but the session stays (here and there) to continue."""
+    from puller.store import Store
+    server, _ = plain_kura
+    with DroppingProxy(server.url, mode="refuse", status=500) as proxy:
+        result = kura("push", f"oci:{IMAGES / 'debian'}:bookworm", f"127.0.0.1:{proxy.port}/kept/debian:bookworm",
+                      "--store", str(tmp_path / "store"), "-q", env=env)
+        assert result.returncode == 1 and result.stderr.startswith("kura: ") and len(result.stderr.splitlines()) == 1
+        assert not [r for r in proxy.requests if r.startswith("DELETE")]
+    sessions = upload_sessions(server, "kept/debian")
+    assert len(sessions) == 1
+    recorded = json.loads((Store(tmp_path / "store").scratch / "uploads.json").read_text())
+    assert [v["location"].rsplit("/", 1)[-1].split("?")[0] for v in recorded.values()] == [sessions[0].name]
 
 
 def test_copy_tag_inspect_tags_delete(plain_kura, env, tmp_path):
@@ -444,3 +469,69 @@ def test_copy_from_archives(plain_kura, env, tmp_path):
     missing = kura("copy", f"docker-archive:{tmp_path / 'nope.tar'}", f"{server.host}/copy-archive/x:1", env=env)
     assert missing.returncode == 1 and missing.stderr.startswith("kura: ") and "nope.tar" in missing.stderr
     assert len(missing.stderr.splitlines()) == 1
+
+
+def test_two_pushes_from_one_store_do_not_take_over_each_others_session(plain_kura, env, tmp_path):
+    """The first push is held in the middle of the layer (its session recorded in the store);
+    a second push of the same layer from the same store must not continue that session, which
+    the first one still owns: it opens its own, and the first then finishes its own."""
+    server, log = plain_kura
+    store = str(tmp_path / "store")
+    with DroppingProxy(server.url, mode="stall") as proxy:
+        first = subprocess.Popen([sys.executable, "-m", "kura", "push", "-v", f"oci:{IMAGES / 'debian'}:bookworm",
+                                  f"127.0.0.1:{proxy.port}/twice/debian:a", "--store", store], cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while proxy.patches < 2:
+                assert first.poll() is None, first.stderr.read()
+                assert time.monotonic() < deadline, "the push never reached its second chunk"
+                time.sleep(0.05)
+            second = kura("push", "-v", f"oci:{IMAGES / 'debian'}:bookworm", f"127.0.0.1:{proxy.port}/twice/debian:b",
+                          "--store", store, env=env)
+            proxy.release()
+            out, err = first.communicate(timeout=120)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    assert second.returncode == 0, second.stderr
+    assert first.returncode == 0, err
+    assert "continuing the upload" not in second.stderr
+    assert "dropped the upload" not in err and "404" not in err
+    assert not [r for r in proxy.requests if r.startswith("DELETE")]
+    assert upload_sessions(server, "twice/debian") == []
+
+
+def test_a_push_that_lost_the_registry_continues_its_session_after_a_restart(env, tmp_path):
+    """The registry dies in the middle of a layer: the push fails but keeps its session; with the
+    registry back (same root, same port) the same push continues that session."""
+    require_shared()
+    root, port, store = tmp_path / "data", free_port(), str(tmp_path / "store")
+    server = start_kura(root, port, log=tmp_path / "kura.log")
+    try:
+        with DroppingProxy(server.url, mode="stall") as proxy:
+            target = f"127.0.0.1:{proxy.port}/restarted/debian:bookworm"
+            first = subprocess.Popen([sys.executable, "-m", "kura", "push", f"oci:{IMAGES / 'debian'}:bookworm",
+                                      target, "--store", store, "-q"], cwd=REPO, env=env, stderr=subprocess.PIPE,
+                                     text=True)
+            try:
+                deadline = time.monotonic() + 60
+                while proxy.patches < 2:
+                    assert first.poll() is None, first.stderr.read()
+                    assert time.monotonic() < deadline, "the push never reached its second chunk"
+                    time.sleep(0.05)
+                stop(server, signal.SIGKILL)
+                proxy.release()
+                assert first.wait(120) == 1
+            finally:
+                if first.poll() is None:
+                    first.kill()
+                first.stderr.close()
+            server = start_kura(root, port, log=tmp_path / "kura.log")
+            second = kura("push", "-v", f"oci:{IMAGES / 'debian'}:bookworm", target, "--store", store, env=env)
+            assert second.returncode == 0, second.stderr
+            assert "continuing the upload an earlier push left, at byte 16777216" in second.stderr
+            assert not [r for r in proxy.requests if r.startswith("DELETE")]
+        assert upload_sessions(server, "restarted/debian") == []
+    finally:
+        stop(server)

@@ -171,3 +171,26 @@ def test_rmi_cleans_old_partial_files_but_not_recent_or_busy_ones(tmp_path):
         store.remove("example.com/app:1")
     assert not old.exists() and not stale_temp.exists()
     assert recent.exists() and busy.exists()
+
+
+@pytest.mark.parametrize("kept", ["the blob", "other bytes"])
+async def test_a_partial_file_holding_every_byte_is_finished_against_a_real_kura(client, tmp_path, kept):
+    """A partial as long as the blob: Kura answers `Range: bytes=<size>-` with 416, so the
+    partial is checked locally (installed when it matches, fetched again from 0 otherwise)."""
+    from tests.conftest import push_image
+    await push_image(client, "app", "v1", layer=LAYER)
+    store = Store(tmp_path / "store")
+    partial = store.partial_path(LAYER_DIGEST)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(LAYER if kept == "the blob" else os.urandom(len(LAYER)))
+    await run_pull(client.server, store)
+    assert installed(store.root) == LAYER and not partial.exists()
+
+
+async def test_a_blob_that_fails_before_its_first_byte_leaves_no_partial_file(aiohttp_server, tmp_path):
+    from puller.transport import RegistryError
+    server = await aiohttp_server(make_app(LAYER, Faults(missing_layer=True)))
+    store = Store(tmp_path / "store")
+    with pytest.raises(RegistryError):
+        await run_pull(server, store)
+    assert not store.partial_path(LAYER_DIGEST).exists()
