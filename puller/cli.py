@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from .prompt import Interrupted
+    from kura.prompt import Interrupted
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -243,7 +243,7 @@ def _unpack_into(store: Store, digest, bundle: Path, args) -> None:
 
 def _login(args) -> int:
     from .login import normalise_server, verify
-    from .prompt import ask
+    from kura.prompt import ask
     if args.password is not None:
         print("kura: --password would leave the password in your shell history and process list; "
               "use --password-stdin (echo \"$PASSWORD\" | kura login -u USER --password-stdin SERVER)",
@@ -431,7 +431,7 @@ def _tags(args) -> int:
 
 
 def _delete(args) -> int:
-    from .prompt import confirm
+    from kura.prompt import confirm
     from .remote import delete_manifest, delete_tag
     reference = Reference.parse(args.reference)
     registries = Registries.load(args.registries_conf)

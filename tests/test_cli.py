@@ -1,8 +1,13 @@
 """The `kura` dispatcher and `kura serve` flags."""
 
+import os
+import re
 import subprocess
 import sys
+import time
 import urllib.request
+
+import pytest
 
 from tests.support.paths import REPO
 from tests.support.servers import free_port, start_kura, stop, wait_until_up
@@ -187,3 +192,50 @@ def test_server_commands_have_described_help_with_examples():
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
         assert any(line.strip() == example for line in lines), result.stdout  # a line of its own, as written
+
+
+# ------------------------------------------------------------------ the server's commands at a terminal
+
+def test_ctrl_c_at_the_user_add_password_prompt_exits_quietly(tmp_path):
+    from tests.support.terminal import CTRL_C, Terminal
+
+    path = tmp_path / "htpasswd"
+    terminal = Terminal(tmp_path / "home", "user", "add", "alice", "--file", str(path))
+    terminal.expect("Password: ")
+    terminal.send(CTRL_C)
+    code, output = terminal.wait()
+    assert code == 130
+    assert re.fullmatch(r"Password: (\^C)?\r\n", output), output
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("at", ["Password: ", "Repeat password: "])
+def test_ctrl_d_at_a_user_add_password_prompt_is_a_one_line_message(at, tmp_path):
+    from tests.support.terminal import CTRL_D, Terminal
+
+    path = tmp_path / "htpasswd"
+    terminal = Terminal(tmp_path / "home", "user", "add", "alice", "--file", str(path))
+    terminal.expect("Password: ")
+    if at == "Repeat password: ":
+        terminal.send(b"long-enough\r")
+        terminal.expect(at)
+    terminal.send(CTRL_D)
+    code, output = terminal.wait()
+    assert code == 1 and "Traceback" not in output
+    assert output.endswith(f"{at}\r\nkura: no password given (end of input)\r\n"), output
+    assert not path.exists()
+
+
+def test_ctrl_c_during_fsck_is_one_line(tmp_path):
+    from tests.support.terminal import CTRL_C, Terminal
+
+    # A blob that is a named pipe: fsck blocks reading it, as it would hashing a large blob.
+    prefix = tmp_path / "data" / "blobs" / "sha256" / "ab"
+    prefix.mkdir(parents=True)
+    os.mkfifo(prefix / ("ab" * 32))
+    terminal = Terminal(tmp_path / "home", "fsck", "--root", str(tmp_path / "data"))
+    time.sleep(0.5)  # let it start: send() then waits until it blocks on the pipe
+    terminal.send(CTRL_C)
+    code, output = terminal.wait()
+    assert code == 130 and "Traceback" not in output, output
+    assert output.endswith("kura: interrupted\r\n"), output
