@@ -437,13 +437,14 @@ def _delete(args) -> int:
     registries = Registries.load(args.registries_conf)
     digest = reference.digest
     if digest is None:
-        digest = asyncio.run(delete_tag(reference, registries, creds.lookup))
-        if digest is None:
+        kept = asyncio.run(delete_tag(reference, registries, creds.lookup))
+        if kept is None:
             print(f"deleted tag {reference} (the manifest stays, with any other tags pointing at it)")
             return 0
+        digest = kept.digest
         # Asked outside the event loop, where Ctrl-C is a plain KeyboardInterrupt.
-        what = (f"{reference.domain} cannot delete a tag by itself: deleting {reference} means deleting "
-                f"manifest {digest}, and with it every tag that points at it")
+        what = (f"{reference.domain} refused to delete the tag by itself ({kept.reason}): deleting {reference} "
+                f"means deleting manifest {digest}, and with it every tag that points at it")
         if not args.yes:
             if not sys.stdin.isatty():
                 raise ValueError(f"{what}; pass --yes to do that")
