@@ -527,7 +527,6 @@ def _images(args, store: Store) -> int:
 def _stored_platform(store: Store, descriptor: dict) -> str:
     """The platform a pull chose from an index, else the one the image's config states ("" for
     an index, or when the image cannot say)."""
-    from .remote import config_platform
     platform = descriptor.get("platform") or {}
     if platform:
         return "/".join(str(x) for x in (platform.get("os"), platform.get("architecture"),
@@ -536,8 +535,8 @@ def _stored_platform(store: Store, descriptor: dict) -> str:
         document = store.read_json(Digest.parse(descriptor["digest"]), MANIFEST_LIMIT, "manifest")
         if "config" not in document:
             return ""
-        return config_platform(store.read_json(Digest.parse(document["config"]["digest"]), CONFIG_LIMIT,
-                                               "image config"))
+        config = store.read_json(Digest.parse(document["config"]["digest"]), CONFIG_LIMIT, "image config")
+        return str(Platform.of_config(config) or "")
     except (StoreError, OSError, ValueError, KeyError, TypeError):
         return ""  # one unreadable image must not hide the list
 

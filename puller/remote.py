@@ -15,7 +15,7 @@ from ocispec.digest import Digest, InvalidDigest
 from ocispec.reference import Reference
 
 from .limits import CONFIG_LIMIT
-from .platform import Platform
+from .platform import Platform, fits
 from .pull import _NestedIndexes, fetch_manifest
 from .registries import Registries
 from .transport import RegistryClient, RegistryError, _error_text, printable, read_limited
@@ -78,14 +78,9 @@ def describe(name: str, digest: Digest, media_type: str, raw: bytes, document: d
                      for layer in document.get("layers", [])]
     if config is not None:
         out["config"] = config
-        out.update({"created": config.get("created"), "platform": config_platform(config)})
+        out.update({"created": config.get("created"), "platform": str(Platform.of_config(config) or "")})
         out.update(_runtime(config.get("config")))
     return out
-
-
-def config_platform(config: dict) -> str:
-    """os/architecture[/variant] as an image config states it."""
-    return "/".join(str(config[key]) for key in ("os", "architecture", "variant") if config.get(key))
 
 
 def _runtime(runtime) -> dict:
@@ -111,7 +106,7 @@ def check_platform(info: dict, wanted: Platform | None) -> None:
         actual = Platform.parse(info["platform"])
     except ValueError:
         actual = None
-    if actual is None or not actual.matches(wanted):
+    if actual is None or not fits(actual, wanted):
         raise RegistryError(f"{info['reference']} is a single-platform image for {printable(info['platform'])}, "
                             f"not {wanted}")
 
