@@ -158,6 +158,8 @@ def _user(args, config) -> int:
     path = args.file or config.auth.htpasswd_path(config.root)
     try:
         if args.action == "list":
+            if not path.exists():
+                raise htpasswd.HtpasswdError(f"{path} does not exist (kura user add creates it)")
             for name in htpasswd.list_users(path):
                 print(name)
             return 0

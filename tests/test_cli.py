@@ -37,6 +37,26 @@ def test_mistyped_command_suggests_the_closest():
     assert result.returncode == 2
     assert result.stderr == "kura: unknown command 'pul'; did you mean 'pull'?\n"
     assert "did you mean 'serve'" in kura("sevre").stderr
+    for other_tools in ("ps", "logs"):  # docker's, not typos of push and login
+        assert kura(other_tools).stderr == f"kura: unknown command {other_tools!r} (kura --help lists them)\n"
+
+
+@pytest.mark.parametrize("typed, suggested", [
+    ("pul", "pull"), ("sevre", "serve"), ("imgaes", "images"), ("inpsect", "inspect"), ("delte", "delete"),
+    ("unpakc", "unpack"), ("loign", "login"),
+    # other tools' commands are not typos of ours: one edit (two from six letters) at most
+    ("ps", None), ("logs", None), ("run", None), ("rm", "rmi"), ("build", None), ("exec", None),
+])
+def test_did_you_mean_only_for_a_close_typo(typed, suggested):
+    from kura.__main__ import suggestion
+    assert suggestion(typed) == suggested
+
+
+def test_help_passes_every_word():
+    result = kura("help", "user", "add")
+    assert result.returncode == 0 and result.stdout.startswith("usage: kura user add"), result.stdout
+    result = kura("help", "repo", "delete")
+    assert result.returncode == 0 and result.stdout.startswith("usage: kura repo delete"), result.stdout
 
 
 def test_help_command_shows_the_subcommands_help():
@@ -111,7 +131,12 @@ def test_user_add_and_remove(tmp_path):
 
 def test_user_list(tmp_path):
     path = tmp_path / "htpasswd"
-    assert kura("user", "list", "--file", str(path)).stdout == ""
+    missing = kura("user", "list", "--file", str(path))
+    assert missing.returncode == 1
+    assert missing.stderr == f"kura: {path} does not exist (kura user add creates it)\n" and missing.stdout == ""
+    missing = kura("user", "list", "--root", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1
+    assert missing.stderr == f"kura: {tmp_path / 'nowhere' / 'auth' / 'htpasswd'} does not exist (kura user add creates it)\n"
     for name in ("carol", "alice"):
         assert kura("user", "add", name, "--file", str(path), input="long-enough\n").returncode == 0
     result = kura("user", "list", "--file", str(path))
