@@ -46,11 +46,30 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-def _unknown(command: str) -> int:
-    import difflib
+def typos(a: str, b: str) -> int:
+    """Edits from `a` to `b`: a letter added, dropped, changed, or two neighbours swapped."""
+    previous2, previous = [], list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        row = [i]
+        for j, y in enumerate(b, 1):
+            row.append(min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (x != y)))
+            if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
+                row[j] = min(row[j], previous2[j - 2] + 1)
+        previous2, previous = previous, row
+    return previous[-1]
 
-    guess = difflib.get_close_matches(command, SERVER_COMMANDS + CLIENT_COMMANDS, n=1, cutoff=0.6)
-    hint = f"; did you mean {guess[0]!r}?" if guess else " (kura --help lists them)"
+
+def suggestion(command: str) -> str | None:
+    """The command `command` is a typo of: one edit away (two from six letters on). Further is
+    more likely another tool's command (docker's ps, logs) than a slip of ours."""
+    allowed = 1 if len(command) < 6 else 2
+    distance, best = min((typos(command, known), known) for known in SERVER_COMMANDS + CLIENT_COMMANDS)
+    return best if distance <= allowed else None
+
+
+def _unknown(command: str) -> int:
+    guess = suggestion(command)
+    hint = f"; did you mean {guess!r}?" if guess else " (kura --help lists them)"
     print(f"kura: unknown command {command!r}{hint}", file=sys.stderr)
     return 2
 
@@ -61,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kura {version()}")
         return 0
     if argv[:1] == ["help"] and len(argv) > 1:
-        argv = [argv[1], "--help"]
+        argv = [*argv[1:], "--help"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if argv else 2

@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from .prompt import Interrupted
+    from kura.prompt import Interrupted
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -243,7 +243,7 @@ def _unpack_into(store: Store, digest, bundle: Path, args) -> None:
 
 def _login(args) -> int:
     from .login import normalise_server, verify
-    from .prompt import ask
+    from kura.prompt import ask
     if args.password is not None:
         print("kura: --password would leave the password in your shell history and process list; "
               "use --password-stdin (echo \"$PASSWORD\" | kura login -u USER --password-stdin SERVER)",
@@ -431,19 +431,20 @@ def _tags(args) -> int:
 
 
 def _delete(args) -> int:
-    from .prompt import confirm
+    from kura.prompt import confirm
     from .remote import delete_manifest, delete_tag
     reference = Reference.parse(args.reference)
     registries = Registries.load(args.registries_conf)
     digest = reference.digest
     if digest is None:
-        digest = asyncio.run(delete_tag(reference, registries, creds.lookup))
-        if digest is None:
+        kept = asyncio.run(delete_tag(reference, registries, creds.lookup))
+        if kept is None:
             print(f"deleted tag {reference} (the manifest stays, with any other tags pointing at it)")
             return 0
+        digest = kept.digest
         # Asked outside the event loop, where Ctrl-C is a plain KeyboardInterrupt.
-        what = (f"{reference.domain} cannot delete a tag by itself: deleting {reference} means deleting "
-                f"manifest {digest}, and with it every tag that points at it")
+        what = (f"{reference.domain} refused to delete the tag by itself ({kept.reason}): deleting {reference} "
+                f"means deleting manifest {digest}, and with it every tag that points at it")
         if not args.yes:
             if not sys.stdin.isatty():
                 raise ValueError(f"{what}; pass --yes to do that")
@@ -528,7 +529,6 @@ def _images(args, store: Store) -> int:
 def _stored_platform(store: Store, descriptor: dict) -> str:
     """The platform a pull chose from an index, else the one the image's config states ("" for
     an index, or when the image cannot say)."""
-    from .remote import config_platform
     platform = descriptor.get("platform") or {}
     if platform:
         return "/".join(str(x) for x in (platform.get("os"), platform.get("architecture"),
@@ -537,8 +537,8 @@ def _stored_platform(store: Store, descriptor: dict) -> str:
         document = store.read_json(Digest.parse(descriptor["digest"]), MANIFEST_LIMIT, "manifest")
         if "config" not in document:
             return ""
-        return config_platform(store.read_json(Digest.parse(document["config"]["digest"]), CONFIG_LIMIT,
-                                               "image config"))
+        config = store.read_json(Digest.parse(document["config"]["digest"]), CONFIG_LIMIT, "image config")
+        return str(Platform.of_config(config) or "")
     except (StoreError, OSError, ValueError, KeyError, TypeError):
         return ""  # one unreadable image must not hide the list
 

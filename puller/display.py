@@ -19,6 +19,8 @@ def human_size(size: int) -> str:
         value /= 1000
     else:
         unit = _UNITS[-1]
+        if float(f"{value:.3g}") >= 1000:  # beyond the last unit: whole ones, not "1e+03 PB"
+            return f"{value:.0f} {unit}"
     return f"{value:.3g} {unit}"
 
 

@@ -38,19 +38,18 @@ class Platform:
             return None
         return cls(p["os"], p["architecture"], p.get("variant") or None)
 
-    def matches(self, other: "Platform") -> bool:
-        if (self.os, self.architecture) != (other.os, other.architecture):
-            return False
-        if self.variant is None or other.variant is None:
-            return True
-        return _variant(self) == _variant(other)
+    @classmethod
+    def of_config(cls, config) -> "Platform | None":
+        """What an image config says it runs on; None when it does not say (in strings)."""
+        if not isinstance(config, dict):
+            return None
+        os_name, architecture, variant = config.get("os"), config.get("architecture"), config.get("variant")
+        if not (isinstance(os_name, str) and os_name and isinstance(architecture, str) and architecture):
+            return None
+        return cls(os_name, architecture, variant if isinstance(variant, str) and variant else None)
 
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-
-def _variant(p: Platform) -> str | None:
-    return "v8" if p.architecture == "arm64" and p.variant in (None, "v8") else p.variant
 
 
 def well_formed(descriptor: dict) -> bool:
@@ -71,8 +70,8 @@ def runnable_entries(index: dict) -> list[dict]:
 
 def matching(index: dict, wanted: Platform) -> list[dict]:
     """The index's entries for `wanted`, the best first (an exact variant before none)."""
-    found = [d for d in runnable_entries(index) if (p := Platform.of(d)) and p.matches(wanted)]
-    found.sort(key=lambda d: Platform.of(d).variant != wanted.variant)
+    found = [d for d in runnable_entries(index) if (p := Platform.of(d)) and fits(p, wanted)]
+    found.sort(key=lambda d: Platform.of(d) != wanted)  # spelled as asked first
     return found
 
 
@@ -111,7 +110,7 @@ def normalise(p: Platform) -> Platform:
     return Platform("darwin" if os_name == "macos" else os_name, arch, variant)
 
 
-def fits(image: Platform, wanted: Platform) -> bool:
-    """Whether a single image of platform `image` is what `--platform wanted` asks for."""
-    image, wanted = normalise(image), normalise(wanted)
-    return (image.os, image.architecture, image.variant) == (wanted.os, wanted.architecture, wanted.variant)
+def fits(offered: Platform, wanted: Platform) -> bool:
+    """Whether `offered` (an index entry's platform, an image config's) is what `--platform
+    wanted` asks for: the one comparison pull, copy and inspect make, on normalised spellings."""
+    return normalise(offered) == normalise(wanted)

@@ -467,7 +467,7 @@ async def _require_platform(client: RegistryClient, manifest: _Manifest, referen
         config = json.loads(data)
     except ValueError:
         raise VerificationError(f"image config {digest} is not JSON") from None
-    offered = _config_platform(config)
+    offered = Platform.of_config(config)
     if offered is not None and not fits(offered, wanted):
         raise PlatformMismatch(f"{reference} is {offered} only; asked for {wanted}")
     return {str(digest): data}
@@ -475,23 +475,6 @@ async def _require_platform(client: RegistryClient, manifest: _Manifest, referen
 
 class PlatformMismatch(RegistryError):
     pass
-
-
-def _config_platform(config) -> Platform | None:
-    """What an image config says it runs on; None when it does not say (in strings)."""
-    if not isinstance(config, dict):
-        return None
-    os_name, architecture, variant = config.get("os"), config.get("architecture"), config.get("variant")
-    if not (isinstance(os_name, str) and os_name and isinstance(architecture, str) and architecture):
-        return None
-    return Platform(os_name, architecture, variant if isinstance(variant, str) and variant else None)
-
-
-def _platform_of(index: _Manifest, child: _Manifest) -> dict | None:
-    for entry in index.document.get("manifests", []):
-        if entry.get("digest") == str(child.digest):
-            return entry.get("platform")
-    return None
 
 
 __all__ = ["PullOptions", "PullResult", "pull", "fetch_manifest", "download_blob", "Endpoint"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from contextlib import asynccontextmanager
+from typing import NamedTuple
 from urllib.parse import urljoin
 
 import aiohttp
@@ -14,7 +15,7 @@ from ocispec.digest import Digest, InvalidDigest
 from ocispec.reference import Reference
 
 from .limits import CONFIG_LIMIT
-from .platform import Platform
+from .platform import Platform, fits
 from .pull import _NestedIndexes, fetch_manifest
 from .registries import Registries
 from .transport import RegistryClient, RegistryError, _error_text, printable, read_limited
@@ -77,14 +78,9 @@ def describe(name: str, digest: Digest, media_type: str, raw: bytes, document: d
                      for layer in document.get("layers", [])]
     if config is not None:
         out["config"] = config
-        out.update({"created": config.get("created"), "platform": config_platform(config)})
+        out.update({"created": config.get("created"), "platform": str(Platform.of_config(config) or "")})
         out.update(_runtime(config.get("config")))
     return out
-
-
-def config_platform(config: dict) -> str:
-    """os/architecture[/variant] as an image config states it."""
-    return "/".join(str(config[key]) for key in ("os", "architecture", "variant") if config.get(key))
 
 
 def _runtime(runtime) -> dict:
@@ -110,7 +106,7 @@ def check_platform(info: dict, wanted: Platform | None) -> None:
         actual = Platform.parse(info["platform"])
     except ValueError:
         actual = None
-    if actual is None or not actual.matches(wanted):
+    if actual is None or not fits(actual, wanted):
         raise RegistryError(f"{info['reference']} is a single-platform image for {printable(info['platform'])}, "
                             f"not {wanted}")
 
@@ -159,10 +155,21 @@ def _next_page(link: str) -> str | None:
     return None
 
 
-async def delete_tag(reference: Reference, registries: Registries, credentials) -> Digest | None:
+# A registry's error that says it deletes nothing at all (Kura: "deletes are disabled on this
+# registry"), as opposed to one that only cannot delete a tag by itself.
+_DELETES_DISABLED = re.compile(r"\bdisabled\b|\bdelet\w* (?:are|is) not (?:allowed|enabled|supported)", re.I)
+
+
+class TagKept(NamedTuple):
+    """A tag the registry refused to delete by itself, and the manifest only whose deletion removes it."""
+    digest: Digest
+    reason: str  # the registry's answer, e.g. "HTTP 400 DIGEST_INVALID: ..."
+
+
+async def delete_tag(reference: Reference, registries: Registries, credentials) -> TagKept | None:
     """Delete just the tag: None when done. A registry that cannot delete a tag by itself (the
-    spec lets it answer 400 or 405) keeps it; then the digest of the manifest the tag points
-    at, which only deleting that manifest (and every tag on it) would remove."""
+    spec lets it answer 400 or 405) keeps it; then its reason and the digest of the manifest the
+    tag points at. A registry whose error says it deletes nothing is a RegistryError."""
     async with connect(reference, registries, credentials) as client:
         scope = f"repository:{client.endpoint.repository}:delete"
         async with client.request("DELETE", client.repo_path(f"manifests/{reference.tag}"), scope=scope,
@@ -171,7 +178,10 @@ async def delete_tag(reference: Reference, registries: Registries, credentials) 
                 raise RegistryError(f"{reference} not found")
             if r.status in (200, 202):
                 return None
-        return await _resolve(client, reference)
+            reason = f"HTTP {r.status} {await _error_text(r)}".rstrip()
+            if _DELETES_DISABLED.search(reason):
+                raise RegistryError(f"{reference.domain} refused to delete {reference} ({reason}); nothing deleted")
+        return TagKept(await _resolve(client, reference), reason)
 
 
 async def delete_manifest(reference: Reference, digest: Digest, registries: Registries, credentials) -> None:
@@ -183,8 +193,9 @@ async def delete_manifest(reference: Reference, digest: Digest, registries: Regi
             if r.status == 404:
                 raise RegistryError(f"{reference} not found")
             if r.status == 405:
-                raise RegistryError(f"{reference.domain} does not allow deleting manifests "
-                                    f"(HTTP 405 {await _error_text(r)}); nothing deleted")
+                reason = f"HTTP 405 {await _error_text(r)}".rstrip()
+                raise RegistryError(f"{reference.domain} refused to delete manifest {digest} ({reason}); "
+                                    "nothing deleted")
 
 
 async def _resolve(client: RegistryClient, reference: Reference) -> Digest:

@@ -124,6 +124,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argpa
 
 
 def main(argv: list[str]) -> int:
+    from kura.prompt import Interrupted
+    try:
+        return _run(argv)
+    except Interrupted:  # Ctrl-C at a prompt: the line is ended, nothing more to say
+        return 130
+    except KeyboardInterrupt:
+        print("kura: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str]) -> int:
     parser, own = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -154,11 +165,15 @@ def main(argv: list[str]) -> int:
 
 
 def _user(args, config) -> int:
+    from kura.prompt import NoAnswer
+
     from .auth import htpasswd
 
     path = args.file or config.auth.htpasswd_path(config.root)
     try:
         if args.action == "list":
+            if not path.exists():
+                raise htpasswd.HtpasswdError(f"{path} does not exist (kura user add creates it)")
             for name in htpasswd.list_users(path):
                 print(name)
             return 0
@@ -175,7 +190,7 @@ def _user(args, config) -> int:
             raise htpasswd.HtpasswdError(f"the password must have at least {config.auth.min_password_length} "
                                          "characters (auth.min_password_length)")
         existed = htpasswd.set_user(path, args.name, password)
-    except (htpasswd.HtpasswdError, OSError) as exc:
+    except (htpasswd.HtpasswdError, NoAnswer, OSError) as exc:
         print(f"kura: {exc}", file=sys.stderr)
         return 1
     print(f"{'updated' if existed else 'added'} {args.name} in {path}")
@@ -183,11 +198,11 @@ def _user(args, config) -> int:
 
 
 def _read_password() -> str:
-    import getpass
+    from kura.prompt import ask
 
     if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat password: ") != password:
+        password = ask("Password: ", "password", secret=True)
+        if ask("Repeat password: ", "password", secret=True) != password:
             raise _mismatch()
         return password
     return sys.stdin.readline().rstrip("\r\n")

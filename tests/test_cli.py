@@ -1,8 +1,13 @@
 """The `kura` dispatcher and `kura serve` flags."""
 
+import os
+import re
 import subprocess
 import sys
+import time
 import urllib.request
+
+import pytest
 
 from tests.support.paths import REPO
 from tests.support.servers import free_port, start_kura, stop, wait_until_up
@@ -32,6 +37,26 @@ def test_mistyped_command_suggests_the_closest():
     assert result.returncode == 2
     assert result.stderr == "kura: unknown command 'pul'; did you mean 'pull'?\n"
     assert "did you mean 'serve'" in kura("sevre").stderr
+    for other_tools in ("ps", "logs"):  # docker's, not typos of push and login
+        assert kura(other_tools).stderr == f"kura: unknown command {other_tools!r} (kura --help lists them)\n"
+
+
+@pytest.mark.parametrize("typed, suggested", [
+    ("pul", "pull"), ("sevre", "serve"), ("imgaes", "images"), ("inpsect", "inspect"), ("delte", "delete"),
+    ("unpakc", "unpack"), ("loign", "login"),
+    # other tools' commands are not typos of ours: one edit (two from six letters) at most
+    ("ps", None), ("logs", None), ("run", None), ("rm", "rmi"), ("build", None), ("exec", None),
+])
+def test_did_you_mean_only_for_a_close_typo(typed, suggested):
+    from kura.__main__ import suggestion
+    assert suggestion(typed) == suggested
+
+
+def test_help_passes_every_word():
+    result = kura("help", "user", "add")
+    assert result.returncode == 0 and result.stdout.startswith("usage: kura user add"), result.stdout
+    result = kura("help", "repo", "delete")
+    assert result.returncode == 0 and result.stdout.startswith("usage: kura repo delete"), result.stdout
 
 
 def test_help_command_shows_the_subcommands_help():
@@ -106,7 +131,12 @@ def test_user_add_and_remove(tmp_path):
 
 def test_user_list(tmp_path):
     path = tmp_path / "htpasswd"
-    assert kura("user", "list", "--file", str(path)).stdout == ""
+    missing = kura("user", "list", "--file", str(path))
+    assert missing.returncode == 1
+    assert missing.stderr == f"kura: {path} does not exist (kura user add creates it)\n" and missing.stdout == ""
+    missing = kura("user", "list", "--root", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1
+    assert missing.stderr == f"kura: {tmp_path / 'nowhere' / 'auth' / 'htpasswd'} does not exist (kura user add creates it)\n"
     for name in ("carol", "alice"):
         assert kura("user", "add", name, "--file", str(path), input="long-enough\n").returncode == 0
     result = kura("user", "list", "--file", str(path))
@@ -187,3 +217,50 @@ def test_server_commands_have_described_help_with_examples():
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
         assert any(line.strip() == example for line in lines), result.stdout  # a line of its own, as written
+
+
+# ------------------------------------------------------------------ the server's commands at a terminal
+
+def test_ctrl_c_at_the_user_add_password_prompt_exits_quietly(tmp_path):
+    from tests.support.terminal import CTRL_C, Terminal
+
+    path = tmp_path / "htpasswd"
+    terminal = Terminal(tmp_path / "home", "user", "add", "alice", "--file", str(path))
+    terminal.expect("Password: ")
+    terminal.send(CTRL_C)
+    code, output = terminal.wait()
+    assert code == 130
+    assert re.fullmatch(r"Password: (\^C)?\r\n", output), output
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("at", ["Password: ", "Repeat password: "])
+def test_ctrl_d_at_a_user_add_password_prompt_is_a_one_line_message(at, tmp_path):
+    from tests.support.terminal import CTRL_D, Terminal
+
+    path = tmp_path / "htpasswd"
+    terminal = Terminal(tmp_path / "home", "user", "add", "alice", "--file", str(path))
+    terminal.expect("Password: ")
+    if at == "Repeat password: ":
+        terminal.send(b"long-enough\r")
+        terminal.expect(at)
+    terminal.send(CTRL_D)
+    code, output = terminal.wait()
+    assert code == 1 and "Traceback" not in output
+    assert output.endswith(f"{at}\r\nkura: no password given (end of input)\r\n"), output
+    assert not path.exists()
+
+
+def test_ctrl_c_during_fsck_is_one_line(tmp_path):
+    from tests.support.terminal import CTRL_C, Terminal
+
+    # A blob that is a named pipe: fsck blocks reading it, as it would hashing a large blob.
+    prefix = tmp_path / "data" / "blobs" / "sha256" / "ab"
+    prefix.mkdir(parents=True)
+    os.mkfifo(prefix / ("ab" * 32))
+    terminal = Terminal(tmp_path / "home", "fsck", "--root", str(tmp_path / "data"))
+    time.sleep(0.5)  # let it start: send() then waits until it blocks on the pipe
+    terminal.send(CTRL_C)
+    code, output = terminal.wait()
+    assert code == 130 and "Traceback" not in output, output
+    assert output.endswith("kura: interrupted\r\n"), output

@@ -9,6 +9,8 @@ from puller.display import command_line, human_size
     (0, "0 B"), (999, "999 B"), (1000, "1 kB"), (1084928, "1.08 MB"), (77275711, "77.3 MB"),
     (123456789, "123 MB"), (999_499, "999 kB"), (999_500, "1 MB"), (999_950_000, "1 GB"),
     (5 * 10**12, "5 TB"), (3 * 10**15, "3 PB"),
+    # beyond the last unit: whole petabytes, never an exponent
+    (999_600 * 10**12, "1000 PB"), (10**18, "1000 PB"), (12_345 * 10**15, "12345 PB"),
 ])
 def test_human_size_is_decimal_with_three_significant_digits_like_docker(size, shown):
     assert human_size(size) == shown

@@ -161,9 +161,18 @@ def test_delete_on_a_registry_that_deletes_nothing(tmp_path, home):
     try:
         digest = push_two_tags(home, server.host, "del/off")
         message = one_line_error(kura(home, "delete", "--yes", f"{server.host}/del/off:a"))
-        assert message == (f"kura: {server.host} does not allow deleting manifests (HTTP 405 UNSUPPORTED: "
+        assert message == (f"kura: {server.host} refused to delete {server.host}/del/off:a (HTTP 405 UNSUPPORTED: "
                            "deletes are disabled on this registry); nothing deleted")
-        assert one_line_error(kura(home, "delete", f"{server.host}/del/off@{digest}")) == message
+        assert one_line_error(kura(home, "delete", f"{server.host}/del/off@{digest}")) == (
+            f"kura: {server.host} refused to delete manifest {digest} (HTTP 405 UNSUPPORTED: "
+            "deletes are disabled on this registry); nothing deleted")
+        # Without --yes the registry's own reason is shown, and no manifest delete is offered
+        # (it would be refused too): not in a script, and not at a terminal.
+        assert one_line_error(kura(home, "delete", f"{server.host}/del/off:b")) == message.replace(":a ", ":b ")
+        terminal = Terminal(home, "delete", f"{server.host}/del/off:a")
+        code, output = terminal.wait()
+        assert code == 1 and "[y/N]" not in output, output
+        assert output == message + "\r\n"
         assert tags(home, server.host, "del/off") == ["a", "b", "other"]
     finally:
         stop(server)

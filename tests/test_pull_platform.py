@@ -3,6 +3,7 @@ normalises platforms); not asked for, whatever the image is gets pulled, as befo
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -11,7 +12,7 @@ from puller import platform as platforms
 from puller.platform import Platform
 from puller.store import Store
 from tests.support.cli import run_kura
-from tests.support.faulty_registry import Faults, make_app, sha256
+from tests.support.faulty_registry import Faults, image, index_of, make_app, sha256
 
 LAYER = os.urandom(64 * 1024)
 ARM64_CONFIG = b'{"architecture":"arm64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
@@ -81,3 +82,35 @@ async def test_copy_with_another_platform_is_refused(aiohttp_server, tmp_path):
     assert not out.exists()
     ran = await run_kura("copy", reference, f"oci:{out}:x", "--platform", "linux/amd64", "-q")
     assert ran.returncode == 0, ran.stderr
+
+
+def config_for(platform: str) -> bytes:
+    p = Platform.parse(platform)
+    return json.dumps({"os": p.os, "architecture": p.architecture, **({"variant": p.variant} if p.variant else {}),
+                       "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+
+
+# One comparison everywhere: pulling a single image, choosing from an index (pull and inspect),
+# and inspecting a single image all agree on every spelling.
+@pytest.mark.parametrize("offered, wanted, fits", [
+    ("linux/arm/v6", "linux/arm", False),   # linux/arm is arm/v7
+    ("linux/arm", "linux/arm/v7", True),
+    ("linux/x86_64", "linux/amd64", True),
+    ("linux/aarch64", "linux/arm64", True),
+    ("linux/arm64/v8", "linux/arm64", True),
+    ("linux/amd64", "linux/arm64", False),
+])
+async def test_every_platform_check_agrees(offered, wanted, fits, aiohttp_server, tmp_path):
+    config = config_for(offered)
+    manifest = image(LAYER, config=config)[0]
+    p = Platform.parse(offered)
+    index = index_of((manifest, {"os": p.os, "architecture": p.architecture,
+                                 **({"variant": p.variant} if p.variant else {})}))
+    faults = Faults(config=config, manifests={"multi": index, sha256(manifest): manifest})
+    server = await aiohttp_server(make_app(LAYER, faults))
+    host = f"127.0.0.1:{server.port}"
+    for n, (command, reference) in enumerate([("pull", "app:v1"), ("pull", "app:multi"),
+                                              ("inspect", "app:v1"), ("inspect", "app:multi")]):
+        extra = ("--store", str(tmp_path / f"store{n}"), "-q") if command == "pull" else ()
+        ran = await run_kura(command, f"{host}/{reference}", "--platform", wanted, *extra)
+        assert (ran.returncode == 0) is fits, (command, reference, ran.stderr)
