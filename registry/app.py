@@ -11,7 +11,6 @@ from pathlib import Path
 from aiohttp import web
 
 from storage import FilesystemDriver, StorageDriver
-from storage.gc import collect
 
 from . import quota
 from .auth import issuer
@@ -87,7 +86,7 @@ async def _garbage_collector(app: web.Application):
                 await asyncio.sleep(min(wait, interval))
                 continue
             try:
-                report = await collect(driver, config.gc_settings())
+                report = await quota.collect_garbage(driver, config)
             except Exception:
                 log.exception("garbage collection failed")
                 await asyncio.sleep(min(interval, GC_RETRY_SECONDS))

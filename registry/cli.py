@@ -246,13 +246,13 @@ def _gc(config, *, dry_run: bool, as_json: bool) -> int:
     import json
 
     from storage import FilesystemDriver, StorageError
-    from storage.gc import collect
+    from .quota import collect_garbage
 
     if not (config.root / "blobs").is_dir():
         print(f"kura: {config.root} is not a Kura store (no blobs/ directory)", file=sys.stderr)
         return 1
     try:
-        report = asyncio.run(collect(FilesystemDriver(config.root), config.gc_settings(), dry_run=dry_run))
+        report = asyncio.run(collect_garbage(FilesystemDriver(config.root), config, dry_run=dry_run))
     except (StorageError, OSError) as exc:
         print(f"kura: garbage collection failed: {exc}", file=sys.stderr)
         return 1

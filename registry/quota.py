@@ -149,3 +149,15 @@ async def recount_at_start(app: web.Application) -> None:
         totals = await usage.recount(app[STORAGE], quotas)
         for quota in quotas:
             log.info("quota on %s: %d of %d bytes used", quota.label, totals[quota.ledger], quota.max_bytes)
+
+
+async def collect_garbage(driver, settings, *, dry_run: bool = False):
+    """One garbage collection (storage/gc.py), then, when it removed anything, a recount of
+    the quotas (`settings` is the server Config), so deleted content frees its quota as soon
+    as the collection has run. What `kura gc`, the periodic collection and `kura du` call."""
+    from storage.gc import collect
+
+    report = await collect(driver, settings.gc_settings(), dry_run=dry_run)
+    if not dry_run and not report.skipped and settings.quotas:
+        await usage.recount(driver, settings.quotas)
+    return report

@@ -75,13 +75,12 @@ async def _disk_usage(config: Config, as_json: bool) -> int:
 
 
 async def reclaimable_by_collection(driver: StorageDriver, config: Config, report: usage.StoreUsage) -> tuple[int, int]:
-    """HOOK (issue #10): what the next garbage collection would free, as (blobs, bytes).
+    """What the next garbage collection would free, as (blobs, bytes): its own dry run, so the
+    grace period and the untagged and retention rules count exactly as it applies them."""
+    from .quota import collect_garbage
 
-    Until storage.gc exists this is `report`'s count: blobs that no manifest revision of any
-    repository is or references. Once it does, answer with the collection's own dry run,
-    `(await gc.collect(driver, config.gc, dry_run=True))` (its blob count and bytes_freed), so
-    that grace period, untagged and retention rules are accounted exactly as it applies them."""
-    return report.reclaimable_blobs, report.reclaimable_bytes
+    planned = await collect_garbage(driver, config, dry_run=True)
+    return len(planned.blobs), planned.bytes_freed
 
 
 def human(size: int) -> str:

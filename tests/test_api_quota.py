@@ -216,3 +216,23 @@ async def test_a_mount_of_an_unknown_blob_still_starts_an_upload_in_a_full_names
     assert r.status == 202, await r.text()
     client = await quota_client(make_client, (["team/**"], 500))  # lowered below what is stored
     assert (await client.post(f"/v2/team/b/blobs/uploads/?mount={sha256(b'unknown')}&from=team/a")).status == 202
+
+
+async def test_a_collection_frees_the_quota_at_once(make_client, config):
+    """Deleted content stops counting as soon as the garbage collection has removed it."""
+    from ocispec.digest import Digest
+    from registry.quota import collect_garbage
+    from storage.layout import Layout
+
+    quotas = ((["team/**"], 1000),)
+    client = await quota_client(make_client, *quotas)
+    digest = Digest.parse(await upload_blob(client, "team/a", A))  # linked, no manifest names it
+    await denied(await client.post(f"/v2/team/b/blobs/uploads/?digest={sha256(B)}", data=B))
+    layout = Layout(config.root)
+    for path in (layout.blob(digest), layout.layer_link("team/a", digest)):
+        os.utime(path, (1, 1))  # long past the grace period
+    settings = replace(config, quotas=tuple(make_quota(globs, limit) for globs, limit in quotas))
+    report = await collect_garbage(FilesystemDriver(config.root), settings)
+    assert report.bytes_freed == len(A)
+    assert await used(config, ["team/**"]) == 0
+    assert (await client.post(f"/v2/team/b/blobs/uploads/?digest={sha256(B)}", data=B)).status == 201

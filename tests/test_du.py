@@ -1,10 +1,15 @@
 """`kura du`: per repository manifests, tags, bytes referenced and bytes only it holds; store totals."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 
+from ocispec.digest import Digest
+from registry.context import STORAGE
 from storage import FilesystemDriver
+from storage.layout import Layout
 from tests.conftest import push_image, upload_blob
 from tests.support.paths import REPO
 
@@ -25,7 +30,13 @@ async def shared_layers(client):
     assert r.status == 201
     _, app_manifest = await push_image(client, "lib/app", "1", layer=APP, config=b'{"b":22}')
     await upload_blob(client, "lib/app", BASE)
-    await upload_blob(client, "lib/app", b"O" * 33)
+    orphan = Digest.parse(await upload_blob(client, "lib/app", b"O" * 33))
+    # Stored and linked two hours ago: past the collection's grace period, whose dry run
+    # is the reclaimable figure.
+    layout = Layout(client.server.app[STORAGE].root)
+    hours_ago = time.time() - 7200
+    for path in (layout.blob(orphan), layout.layer_link("lib/app", orphan)):
+        os.utime(path, (hours_ago, hours_ago))
     return len(base_manifest), len(app_manifest)
 
 
