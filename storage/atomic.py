@@ -15,16 +15,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_durably(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` and fsync it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
 def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new file."""
     tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_durably(fd, data)
         finally:
             os.close(fd)
         install(tmp, path)

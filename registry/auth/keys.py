@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from storage.atomic import write_durably
+
 from .jwt import algorithm_for, b64url_decode, libtrust_key_id
 
 
@@ -68,10 +70,7 @@ def _create_once(path: Path, data: bytes, mode: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_durably(fd, data)
         finally:
             os.close(fd)
         try:
