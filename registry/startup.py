@@ -5,7 +5,6 @@ should tell the operator once it is listening is collected as notes."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import logging
 import os
@@ -22,12 +21,12 @@ from cryptography.hazmat.primitives import serialization
 
 from storage import FilesystemDriver
 from storage.atomic import make_dirs
+from storage.errors import FULL_ERRNOS
 
 from .app import make_app
 from .auth.controller import AUTH, AuthSetupError, startup_report
 from .config import Config
 
-FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class StartupError(Exception):

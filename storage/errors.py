@@ -1,5 +1,10 @@
 """Domain errors of the store. The HTTP layer translates them into wire errors."""
 
+import errno
+
+# OS errors that mean the store's filesystem is full.
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
 
 class StorageError(Exception):
     pass

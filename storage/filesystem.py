@@ -33,6 +33,7 @@ from .driver import (
     UsageLedger,
 )
 from .errors import (
+    FULL_ERRNOS,
     BlobNotFound,
     DigestMismatch,
     RangeMismatch,
@@ -61,7 +62,6 @@ COLLECTOR_LOCK_WAIT_SECONDS = 60.0
 # note_references writes a journal this large or larger from a worker thread.
 JOURNAL_LINES_INLINE = 1000
 MAX_CACHED_HASHES = 1024
-FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # delete_repository's steps, in an order that keeps the store consistent after any of them.
 REPOSITORY_DELETE_STEPS = ("tags", "referrers", "revisions", "layers", "uploads", "directory")
 

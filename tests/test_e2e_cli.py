@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import client_env
+from tests.support.cli import client_env, one_line_error
+from tests.support.layouts import tag_digest
 from tests.support.paths import IMAGES, REPO, require_shared
 from tests.support.servers import start_distribution, start_kura, stop, stop_distribution
 from tests.support.terminal import CTRL_C, CTRL_D, Terminal
@@ -29,17 +30,6 @@ def kura(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess
                           timeout=120, env=client_env(home), input=stdin)
 
 
-def one_line_error(ran: subprocess.CompletedProcess) -> str:
-    assert ran.returncode != 0, (ran.stdout, ran.stderr)
-    lines = ran.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kura: "), ran.stderr
-    return lines[0]
-
-
-def tag_digest(layout: Path, tag: str) -> str:
-    index = json.loads((layout / "index.json").read_text())
-    return next(m["digest"] for m in index["manifests"]
-                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 
 from registry.auth import htpasswd
 from tests.support.client import RegistryClient
+from tests.support.layouts import tag_digest
 from tests.support.paths import IMAGES, REPO, require_shared
 from tests.support.servers import start_distribution, start_kura, stop, stop_distribution
 
@@ -28,11 +29,6 @@ pytestmark = pytest.mark.e2e
 SOURCES = [("debian", "bookworm", "library/debian"), ("redis", "7", "library/redis"),
            ("busybox-multiarch", "latest", "library/busybox")]
 
-
-def tag_digest(layout: Path, tag: str) -> str:
-    index = json.loads((layout / "index.json").read_text())
-    return next(m["digest"] for m in index["manifests"]
-                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
 
 
 def kura(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

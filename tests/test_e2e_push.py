@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from registry.auth import htpasswd
+from tests.support.layouts import tag_digest
 from tests.support.paths import IMAGES, PEER_REGISTRY_SCRIPT, REPO, require_shared
 from tests.support.servers import Server, free_port, start_kura, stop
 
@@ -31,11 +32,6 @@ def kura(*args: str, env: dict, stdin: str | None = None) -> subprocess.Complete
     return subprocess.run([sys.executable, "-m", "kura", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env=env, input=stdin)
 
-
-def tag_digest(layout: Path, tag: str) -> str:
-    index = json.loads((layout / "index.json").read_text())
-    return next(m["digest"] for m in index["manifests"]
-                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
 
 
 @pytest.fixture
@@ -419,13 +415,19 @@ def test_copy_tag_inspect_tags_delete(plain_kura, env, tmp_path):
     assert missing.returncode == 1 and "not found" in missing.stderr
 
 
-def test_push_archives(plain_kura, env, tmp_path):
-    """A docker-archive (legacy layout, uncompressed layers) and an oci-archive, as skopeo writes them."""
-    server, _ = plain_kura
+def redis_archives(tmp_path: Path) -> tuple[Path, Path]:
+    """The shared redis:7 as skopeo writes it to a docker-archive and to an oci-archive."""
     docker_tar, oci_tar = tmp_path / "redis-docker.tar", tmp_path / "redis-oci.tar"
     for target in (f"docker-archive:{docker_tar}:library/redis:7", f"oci-archive:{oci_tar}:7"):
         subprocess.run(["skopeo", "copy", f"oci:{IMAGES / 'redis'}:7", target], check=True, capture_output=True,
                        timeout=300)
+    return docker_tar, oci_tar
+
+
+def test_push_archives(plain_kura, env, tmp_path):
+    """A docker-archive (legacy layout, uncompressed layers) and an oci-archive, as skopeo writes them."""
+    server, _ = plain_kura
+    docker_tar, oci_tar = redis_archives(tmp_path)
     result = kura("push", f"oci-archive:{oci_tar}:7", f"{server.host}/archives/oci:7", env=env)
     assert result.returncode == 0, result.stderr
     assert tag_digest(IMAGES / "redis", "7") in result.stdout  # the very same manifest
@@ -451,10 +453,7 @@ def test_push_archives(plain_kura, env, tmp_path):
 def test_copy_from_archives(plain_kura, env, tmp_path):
     """`kura copy docker-archive:FILE DEST` and `oci-archive:FILE[:TAG] DEST`, to a registry or a layout."""
     server, _ = plain_kura
-    docker_tar, oci_tar = tmp_path / "redis-docker.tar", tmp_path / "redis-oci.tar"
-    for target in (f"docker-archive:{docker_tar}:library/redis:7", f"oci-archive:{oci_tar}:7"):
-        subprocess.run(["skopeo", "copy", f"oci:{IMAGES / 'redis'}:7", target], check=True, capture_output=True,
-                       timeout=300)
+    docker_tar, oci_tar = redis_archives(tmp_path)
     copied = kura("copy", f"oci-archive:{oci_tar}:7", f"{server.host}/copy-archive/oci:7", env=env)
     assert copied.returncode == 0, copied.stderr
     assert tag_digest(IMAGES / "redis", "7") in copied.stdout  # the very same manifest

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from tests.support.client import RegistryClient
+from tests.support.layouts import tag_digest
 from tests.support.paths import IMAGES, require_shared
 from tests.support.servers import Server, start_distribution, start_kura, stop, stop_distribution
 
@@ -52,13 +53,6 @@ def blob_path(layout: Path, digest: str) -> Path:
     algorithm, hex_ = digest.split(":", 1)
     return layout / "blobs" / algorithm / hex_
 
-
-def tag_digest(layout: Path, tag: str) -> str:
-    index = json.loads((layout / "index.json").read_text())
-    entries = [m for m in index["manifests"]
-               if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag]
-    assert len(entries) == 1, f"{layout}/index.json: {len(entries)} entries for tag {tag!r}: {index}"
-    return entries[0]["digest"]
 
 
 def reachable_blobs(layout: Path, digest: str) -> set[str]:

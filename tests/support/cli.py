@@ -68,5 +68,10 @@ async def start_kura(*args: str) -> asyncio.subprocess.Process:
 
 async def run_kura(*args: str, timeout: float = 120) -> Ran:
     process = await start_kura(*args)
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except asyncio.TimeoutError:
+        process.kill()  # not left running after the test gave up on it
+        await process.wait()
+        raise
     return Ran(process.returncode, out.decode(), err.decode())
