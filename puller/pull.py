@@ -57,7 +57,7 @@ class PullResult:
 
 
 @dataclass
-class _Manifest:
+class FetchedManifest:
     data: bytes
     media_type: str
     digest: Digest
@@ -72,7 +72,7 @@ class _Manifest:
 
 
 async def fetch_manifest(client: RegistryClient, reference: str, expected: Digest | None,
-                         report: Callable[[str], None] | None = None) -> _Manifest:
+                         report: Callable[[str], None] | None = None) -> FetchedManifest:
     scope = f"repository:{client.endpoint.repository}:pull"
     async with client.request("GET", client.repo_path(f"manifests/{reference}"), scope=scope,
                               headers={"Accept": mt.ACCEPT_MANIFESTS}) as r:
@@ -84,6 +84,14 @@ async def fetch_manifest(client: RegistryClient, reference: str, expected: Diges
         data = await read_limited(r, MANIFEST_LIMIT, f"manifest {reference}")
         header_type = mt.strip_parameters(r.headers.get("Content-Type", ""))
         header_digest = r.headers.get("Docker-Content-Digest")
+    return verify_manifest(reference, data, header_type, header_digest, expected)
+
+
+def verify_manifest(reference: str, data: bytes, header_type: str, header_digest: str | None,
+                    expected: Digest | None) -> FetchedManifest:
+    """A manifest as a registry sent it, checked: schema 2 / OCI, media type fitting its
+    content, well-formed descriptors, and its digest (the `expected` one, and the one the
+    registry claimed in `header_digest`). Raises VerificationError or RegistryError."""
     if header_type in mt.SCHEMA1:
         raise RegistryError(f"{reference} is a Docker schema 1 image, which Kura does not support")
     try:
@@ -114,7 +122,7 @@ async def fetch_manifest(client: RegistryClient, reference: str, expected: Diges
             claimed = None
         if claimed and Digest.of_bytes(data, claimed.algorithm) != claimed:
             raise VerificationError(f"manifest digest mismatch: registry says {claimed}, content is {digest}")
-    return _Manifest(data, media_type, digest, document)
+    return FetchedManifest(data, media_type, digest, document)
 
 
 def _check_structure(reference: str, data: bytes, media_type: str, document: dict) -> None:
@@ -404,7 +412,7 @@ class _NestedIndexes:
         self.walked: dict[str, bool] = {}  # digest fetched -> is an index
         self.platforms: set[str] = set()  # every platform seen, for the error when none fits
 
-    async def _child(self, entry: dict, depth: int) -> _Manifest:
+    async def _child(self, entry: dict, depth: int) -> FetchedManifest:
         if len(self.walked) >= MAX_WALKED_MANIFESTS:
             raise RegistryError(f"image indexes lead to more than {MAX_WALKED_MANIFESTS} manifests; "
                                 "refusing to follow them further")
@@ -417,7 +425,7 @@ class _NestedIndexes:
                                     f"{MAX_NESTED_INDEXES} of them); refusing to follow them further")
         return child
 
-    async def pick(self, index: _Manifest, wanted: Platform, depth: int = 1) -> tuple[_Manifest, dict | None] | None:
+    async def pick(self, index: FetchedManifest, wanted: Platform, depth: int = 1) -> tuple[FetchedManifest, dict | None] | None:
         """The image for `wanted` and its platform, or None. Entries for that platform come
         first; an index entry without a platform may hold it too."""
         self.platforms |= platforms_in(index.document)
@@ -435,7 +443,7 @@ class _NestedIndexes:
                 return found
         return None
 
-    async def everything(self, index: _Manifest, depth: int = 1) -> list[_Manifest]:
+    async def everything(self, index: FetchedManifest, depth: int = 1) -> list[FetchedManifest]:
         """Every runnable manifest below `index`, nested indexes included, each once."""
         found = []
         for entry in runnable_entries(index.document):
@@ -448,7 +456,7 @@ class _NestedIndexes:
         return found
 
 
-async def _require_platform(client: RegistryClient, manifest: _Manifest, reference: Reference,
+async def _require_platform(client: RegistryClient, manifest: FetchedManifest, reference: Reference,
                             wanted: Platform) -> dict[str, bytes]:
     """Refuse a single image of another platform than `wanted`, by its config's os, architecture
     and variant. Returns the config, verified, so that it is not fetched twice."""

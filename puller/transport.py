@@ -39,7 +39,9 @@ class AuthError(RegistryError):
 
 
 class RateLimited(RegistryError):
-    pass
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -63,6 +65,10 @@ class RegistryClient:
     on_rate_limit: Callable[[str], None] | None = None
     on_retry: Callable[[str], None] | None = None
     """Told what is retried and why (kura -v)."""
+    on_response: Callable[[aiohttp.ClientResponse], None] | None = None
+    """Shown every response of the registry itself (status, rate-limit headers), before it is used."""
+    scheme: str | None = None
+    """"http" or "https" when known (a configured URL); else probed, HTTPS first."""
     _scheme: str | None = None
     _challenge: tuple[str, dict] | None = None
     _tokens: dict[str, _Token] = field(default_factory=dict)
@@ -71,7 +77,7 @@ class RegistryClient:
     # -- addressing -------------------------------------------------------------------
     async def base_url(self) -> str:
         if self._scheme is None:
-            self._scheme = await self._probe_scheme()
+            self._scheme = self.scheme or await self._probe_scheme()
         return f"{self._scheme}://{self.endpoint.api_host}"
 
     async def _probe_scheme(self) -> str:
@@ -197,6 +203,8 @@ class RegistryClient:
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
+            if self.on_response is not None and same_origin(str(response.url), base):
+                self.on_response(response)
             if response.status == 401 and not same_origin(str(response.url), base):
                 response.release()
                 raise AuthError(f"{urlsplit(str(response.url)).netloc}, where {self.endpoint.host} sent us, "
@@ -219,7 +227,7 @@ class RegistryClient:
                 continue
             try:
                 if response.status == 429:
-                    raise RateLimited(_rate_limit_message(self.endpoint.host, response))
+                    raise RateLimited(_rate_limit_message(self.endpoint.host, response), _retry_after(response))
                 if response.status == 401:
                     raise AuthError(self._refusal())
                 if response.status not in ok and response.status != 404:

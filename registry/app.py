@@ -19,6 +19,8 @@ from .auth.controller import build as build_auth
 from .config import Config
 from .context import CONFIG, STORAGE
 from .middlewares import add_api_version, error_middleware, head_size_limit, unauthenticated_body_limit
+from .proxy.service import PROXY, ProxyService, proxy_middleware
+from .proxy.service import status as proxy_status
 from .routes import setup_routes
 
 log = logging.getLogger("kura.registry")
@@ -28,7 +30,7 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
     # /v2 handlers stream their bodies; client_max_size bounds only aiohttp's own read(), used
     # by the token endpoint, which reads its form before it knows who is asking.
     app = web.Application(middlewares=[error_middleware, head_size_limit, unauthenticated_body_limit,
-                                       auth_middleware],
+                                       auth_middleware, proxy_middleware],
                           client_max_size=config.max_unauthenticated_body_bytes)
     app[CONFIG] = config
     app[STORAGE] = driver or FilesystemDriver(config.root)
@@ -37,6 +39,11 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
     app.on_startup.append(quota.recount_at_start)
     app.cleanup_ctx.append(_upload_purger)
     app.cleanup_ctx.append(_garbage_collector)
+    if config.proxies:
+        app[PROXY] = ProxyService(config.proxies, app[STORAGE], _spool_dir(config),
+                                  collect=lambda: quota.collect_garbage(app[STORAGE], config))
+        app.cleanup_ctx.append(_proxy)
+        app.router.add_get("/proxy/status", proxy_status)
     setup_routes(app)
     if auth.signing_key is not None:
         issuer.setup_routes(app)
@@ -105,3 +112,17 @@ async def _garbage_collector(app: web.Application):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def _spool_dir(config: Config) -> Path | None:
+    """Blobs on their way from an upstream are spooled beside the store's own temp files (the
+    collection removes what a crash left there); elsewhere in the system's temp directory."""
+    tmp = Path(config.root) / "tmp"
+    return tmp if tmp.is_dir() else None
+
+
+async def _proxy(app: web.Application):
+    service = app[PROXY]
+    await service.start()
+    yield
+    await service.close()

@@ -5,6 +5,8 @@ from aiohttp import web
 from .blob_response import serve_blob
 from .context import config, parse_digest, repository, storage
 from .errors import BlobUnknown, Unsupported
+from .proxy.routing import proxy_route
+from .proxy.service import PROXY
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
@@ -12,6 +14,9 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     store = storage(request)
     blob = await store.stat_blob(digest) if await store.is_blob_linked(repository(request), digest) else None
     if blob is None:
+        route = proxy_route(request)
+        if route is not None:
+            return await request.app[PROXY].blobs.serve(request, route, digest)
         raise BlobUnknown(detail={"digest": str(digest)})
     return await serve_blob(request, blob, store)
 

@@ -14,6 +14,8 @@ from .auth.config import AuthConfig
 from .auth.config import ConfigError as AuthConfigError
 from .auth.config import parse as parse_auth
 from .auth.rules import glob_to_regex
+from .proxy.config import Proxy, ProxyConfigError
+from .proxy.config import parse as parse_proxies
 
 MIB = 1 << 20
 MAX_MANIFEST_LIMIT = 64 * MIB  # storage.manifests.READ_LIMIT: what can be pushed can be read back
@@ -52,6 +54,7 @@ class Config:
     gc_retention: tuple[RetentionRule, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
     quotas: tuple[Quota, ...] = ()
+    proxies: tuple[Proxy, ...] = ()
 
     def gc_settings(self) -> GcSettings:
         return GcSettings(grace_seconds=self.gc_grace_seconds, delete_untagged=self.gc_delete_untagged,
@@ -112,6 +115,7 @@ def load(path: Path | None = None, **overrides) -> Config:
     values: dict = {}
     auth_section: dict = {}
     quota_section: object = []
+    proxy_section: object = []
     if path is not None:
         try:
             document = tomllib.loads(Path(path).read_text())
@@ -125,6 +129,9 @@ def load(path: Path | None = None, **overrides) -> Config:
                 continue
             if section == "quota":
                 quota_section = table
+                continue
+            if section == "proxy":
+                proxy_section = table
                 continue
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
@@ -155,6 +162,10 @@ def load(path: Path | None = None, **overrides) -> Config:
     try:
         values["quotas"] = parse_quotas(quota_section)
     except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    try:
+        values["proxies"] = parse_proxies(proxy_section)
+    except ProxyConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
     config = replace(Config(), **values)
     _validate(config)

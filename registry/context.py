@@ -10,6 +10,7 @@ from storage import StorageDriver
 
 from .auth.controller import grant
 from .config import Config
+from .proxy.routing import proxy_route
 from .errors import DigestInvalid, NameInvalid, TagInvalid
 
 CONFIG = web.AppKey("config", Config)
@@ -30,8 +31,10 @@ def principal(request: web.Request) -> str | None:
 
 
 def repository(request: web.Request) -> str:
-    """The `<name>` of the URL; the name middleware has already validated it."""
-    return request.match_info["name"]
+    """The repository a request is for: the `<name>` of the URL (the name middleware has
+    validated it), or where the pull-through cache keeps it when a proxy serves that name."""
+    route = proxy_route(request)
+    return route.local_name if route is not None else request.match_info["name"]
 
 
 def parse_digest(text: str | None) -> Digest:

@@ -12,6 +12,8 @@ from storage import ManifestNotFound, ManifestReferenceUnknown, manifests
 
 from . import quota
 from .context import config, parse_reference, repository, storage
+from .proxy.routing import proxy_route
+from .proxy.service import PROXY
 from .errors import (
     ManifestBlobUnknown,
     ManifestInvalid,
@@ -36,11 +38,16 @@ def _reference_to_find(request: web.Request) -> Digest | str:
 
 async def get_manifest(request: web.Request) -> web.Response:
     reference = _reference_to_find(request)
+    route = proxy_route(request)
+    if route is not None:
+        await request.app[PROXY].manifests.refresh(route, reference)
     try:
         stored = await manifests.get_manifest(storage(request), repository(request), reference,
                                               manifests.READ_LIMIT)
     except ManifestNotFound:
         raise ManifestUnknown(detail={"reference": str(reference)}) from None
+    if route is not None:
+        await request.app[PROXY].manifests.note_pulled(route, stored.digest)
     etag = f'"{stored.digest}"'
     headers = {"Docker-Content-Digest": str(stored.digest), "ETag": etag}
     if request.headers.get("If-None-Match") in (etag, str(stored.digest)):

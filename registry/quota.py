@@ -21,6 +21,8 @@ from storage.usage import Quota
 
 from .context import CONFIG, STORAGE, config, storage
 from .errors import Denied
+from .proxy import eviction
+from .proxy.routing import Router
 
 log = logging.getLogger("kura.registry")
 
@@ -157,6 +159,10 @@ async def collect_garbage(driver, settings, *, dry_run: bool = False):
     as the collection has run. What `kura gc`, the periodic collection and `kura du` call."""
     from storage.gc import collect
 
+    if settings.proxies and not dry_run:
+        # Caches above their max_bytes lose their least recently pulled images first; this
+        # collection deletes what that leaves unreferenced.
+        await eviction.evict(driver, Router(settings.proxies))
     report = await collect(driver, settings.gc_settings(), dry_run=dry_run)
     if not dry_run and not report.skipped and settings.quotas:
         await usage.recount(driver, settings.quotas)

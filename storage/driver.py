@@ -325,5 +325,21 @@ class StorageDriver(abc.ABC):
         missing manifest). Blobs stay for the garbage collection. Call it under
         `repository_lock`. False when there is no such repository."""
 
+    # -- the pull-through cache's bookkeeping (registry/proxy/) ------------------------
+    @abc.abstractmethod
+    async def read_cache_record(self, repository: str, key: str) -> bytes | None:
+        """A small record the cache keeps for a repository (`key`: letters, digits, `._-`)."""
+
+    @abc.abstractmethod
+    async def write_cache_record(self, repository: str, key: str, data: bytes) -> None:
+        """Replace a record atomically: a reader sees the old content or the new, never a torn one."""
+
+    @abc.abstractmethod
+    async def list_cache_records(self, repository: str) -> dict[str, bytes]:
+        """Every record of a repository: key -> content."""
+
+    @abc.abstractmethod
+    async def delete_cache_record(self, repository: str, key: str) -> None: ...
+
     async def close(self) -> None:
         """Release resources; the default driver holds none."""

@@ -63,7 +63,7 @@ COLLECTOR_LOCK_WAIT_SECONDS = 60.0
 JOURNAL_LINES_INLINE = 1000
 MAX_CACHED_HASHES = 1024
 # delete_repository's steps, in an order that keeps the store consistent after any of them.
-REPOSITORY_DELETE_STEPS = ("tags", "referrers", "revisions", "layers", "uploads", "directory")
+REPOSITORY_DELETE_STEPS = ("tags", "referrers", "revisions", "layers", "uploads", "cache", "directory")
 
 
 @dataclass
@@ -546,7 +546,8 @@ class FilesystemDriver(StorageDriver):
     def _delete_repository_step(self, name: str, step: str) -> None:
         directory = self.layout.repository(name)
         parts = {"tags": self.layout.tags(name), "referrers": directory / "_referrers",
-                 "revisions": directory / "_manifests", "layers": directory / "_layers"}
+                 "revisions": directory / "_manifests", "layers": directory / "_layers",
+                 "cache": self.layout.cache_records(name)}
         if step in parts:
             shutil.rmtree(parts[step], ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
@@ -570,6 +571,24 @@ class FilesystemDriver(StorageDriver):
         else:
             raise ValueError(f"unknown step {step!r}")
 
+
+    # -- the pull-through cache's bookkeeping -------------------------------------------
+    async def read_cache_record(self, repository: str, key: str) -> bytes | None:
+        try:
+            return self.layout.cache_record(repository, key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    async def write_cache_record(self, repository: str, key: str, data: bytes) -> None:
+        path = self.layout.cache_record(repository, key)
+        with _no_space_as_storage_full():
+            await _finish_in_thread(atomic.atomic_write, path, data, self.layout.tmp)
+
+    async def list_cache_records(self, repository: str) -> dict[str, bytes]:
+        return await asyncio.to_thread(_read_files, self.layout.cache_records(repository))
+
+    async def delete_cache_record(self, repository: str, key: str) -> None:
+        await asyncio.to_thread(atomic.remove, self.layout.cache_record(repository, key))
 
     # -- garbage collection ---------------------------------------------------------
     def _open_lock(self, path: Path) -> int:
@@ -706,6 +725,7 @@ class FilesystemDriver(StorageDriver):
             return False
         for directory in own:
             _remove_empty_tree(directory)
+        shutil.rmtree(self.layout.cache_records(repository), ignore_errors=True)  # records of nothing
         # Then the directory itself and the parents that hold nothing else (rmdir() refuses
         # a directory that is not empty: a nested repository keeps its parents).
         path = top
@@ -779,6 +799,14 @@ def _no_space_as_storage_full():
         if exc.errno in FULL_ERRNOS:
             raise StorageFull(os.strerror(exc.errno).lower()) from None
         raise
+
+
+def _read_files(directory: Path) -> dict[str, bytes]:
+    records = {}
+    for name in _listdir(directory):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            records[name] = (directory / name).read_bytes()
+    return records
 
 
 def _remove_link(path: Path) -> bool:

@@ -13,6 +13,7 @@ from ocispec.manifest import ManifestInvalid, ManifestUnsupported, parse_manifes
 from .layout import Layout, is_valid_upload_id, walk_repositories
 
 CHUNK = 1 << 20
+CACHE_ORIGIN_RECORD = "origin"  # in a repository a pull-through cache fills (registry/proxy/)
 
 
 @dataclass
@@ -119,17 +120,21 @@ def _check_repository(layout: Layout, name: str, report: Report) -> None:
         except (ManifestInvalid, ManifestUnsupported) as exc:
             report.problems.append(f"{name}: manifest {digest} does not parse: {exc}")
 
+    # A pull-through cache stores a manifest first and its blobs when they are pulled.
+    cached = layout.cache_record(name, CACHE_ORIGIN_RECORD).is_file()
     for digest, manifest in manifests.items():
         for descriptor in manifest.blobs:
             if descriptor.urls:
                 continue
             if not layout.blob(descriptor.digest).is_file():
+                if cached:
+                    continue
                 report.problems.append(f"{name}: manifest {digest} references missing blob {descriptor.digest}")
             elif descriptor.digest not in linked_blobs:
                 report.notes.append(f"{name}: manifest {digest} references blob {descriptor.digest}, "
                                     "which was deleted from the repository")
         for child in manifest.children:
-            if child.digest not in present:
+            if child.digest not in present and not cached:
                 report.notes.append(f"{name}: index {digest} references manifest {child.digest}, "
                                     "which was deleted from the repository")
 

@@ -7,6 +7,9 @@
         _manifests/revisions/<alg>/<hex>             a manifest of this repository: {"digest", "mediaType"}
         _manifests/tags/<tag>                        the digest the tag points at
         _referrers/<alg>/<subject hex>/<alg>-<hex>   descriptor of a manifest whose `subject` is that digest
+        _cache/<key>                                 the pull-through cache's records for a repository it
+                                                     fills (registry/proxy/): when a tag was last checked
+                                                     upstream, when a manifest was last pulled
       uploads/<uuid>/info                            {"repository", "started_at", "owner"}: the session exists
       uploads/<uuid>/data                            bytes received so far (its size is the session offset)
       upload-index/owner/<key>/<uuid>                the open sessions of one owner (key: sha256 of the name,
@@ -45,6 +48,7 @@ from ocispec.digest import Digest
 from ocispec.names import is_valid_name, is_valid_tag
 
 _LEDGER_KEY = re.compile(r"[0-9a-f]{64}")
+_CACHE_RECORD_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -109,6 +113,14 @@ class Layout:
     def referrer(self, name: str, subject: Digest, referrer: Digest) -> Path:
         _check_digest(referrer)
         return self.referrers(name, subject) / f"{referrer.algorithm}-{referrer.encoded}"
+
+    def cache_records(self, name: str) -> Path:
+        return self.repository(name) / "_cache"
+
+    def cache_record(self, name: str, key: str) -> Path:
+        if not _CACHE_RECORD_KEY.fullmatch(key):
+            raise ValueError(f"invalid cache record key {key!r}")
+        return self.cache_records(name) / key
 
     def usage_ledger(self, key: str) -> Path:
         if not _LEDGER_KEY.fullmatch(key):

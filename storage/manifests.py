@@ -73,6 +73,26 @@ async def put_manifest(driver: StorageDriver, repository: str, data: bytes, cont
     return digest, manifest
 
 
+async def put_cached_manifest(driver: StorageDriver, repository: str, data: bytes, media_type: str,
+                              digest: Digest, *, tags: tuple[str, ...] = ()) -> Manifest:
+    """Store a manifest a pull-through cache verified against `digest`, before the blobs and
+    child manifests it references are here: a cache fetches those when they are asked for."""
+    manifest, actual = await asyncio.to_thread(_parse_and_hash, data, media_type, digest.algorithm)
+    if actual != digest:
+        raise DigestMismatch(str(digest), str(actual))
+    async with driver.reference_guard():
+        await driver.note_references(manifests=[digest])
+        async with driver.repository_lock(repository):
+            await driver.put_small_blob(data, digest)
+            await driver.link_manifest(repository, digest, manifest.media_type)
+            if manifest.subject is not None:
+                await driver.add_referrer(repository, manifest.subject.digest,
+                                          referrer_descriptor(manifest, digest, len(data)))
+            for tag in tags:
+                await driver.set_tag(repository, tag, digest)
+    return manifest
+
+
 def _parse_and_hash(data: bytes, content_type: str | None, algorithm: str) -> tuple[Manifest, Digest]:
     return parse_manifest(data, content_type), Digest.of_bytes(data, algorithm)
 

@@ -1,0 +1,162 @@
+"""The pull-through cache as the app sees it: routing of names, the upstream clients, the
+manifest and blob caches, and the read-only rule for the names a proxy serves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from puller.transport import RegistryError, read_limited
+from storage import StorageDriver
+
+from ..errors import Denied
+from . import eviction
+from .blobs import BlobCache
+from .config import Proxy
+from .manifests import ManifestCache
+from .routing import ROUTE, Route, Router
+from .upstream import TIMEOUT, Upstream
+
+log = logging.getLogger("kura.proxy")
+
+TAG_LIST_LIMIT = 8 << 20
+SIZE_CHECK_SECONDS = 10.0
+
+
+class ProxyService:
+    def __init__(self, proxies: tuple[Proxy, ...], driver: StorageDriver, spool_dir: Path | None = None,
+                 collect: Callable[[], Awaitable[object]] | None = None):
+        """`collect`: one garbage collection, evicting first (when a cache grew past its cap)."""
+        self.router = Router(proxies)
+        self.driver = driver
+        self.spool_dir = spool_dir
+        self.upstreams: dict[str, Upstream] = {}
+        self.manifests = ManifestCache(driver, self.upstreams)
+        self.blobs = BlobCache(driver, self.upstreams, spool_dir, on_filled=self._filled)
+        self.collect = collect
+        self._session: aiohttp.ClientSession | None = None
+        self._size_check_wanted = asyncio.Event()
+        self._size_checker: asyncio.Task | None = None
+
+    def _filled(self, route: Route) -> None:
+        if route.proxy.max_bytes and self.collect is not None:
+            self._size_check_wanted.set()
+
+    async def _check_sizes(self) -> None:
+        """After blobs entered a capped cache: collect (evicting) when it is over its cap. At
+        most one check per SIZE_CHECK_SECONDS: each walks the cached repositories."""
+        while True:
+            await self._size_check_wanted.wait()
+            self._size_check_wanted.clear()
+            try:
+                for proxy in self.router.proxies:
+                    if proxy.max_bytes:
+                        size, _, _ = await eviction.cache_size(self.driver, self.router, proxy)
+                        if size > proxy.max_bytes:
+                            log.info("proxy %s holds %d bytes, above max_bytes %d: collecting", proxy.label,
+                                     size, proxy.max_bytes)
+                            await self.collect()
+                            break
+            except Exception:
+                log.exception("checking the size of the cache failed")
+            await asyncio.sleep(SIZE_CHECK_SECONDS)
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False,
+                                              headers={"User-Agent": "kura-proxy"})
+        for proxy in self.router.proxies:
+            self.upstreams[proxy.prefix] = Upstream(proxy, self._session)
+            log.info("proxy: caching %s as %s (tags trusted for %d s%s)", proxy.remote,
+                     f"{proxy.prefix}/…" if proxy.prefix else "the root mirror", proxy.tag_ttl_seconds,
+                     f", at most {proxy.max_bytes} bytes" if proxy.max_bytes else "")
+        self._size_checker = asyncio.ensure_future(self._check_sizes())
+
+    async def close(self) -> None:
+        if self._size_checker is not None:
+            self._size_checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._size_checker
+        self.manifests.cancel()
+        await self.blobs.close()
+        if self._session is not None:
+            await self._session.close()
+
+    def status(self) -> list[dict]:
+        return [upstream.status() for upstream in self.upstreams.values()]
+
+    async def list_tags(self, route: Route, query: dict[str, str]) -> web.Response | None:
+        """The upstream's tag list (one page, as asked), under the client's name; None when
+        the upstream cannot answer (the caller lists what is cached)."""
+        upstream = self.upstreams[route.proxy.prefix]
+        client = upstream.client(route.upstream_name)
+        params = {key: query[key] for key in ("n", "last") if key in query}
+        path = client.repo_path("tags/list")
+        if params:
+            path += "?" + "&".join(f"{key}={aiohttp.helpers.quote(value, safe='')}" for key, value in params.items())
+        try:
+            async with client.request("GET", path, scope=f"repository:{route.upstream_name}:pull",
+                                      retry=False) as response:
+                if response.status == 404:
+                    return None
+                body = json.loads(await read_limited(response, TAG_LIST_LIMIT, "tag list"))
+                link = response.headers.get("Link")
+        except (RegistryError, ValueError) as exc:
+            upstream.failed(f"tag list: {exc}")
+            log.warning("listing the tags of %s on %s failed; answering with the cached tags: %s",
+                        route.upstream_name, route.proxy.remote, exc)
+            return None
+        tags = body.get("tags") if isinstance(body, dict) else None
+        if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+            return None
+        headers = {}
+        if link:
+            with contextlib.suppress(ValueError):
+                headers["Link"] = _local_link(link, route)
+        return web.json_response({"name": route.local_name, "tags": tags}, headers=headers)
+
+
+def _local_link(link: str, route: Route) -> str:
+    """The upstream's next-page Link, pointing at this registry's name for the repository."""
+    start, end = link.index("<") + 1, link.index(">")
+    target = link[start:end]
+    query = target.partition("?")[2]
+    return f'</v2/{route.local_name}/tags/list{"?" + query if query else ""}>; rel="next"'
+
+
+READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
+
+
+def check_writable(route: Route | None, method: str, name: str) -> None:
+    if route is not None and method not in READ_ONLY_METHODS:
+        raise Denied(f"{name} is served by the pull-through cache of {route.proxy.remote} "
+                     f"(proxy prefix {route.proxy.prefix!r}): it is read-only",
+                     detail={"name": name, "proxy": route.proxy.prefix, "remote": route.proxy.remote})
+
+
+PROXY = web.AppKey("proxy", ProxyService)
+
+
+async def status(request: web.Request) -> web.Response:
+    """`GET /proxy/status`: each upstream's requests, failures and last rate-limit headers (no
+    secrets; open like a health check)."""
+    return web.json_response({"proxies": request.app[PROXY].status()})
+
+
+@web.middleware
+async def proxy_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """After auth: mark requests for names a proxy serves, and refuse writes to them."""
+    service = request.app.get(PROXY)
+    name = request.match_info.get("name")
+    if service is not None and name is not None:
+        route = service.router.route(name, request.query.get("ns"))
+        if route is not None:
+            check_writable(route, request.method, name)
+            request[ROUTE] = route
+    return await handler(request)
