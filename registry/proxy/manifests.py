@@ -196,7 +196,13 @@ class ManifestCache:
         if flight is None:
             flight = asyncio.ensure_future(work())
             self._flights[key] = flight
-            flight.add_done_callback(lambda _: self._flights.pop(key, None))
+
+            def landed(_: asyncio.Future) -> None:
+                self._flights.pop(key, None)
+                if not flight.cancelled():
+                    flight.exception()  # retrieved here: every waiter may have gone
+
+            flight.add_done_callback(landed)
         await asyncio.shield(flight)
 
     def _in_background(self, work: Awaitable[None]) -> None:
