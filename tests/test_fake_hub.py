@@ -281,6 +281,11 @@ async def test_slow_and_held_blob_bodies_reach_the_client_piece_by_piece(hub):
             body = await r.read()
         total = time.monotonic() - started
         assert len(body) == size - 1 and total >= 0.35 and first_byte < total - 0.3
+        hub.slow_blobs(bytes_per_second=size / 0.4)  # 16 KiB pieces, about 0.4 s in all
+        started = time.monotonic()
+        async with session.get(url, headers=headers) as r:
+            assert await r.read() == original
+        assert time.monotonic() - started >= 0.35
         hub.slow_blobs()
         async with session.get(url, headers=headers) as r:
             assert await r.read() == original
@@ -314,3 +319,32 @@ async def test_each_hub_is_a_cheap_private_copy(hub, tmp_path):
         assert os.stat(blob_file(second, layer)).st_ino == os.stat(blob_file(hub, layer)).st_ino
         await second.retag("library/redis", "7", hub.seeded.redis_arm64)
         assert await hub.resolve("library/redis", "7") == hub.seeded.redis_index
+
+
+async def test_blob_gets_can_be_redirected_to_a_cdn_on_another_port(hub, home):
+    digest, size, original = busybox_amd64_layer(hub)
+    hub.redirect_blobs()
+    pulled = await kura(home, "pull", f"{hub.registry_host}/library/busybox", "--platform", "linux/amd64", "-q")
+    assert pulled.returncode == 0, pulled.stderr
+    assert hub.count("GET", "/blobs/", 307) == 2 and hub.count("GET", "/blobs/", 200) == 0  # config, layer
+    assert [(s.status, s.had_authorization) for s in hub.cdn_requests] == [(200, False)] * 2  # no credentials
+
+    async with aiohttp.ClientSession() as session:
+        url = f"{hub.registry_url}/v2/library/busybox/blobs/{digest}"
+        async with session.get(url, allow_redirects=False) as r:
+            assert r.status == 401  # authorization first, as always
+        headers = await token(session, hub, "repository:library/busybox:pull")
+        async with session.head(url, headers=headers) as r:
+            assert r.status == 200 and int(r.headers["Content-Length"]) == size  # HEAD stays here
+        async with session.get(url, headers=headers, allow_redirects=False) as r:
+            assert r.status == 307
+            location = r.headers["Location"]
+        assert location.startswith(f"http://127.0.0.1:{hub.cdn.port}/registry-v2/docker/registry/v2/blobs/sha256/")
+        hub.corrupt_blob(digest)  # the CDN serves the same faults
+        async with session.get(location) as r:
+            served = await r.read()
+            assert r.status == 200 and "Docker-Content-Digest" not in r.headers
+        assert len(served) == size and served != original
+        async with session.get(f"{hub.registry_url}/v2/library/busybox/blobs/sha256:{'0' * 64}",
+                               headers=headers, allow_redirects=False) as r:
+            assert r.status == 404  # unknown blobs are not redirected

@@ -12,8 +12,9 @@ The registry serves the shared images in Docker Hub's layout (tests/support/hub_
 `library/redis:7` and `:latest` (an OCI index: linux/amd64, linux/arm64/v8 and a buildkit
 attestation manifest for each), `library/debian:bookworm`, `library/busybox:latest` and the
 private `acme/private:1`. Around Kura it behaves as Docker Hub does (rate-limit headers on
-manifests, 429 once the pulls are used up) and it takes orders from the test: record every
-request, fail, go down and come back, poison or slow down blob bodies, move tags.
+manifests, 429 once the pulls are used up; on request, blob GETs redirected to a "CDN" on a
+third port) and it takes orders from the test: record every request, fail, go down and come
+back, poison or slow down blob bodies, move tags.
 
     async with emulated_hub(tmp_path) as hub:
         await kura(home, "pull", f"{hub.registry_host}/library/redis:7")
@@ -25,9 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import socket
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,9 @@ from aiohttp import web
 
 from ocispec.digest import Digest
 from registry.app import make_app
+from registry.blob_response import serve_blob
+from registry.context import parse_digest, repository
+from registry.errors import BlobUnknown
 from registry.auth import htpasswd
 from registry.auth.config import parse as parse_auth
 from registry.config import Config
@@ -57,6 +63,9 @@ RATE_LIMITED_MESSAGE = ("You have reached your pull rate limit. You may increase
 ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NOT_FOUND", 429: "TOOMANYREQUESTS", 503: "UNAVAILABLE"}
 # A stopped server cuts off what is in flight after this long, as a crashing upstream would.
 SHUTDOWN_SECONDS = 0.1
+# Where Docker Hub's CDN keeps blobs (the path of its 307 Location), and how long a link lasts.
+CDN_BLOBS = "/registry-v2/docker/registry/v2/blobs"
+CDN_LINK_SECONDS = 1200
 
 
 @dataclass
@@ -102,6 +111,7 @@ class Faults:
     chunk_delay: float | None = None
     hold_after: int | None = None
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    redirect_blobs: bool = False
 
     def failure_for(self, request: web.Request) -> int | None:
         rule = self.failure
@@ -224,6 +234,10 @@ def _is_manifest(request: web.Request) -> bool:
     return "reference" in request.match_info and request.method in ("GET", "HEAD")
 
 
+def _is_blob_get(request: web.Request) -> bool:
+    return request.method == "GET" and "digest" in request.match_info and "/blobs/" in request.path
+
+
 class EmulatedHub:
     """Handles of a running hub; see the module docstring, and emulated_hub() to get one."""
     username = USERNAME
@@ -240,8 +254,10 @@ class EmulatedHub:
         self.rate_limit = RateLimit()
         self.faults = Faults()
         self.store = FilesystemDriver(self.root)  # the hub's own writes (push_image, retag)
+        self.cdn_requests: list[Seen] = []
         self.token_service = Listener(self._token_app)
         self.registry = Listener(self._registry_app)
+        self.cdn = Listener(self._cdn_app)
 
     # -- addresses --------------------------------------------------------------------
     @property
@@ -279,7 +295,44 @@ class EmulatedHub:
                         gc_interval_seconds=0, auth=auth)
         app = make_app(config, HubStore(self.root, self.faults))
         app.middlewares.insert(0, self._docker_hub_behaviour())
+        app.middlewares.append(self._cdn_redirect())  # innermost: only once the request is authorized
         return _observed(app, self.requests), config
+
+    def _cdn_app(self) -> tuple[web.Application, Config]:
+        """Blobs by digest, as the CDN that Docker Hub redirects blob GETs to: no auth, the
+        same faults (corrupt, slow, held) as the registry's own blob bodies."""
+        store = HubStore(self.root, self.faults)
+
+        async def get_blob(request: web.Request) -> web.StreamResponse:
+            info = request.match_info
+            blob = await store.stat_blob(parse_digest(f"{info['algorithm']}:{info['encoded']}"))
+            if blob is None:
+                return web.Response(status=404, text="NoSuchKey")
+            return await serve_blob(request, blob, store)
+
+        async def as_a_cdn(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers.pop("Docker-Content-Digest", None)  # a CDN knows nothing of registries
+
+        app = web.Application()
+        app.router.add_get(CDN_BLOBS + "/{algorithm}/{prefix}/{encoded}/data", get_blob)
+        app.on_response_prepare.append(as_a_cdn)
+        return _observed(app, self.cdn_requests), Config(root=self.root, access_log=False)
+
+    def _cdn_redirect(self):
+        @web.middleware
+        async def redirect(request: web.Request, handler) -> web.StreamResponse:
+            if not (self.faults.redirect_blobs and _is_blob_get(request)):
+                return await handler(request)
+            digest = parse_digest(request.match_info["digest"])
+            if not await self.store.is_blob_linked(repository(request), digest) \
+                    or await self.store.stat_blob(digest) is None:
+                raise BlobUnknown(detail={"digest": str(digest)})
+            expires = int(time.time()) + CDN_LINK_SECONDS
+            signature = hashlib.sha256(f"{digest}{expires}".encode()).hexdigest()[:32]
+            location = (f"http://127.0.0.1:{self.cdn.port}{CDN_BLOBS}/{digest.algorithm}/{digest.encoded[:2]}/"
+                        f"{digest.encoded}/data?verify={expires}-{signature}")
+            return web.Response(status=307, headers={"Location": location}, content_type="application/octet-stream")
+        return redirect
 
     def _docker_hub_behaviour(self):
         @web.middleware
@@ -354,6 +407,11 @@ class EmulatedHub:
         self.faults.hold_after = None
         self.faults.released.set()
 
+    def redirect_blobs(self, redirect: bool = True) -> None:
+        """Answer authorized blob GETs with 307 to the CDN (hub.cdn, requests in
+        hub.cdn_requests), as Docker Hub does; HEADs stay with the registry."""
+        self.faults.redirect_blobs = redirect
+
     def clear_faults(self) -> None:
         self.release_blobs()
         self.faults.failure = None
@@ -404,8 +462,10 @@ async def emulated_hub(tmp_path: Path, *, seed_cache: Path | None = None) -> Asy
     try:
         await hub.token_service.start()  # first: it creates the certificate the registry trusts
         await hub.registry.start()
+        await hub.cdn.start()
         yield hub
     finally:
         hub.release_blobs()
+        await hub.cdn.stop()
         await hub.registry.stop()
         await hub.token_service.stop()
