@@ -19,6 +19,8 @@ from tests.support.cli import kura, one_line_error
 from tests.support.fake_hub import PASSWORD, emulated_hub
 from tests.support.hub_content import IN_TOTO, PROVENANCE, SPDX
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 async def hub(tmp_path):

@@ -42,7 +42,7 @@ from ocispec.digest import Digest
 from registry.app import make_app
 from registry.blob_response import serve_blob
 from registry.context import parse_digest, repository
-from registry.errors import BlobUnknown
+from registry.errors import BlobUnknown, RegistryError
 from registry.auth import htpasswd
 from registry.auth.config import parse as parse_auth
 from registry.config import Config
@@ -60,7 +60,7 @@ PASSWORD = "alice-hub-password"
 RATE_WINDOW_SECONDS = 21600  # Docker Hub counts pulls over six hours
 RATE_LIMITED_MESSAGE = ("You have reached your pull rate limit. You may increase the limit by authenticating "
                         "and upgrading: https://www.docker.com/increase-rate-limit")
-ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NOT_FOUND", 429: "TOOMANYREQUESTS", 503: "UNAVAILABLE"}
+ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 429: "TOOMANYREQUESTS", 503: "UNAVAILABLE"}
 # A stopped server cuts off what is in flight after this long, as a crashing upstream would.
 SHUTDOWN_SECONDS = 0.1
 # Where Docker Hub's CDN keeps blobs (the path of its 307 Location), and how long a link lasts.
@@ -277,7 +277,7 @@ class EmulatedHub:
         path.write_text(f'[[registry]]\nprefix = "docker.io"\nlocation = "{self.registry_host}"\ninsecure = true\n')
         return path
 
-    # -- the two apps -----------------------------------------------------------------
+    # -- the three apps ---------------------------------------------------------------
     def _token_app(self) -> tuple[web.Application, Config]:
         auth = parse_auth({"mode": "token", "service": SERVICE, "issuer": ISSUER, "rules": [
             {"repositories": ["library/*", "public/*"], "anonymous": True, "actions": ["pull"]},
@@ -305,7 +305,10 @@ class EmulatedHub:
 
         async def get_blob(request: web.Request) -> web.StreamResponse:
             info = request.match_info
-            blob = await store.stat_blob(parse_digest(f"{info['algorithm']}:{info['encoded']}"))
+            try:
+                blob = await store.stat_blob(parse_digest(f"{info['algorithm']}:{info['encoded']}"))
+            except RegistryError:
+                blob = None
             if blob is None:
                 return web.Response(status=404, text="NoSuchKey")
             return await serve_blob(request, blob, store)
@@ -400,7 +403,8 @@ class EmulatedHub:
 
     def hold_blobs(self, after_bytes: int = 64 * 1024) -> None:
         """Blob bodies stop after `after_bytes` (headers sent) until release_blobs()."""
-        self.faults.released = asyncio.Event()
+        if self.faults.released.is_set():  # else bodies held already wait on the same event
+            self.faults.released = asyncio.Event()
         self.faults.hold_after = after_bytes
 
     def release_blobs(self) -> None:
@@ -416,7 +420,7 @@ class EmulatedHub:
         self.release_blobs()
         self.faults.failure = None
         self.faults.corrupted.clear()
-        self.faults.chunk_delay = None
+        self.slow_blobs()
 
     # -- content ----------------------------------------------------------------------
     async def resolve(self, repository: str, tag: str) -> str | None:
