@@ -108,7 +108,7 @@ async def test_private_repository_is_refused_anonymously_and_served_to_alice(hub
     pulled = await kura(home, "pull", reference, "-q")
     assert pulled.returncode == 0, pulled.stderr
     assert await stored_images(home) == [(reference, hub.seeded.private)]
-    assert hub.count("POST", "/auth/token", 200, token_service=True) >= 1  # alice's password grant
+    assert hub.count("POST", "/auth/token", 200, among=hub.token_requests) >= 1  # alice's password grant
 
 
 async def test_redis_index_carries_an_attestation_manifest_per_platform(hub):
@@ -329,7 +329,8 @@ async def test_blob_gets_can_be_redirected_to_a_cdn_on_another_port(hub, home):
     pulled = await kura(home, "pull", f"{hub.registry_host}/library/busybox", "--platform", "linux/amd64", "-q")
     assert pulled.returncode == 0, pulled.stderr
     assert hub.count("GET", "/blobs/", 307) == 2 and hub.count("GET", "/blobs/", 200) == 0  # config, layer
-    assert [(s.status, s.had_authorization) for s in hub.cdn_requests] == [(200, False)] * 2  # no credentials
+    assert hub.count("GET", "/registry-v2/", 200, among=hub.cdn_requests) == 2
+    assert not any(s.had_authorization for s in hub.cdn_requests)  # no credentials to another host
 
     async with aiohttp.ClientSession() as session:
         url = f"{hub.registry_url}/v2/library/busybox/blobs/{digest}"

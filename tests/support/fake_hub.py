@@ -371,10 +371,11 @@ class EmulatedHub:
 
     # -- what it saw ------------------------------------------------------------------
     def count(self, method: str | None = None, path_contains: str | None = None, status: int | None = None,
-              *, token_service: bool = False) -> int:
-        """How many registry (or token-service) requests match all the given conditions."""
-        seen = self.token_requests if token_service else self.requests
-        return sum(1 for s in seen if (method is None or s.method == method)
+              *, among: list[Seen] | None = None) -> int:
+        """How many registry requests (or those of `among`: hub.token_requests, hub.cdn_requests)
+        match all the given conditions."""
+        return sum(1 for s in (self.requests if among is None else among)
+                   if (method is None or s.method == method)
                    and (path_contains is None or path_contains in s.path)
                    and (status is None or s.status == status))
 
