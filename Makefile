@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PEERS := skopeo docker-registry umoci runc curl apache2-utils
 
-.PHONY: run test stress bench bench-gc install install-test peers clean
+.PHONY: run test stress bench bench-gc bench-proxy install install-test peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: install-test peers
 
 bench-gc: install-test
 	$(BIN)/python -m tests.bench_gc
+
+bench-proxy: install-test
+	$(BIN)/python -m tests.bench_proxy
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -6,6 +6,7 @@ real clients, is in test_e2e_proxy.py.)"""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 from dataclasses import replace
@@ -17,6 +18,8 @@ from aiohttp.test_utils import TestServer
 
 from ocispec.mediatypes import OCI_INDEX, OCI_MANIFEST
 from registry.app import make_app
+from registry.auth import htpasswd
+from registry.auth.config import parse as parse_auth
 from registry.config import Config
 from ocispec.digest import Digest
 from registry.context import STORAGE
@@ -362,3 +365,31 @@ async def test_proxy_status_reports_upstream_requests_and_failures(upstream, aio
     assert status["prefix"] == "docker.io" and status["remote"] == upstream.url
     assert status["requests"] >= 2 and status["failures"] == 1
     assert "502" in status["last_failure"]
+
+
+def basic(user: str, password: str) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+async def test_pulling_through_the_cache_follows_the_access_rules(upstream, aiohttp_client, tmp_path):
+    digest = await push_to(upstream, "library/redis", "7")
+    root = tmp_path / "cache"
+    for user, password in (("alice", "alice-secret-1"), ("bob", "bob-secret-2")):
+        htpasswd.set_user(root / "auth" / "htpasswd", user, password, cost=4)
+    auth = parse_auth({"mode": "htpasswd", "rules": [
+        {"repositories": ["docker.io/**"], "users": ["alice"], "actions": ["*"]},
+        {"repositories": ["team/**"], "users": ["bob"], "actions": ["pull"]},
+    ]})
+    config = replace(Config(), root=root, access_log=False, auth=auth, proxies=parse_proxies(
+        [{"prefix": "docker.io", "remote": upstream.url}]))
+    cache = await serve_app(aiohttp_client, config)
+    path = "/v2/docker.io/library/redis/manifests/7"
+    before = len(upstream.requests)
+    assert (await cache.get(path)).status == 401
+    assert (await cache.get(path, headers=basic("bob", "bob-secret-2"))).status == 403
+    assert len(upstream.requests) == before, "a refused client made the cache ask the upstream"
+    r = await cache.get(path, headers=basic("alice", "alice-secret-1"))
+    assert r.status == 200 and r.headers["Docker-Content-Digest"] == digest
+    # Even with every right on the name, a proxied name stays read-only.
+    r = await cache.put(path, data=b"{}", headers=basic("alice", "alice-secret-1"))
+    assert r.status == 403 and await error_code(r) == "DENIED"
