@@ -20,6 +20,7 @@ a mirror for, which the pull-through cache must answer:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
@@ -37,9 +38,9 @@ from tests.support.mirror_clients import (CONTAINERD_MANIFEST_ACCEPT, Podman, Sk
                                           containerd_style_get, docker_daemon_async, hosts_dir, listed_digest,
                                           registries_conf)
 from tests.support.paths import IMAGES, require_shared
-from tests.support.request_log import SeenRequest, record_requests
+from tests.support.request_log import SeenRequest, record_requests, requests_in_access_log
 from tests.support.sandbox import WRITABLE_SYSTEM_DIRS, sandboxed
-from tests.support.servers import free_port
+from tests.support.servers import free_port, start_kura, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -126,14 +127,27 @@ async def test_skopeo_copies_and_inspects_through_a_namespaced_mirror(mirror, tm
     assert {r.path for r in mirror.seen} >= {"/v2/docker.io/library/redis/manifests/7"}
 
 
-async def test_skopeo_falls_back_to_the_location_when_the_mirror_does_not_answer(mirror, tmp_path):
+def test_skopeo_falls_back_to_the_location_when_the_mirror_does_not_answer(tmp_path):
     """What makes the other tests' dead location meaningful: the location is where the image
-    "really" is, asked (without the mirror's namespace) when no mirror has it."""
-    skopeo = Skopeo(tmp_path / "skopeo", registries_conf(tmp_path, "docker.io", mirror.host,
-                                                         [f"{mirror.dead}/docker.io"]))
-    copied = await skopeo.copy(REFERENCE, tmp_path / "out", "7").run_async()
+    "really" is, asked (without the mirror's namespace) when no mirror answers. With the
+    helpers' blocking forms, against a `kura serve` child read through its access log."""
+    require_shared()
+    log = tmp_path / "kura.log"
+    server = start_kura(tmp_path / "data", None, log=log)
+    try:
+        pushed = asyncio.run(run_kura("push", "-q", f"oci:{IMAGES / 'redis'}:7", f"{server.host}/library/redis:7"))
+        assert pushed.returncode == 0, pushed.stderr
+        pushes = log.stat().st_size
+        dead = f"127.0.0.1:{free_port()}"
+        skopeo = Skopeo(tmp_path / "skopeo", registries_conf(tmp_path, "docker.io", server.host, [f"{dead}/docker.io"]))
+        copied = skopeo.copy(REFERENCE, tmp_path / "out", "7").run()
+    finally:
+        stop(server)
     assert copied.returncode == 0, copied.stderr
-    assert_pulled(mirror.seen, "library/redis", "", ["GET /v2/library/redis/manifests/7"])
+    with open(log) as f:
+        f.seek(pushes)
+        seen = requests_in_access_log(f.read())
+    assert_pulled(seen, "library/redis", "", ["GET /v2/library/redis/manifests/7"])
 
 
 async def test_docker_pulls_through_its_registry_mirror(mirror, tmp_path):

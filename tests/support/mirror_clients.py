@@ -59,7 +59,7 @@ class Command:
             return subprocess.run(self.argv, env=self.env, capture_output=True, text=True, timeout=self.timeout,
                                   stdin=subprocess.DEVNULL, start_new_session=True)
         except subprocess.TimeoutExpired:
-            raise TimeoutError(f"{self.argv[-1]!r} ... took more than {self.timeout}s: {self.argv}") from None
+            raise TimeoutError(f"took more than {self.timeout}s: {self.argv}") from None
 
     async def run_async(self) -> subprocess.CompletedProcess:
         process = await asyncio.create_subprocess_exec(
@@ -96,18 +96,24 @@ def registries_conf(directory: Path, prefix: str, location: str, mirrors: list[s
     return path
 
 
-def _empty_auth_file(workdir: Path) -> Path:
-    """Credentials of a podman or skopeo (write logins into it): podman insists that the file
-    it reads exists, and otherwise reads $DOCKER_CONFIG/config.json."""
-    path = workdir / "auth.json"
-    if not path.exists():
-        path.write_text('{"auths": {}}\n')
-    return path
+def _containers_env(workdir: Path, registries: Path) -> dict[str, str]:
+    """The environment of a podman or skopeo reading only `registries`, with its own temporary
+    folder and an empty credentials file (REGISTRY_AUTH_FILE: write logins into it)."""
+    # The drop-in folder under HOME replaces /etc/containers/registries.conf.d when it exists.
+    (workdir / "home" / ".config" / "containers" / "registries.conf.d").mkdir(parents=True, exist_ok=True)
+    (workdir / "tmp").mkdir(exist_ok=True)
+    auth = workdir / "auth.json"
+    if not auth.exists():  # podman fails if its credentials file is missing
+        auth.write_text('{"auths": {}}\n')
+    return dict(os.environ, HOME=str(workdir / "home"), CONTAINERS_REGISTRIES_CONF=str(registries),
+                REGISTRY_AUTH_FILE=str(auth), TMPDIR=str(workdir / "tmp"))
 
 
 class Podman:
     """Root podman with its storage, run state, locks, database and temporary files under
-    `workdir`: nothing in /var/lib/containers, /run/libpod or /dev/shm, no journald events."""
+    `workdir`: nothing in /var/lib/containers, /run/libpod or /dev/shm, no journald events.
+    The overlay driver, not vfs: vfs copies every layer below each new one (redis:7 pulled
+    in 13-29 s with vfs, 8-16 s with overlay here)."""
 
     def __init__(self, workdir: Path, registries: Path, storage_driver: str = "overlay"):
         self.workdir = workdir
@@ -129,10 +135,8 @@ class Podman:
             f"image_copy_tmp_dir = {_toml(str(workdir / 'tmp'))}",
             "[network]",
             f"network_config_dir = {_toml(str(workdir / 'networks'))}"]) + "\n")
-        self.auth_file = _empty_auth_file(workdir)
-        self.env = dict(os.environ, CONTAINERS_CONF=str(containers_conf), CONTAINERS_STORAGE_CONF=str(storage_conf),
-                        CONTAINERS_REGISTRIES_CONF=str(registries), REGISTRY_AUTH_FILE=str(self.auth_file),
-                        TMPDIR=str(workdir / "tmp"))
+        self.env = dict(_containers_env(workdir, registries), CONTAINERS_CONF=str(containers_conf),
+                        CONTAINERS_STORAGE_CONF=str(storage_conf))
 
     def command(self, *args: str, timeout: float = 300) -> Command:
         return Command(sandboxed(["podman", *args], self.workdir / "sandbox"), self.env, timeout)
@@ -149,10 +153,7 @@ class Skopeo:
     def __init__(self, workdir: Path, registries: Path):
         self.workdir, self.registries = workdir, registries
         (workdir / "sandbox").mkdir(parents=True, exist_ok=True)
-        (workdir / "tmp").mkdir(exist_ok=True)
-        self.auth_file = _empty_auth_file(workdir)
-        self.env = dict(os.environ, CONTAINERS_REGISTRIES_CONF=str(registries), REGISTRY_AUTH_FILE=str(self.auth_file),
-                        TMPDIR=str(workdir / "tmp"))
+        self.env = _containers_env(workdir, registries)
 
     def command(self, *args: str, timeout: float = 300) -> Command:
         argv = ["skopeo", "--registries-conf", str(self.registries), *args]

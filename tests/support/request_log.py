@@ -1,11 +1,16 @@
-"""Record every request an in-process aiohttp registry receives (to tell which client asked what)."""
+"""Which client asked what: every request an in-process aiohttp registry receives
+(`record_requests`), or those in the access log of a `kura serve` child (`requests_in_access_log`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from aiohttp import web
 from multidict import CIMultiDict
+
+# aiohttp's default access log format, as `kura serve` writes it: ... "GET /v2/ HTTP/1.1" 200 ...
+_ACCESS_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" ([0-9]{3}) ')
 
 
 @dataclass(frozen=True)
@@ -41,3 +46,13 @@ def record_requests(app: web.Application) -> list[SeenRequest]:
 
     app.middlewares.insert(0, recorder)  # outermost: sees what the client sent, and the final status
     return seen
+
+
+def requests_in_access_log(text: str) -> list[SeenRequest]:
+    """The requests of a `kura serve` log (their headers are not logged: left empty)."""
+    found = []
+    for match in _ACCESS_LINE.finditer(text):
+        method, target, status = match.groups()
+        path, _, query = target.partition("?")
+        found.append(SeenRequest(method, path, query, CIMultiDict(), int(status)))
+    return found
