@@ -34,9 +34,9 @@ from registry.app import make_app
 from tests.conftest import serve_app
 from tests.support.cli import run_kura
 from tests.support.layouts import reachable_blobs, tag_digest
-from tests.support.mirror_clients import (CONTAINERD_MANIFEST_ACCEPT, Podman, Skopeo, containerd_daemon_async,
-                                          containerd_style_get, docker_daemon_async, hosts_dir, listed_digest,
-                                          registries_conf)
+from tests.support.mirror_clients import (CONTAINERD_MANIFEST_ACCEPT, Podman, Skopeo, containerd_style_get,
+                                          hosts_dir, registries_conf)
+from tests.support.mirror_daemons import containerd_daemon_async, docker_daemon_async, listed_digest
 from tests.support.paths import IMAGES, require_shared
 from tests.support.request_log import SeenRequest, record_requests, requests_in_access_log
 from tests.support.sandbox import WRITABLE_SYSTEM_DIRS, sandboxed
