@@ -60,9 +60,10 @@ def config(tmp_path):
     return replace(Config(), root=tmp_path / "data", access_log=False)
 
 
-async def serve_app(aiohttp_client, config: Config):
-    """A test client of make_app(config), served with the protocol settings of `kura serve`."""
-    server = TestServer(make_app(config))
+async def serve_app(aiohttp_client, config: Config, app=None):
+    """A test client of make_app(config) (or of `app`, built from `config`), served with the
+    protocol settings of `kura serve`."""
+    server = TestServer(app if app is not None else make_app(config))
     await server.start_server(**handler_settings(config))
     return await aiohttp_client(server)
 

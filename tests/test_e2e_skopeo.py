@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from tests.support.client import RegistryClient
-from tests.support.layouts import tag_digest
+from tests.support.layouts import blob_path, reachable_blobs, tag_digest
 from tests.support.paths import IMAGES, require_shared
 from tests.support.servers import Server, start_distribution, start_kura, stop, stop_distribution
 
@@ -47,23 +47,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def blob_path(layout: Path, digest: str) -> Path:
-    algorithm, hex_ = digest.split(":", 1)
-    return layout / "blobs" / algorithm / hex_
-
-
-
-def reachable_blobs(layout: Path, digest: str) -> set[str]:
-    """Hex digests of the manifest `digest` and of everything it references, recursively."""
-    found = {digest.split(":", 1)[1]}
-    document = json.loads(blob_path(layout, digest).read_bytes())
-    for child in document.get("manifests", []):
-        found |= reachable_blobs(layout, child["digest"])
-    for descriptor in ([document["config"]] if "config" in document else []) + document.get("layers", []):
-        found.add(descriptor["digest"].split(":", 1)[1])
-    return found
 
 
 def assert_layout_matches(source: Path, copy: Path, tag: str) -> None:
