@@ -50,6 +50,8 @@ def test_containerd_ns_parameter_picks_the_proxy_by_prefix():
     assert r.route("library/redis", "docker.io").local_name == "docker.io/library/redis"
     assert r.route("owner/tool", "ghcr.io").local_name == "ghcr.io/owner/tool"
     assert r.route("team/app", "quay.io") is None  # an unknown namespace: the name as it is
+    # A containerd mirror given with a path (override_path) sends both.
+    assert r.route("docker.io/library/redis", "docker.io").local_name == "docker.io/library/redis"
 
 
 def test_longest_prefix_wins_and_globs_fall_through_to_a_shorter_one():

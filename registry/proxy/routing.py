@@ -3,7 +3,8 @@
 Clients reach a cached registry four ways, all answered from the same local repository:
   - namespaced: `kura-host/docker.io/library/redis` (the proxy whose prefix is `docker.io`);
   - as a root mirror: docker's `registry-mirrors` asks the mirror for `library/redis`;
-  - containerd's hosts.toml mirrors add `?ns=docker.io` to a plain `library/redis`;
+  - containerd's hosts.toml mirrors add `?ns=docker.io` to a plain `library/redis` (and to
+    `docker.io/library/redis` when the mirror is given with that path);
   - single names (`docker.io/redis`) are `library/redis` on Docker Hub, as docker reads them.
 The longest matching prefix wins; a proxy whose `repositories` globs exclude the name leaves it to
 a shorter prefix, and a name no proxy serves is an ordinary private repository.
@@ -41,7 +42,9 @@ class Router:
         if namespace:
             proxy = self._by_prefix.get(namespace.lower())
             if proxy is not None and proxy.prefix:
-                found = self._route_to(proxy, name)
+                # containerd adds ?ns= to a mirror with a path too (`/v2/docker.io/library/redis`).
+                rest = name[len(proxy.prefix) + 1:] if name.startswith(proxy.prefix + "/") else name
+                found = self._route_to(proxy, rest)
                 if found is not None:
                     return found
         for proxy in self.proxies:
