@@ -159,11 +159,14 @@ async def collect_garbage(driver, settings, *, dry_run: bool = False):
     as the collection has run. What `kura gc`, the periodic collection and `kura du` call."""
     from storage.gc import collect
 
+    evicted: dict[str, set[str]] = {}
     if settings.proxies and not dry_run:
         # Caches above their max_bytes lose their least recently pulled images first; this
-        # collection deletes what that leaves unreferenced.
-        await eviction.evict(driver, Router(settings.proxies))
-    report = await collect(driver, settings.gc_settings(), dry_run=dry_run)
+        # collection deletes at once what that leaves unreferenced.
+        for done in await eviction.evict(driver, Router(settings.proxies)):
+            for repository, digests in done.content.items():
+                evicted.setdefault(repository, set()).update(digests)
+    report = await collect(driver, settings.gc_settings(), dry_run=dry_run, evicted=evicted)
     if not dry_run and not report.skipped and settings.quotas:
         await usage.recount(driver, settings.quotas)
     return report

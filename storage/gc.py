@@ -127,20 +127,23 @@ class GcReport:
 
 
 async def collect(driver: StorageDriver, settings: GcSettings, *, dry_run: bool = False,
-                  now: float | None = None) -> GcReport:
+                  now: float | None = None, evicted: dict[str, set[str]] | None = None) -> GcReport:
     """One collection. With `dry_run`, nothing changes and the report says what would go
-    (it then takes no lock: `bytes_freed` is what a collection now would reclaim)."""
+    (it then takes no lock: `bytes_freed` is what a collection now would reclaim).
+    `evicted`: repository -> digests a cache has just given up there (registry/proxy/eviction.py):
+    unless something still references them, their links there and the blobs go regardless of
+    the grace period (but never a blob another repository linked within it)."""
     started = time.monotonic()
     now = time.time() if now is None else now
     if dry_run:
-        collector = Collector(driver, settings, None, now)
+        collector = Collector(driver, settings, None, now, evicted)
         await collector.mark(await collector.prune())
         collector.report.duration = time.monotonic() - started
         return collector.report
     async with driver.collection() as run:
         if run is None:
             return GcReport(skipped=True)
-        collector = Collector(driver, settings, run, now)
+        collector = Collector(driver, settings, run, now, evicted)
         await collector.prune()
         await collector.mark()
         await collector.sweep()
@@ -166,12 +169,15 @@ class Collector:
     """The phases of one collection, in order: prune, mark, sweep, tidy. With `run` None it
     only plans (a dry run); the tests drive the phases one by one to interleave pushes."""
 
-    def __init__(self, driver: StorageDriver, settings: GcSettings, run: Collection | None, now: float):
+    def __init__(self, driver: StorageDriver, settings: GcSettings, run: Collection | None, now: float,
+                 evicted: dict[str, set[str]] | None = None):
         self.driver = driver
         self.settings = settings
         self.run = run
         self.now = now
         self.cutoff = now - settings.grace_seconds
+        self.evicted = evicted or {}
+        self.evicted_blobs = set().union(*self.evicted.values()) if self.evicted else set()
         self.report = GcReport(dry_run=run is None)
         self._refs: dict[str, _Refs] = {}  # manifest digest -> what it references (content never changes)
         self._slice_started = time.monotonic()
@@ -268,9 +274,10 @@ class Collector:
                 referenced |= {str(d) for d in snapshot.layers}
             self.reachable |= referenced
             doomed = 0
+            evicted_here = self.evicted.get(name, ())
             for digest, mtime in snapshot.layers.items():
                 text = str(digest)
-                if mtime >= self.cutoff:
+                if mtime >= self.cutoff and text not in evicted_here:
                     young_links.add(text)
                 elif text not in referenced:
                     self.link_candidates.append((name, text))
@@ -280,7 +287,8 @@ class Collector:
             await self._pace()
         async for blob in self.driver.iter_blobs():
             text = str(blob.digest)
-            if blob.mtime < self.cutoff and text not in self.reachable and text not in young_links:
+            old_enough = blob.mtime < self.cutoff or text in self.evicted_blobs
+            if old_enough and text not in self.reachable and text not in young_links:
                 self.blob_candidates.append((text, blob.size))
             await self._pace()
         if self.run is None:

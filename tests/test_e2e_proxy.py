@@ -5,10 +5,13 @@ rate-limit headers), pulled through by real clients; the hub counts what reaches
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -201,12 +204,29 @@ async def test_containerd_style_requests_with_ns(hub, aiohttp_client, tmp_path):
         f"/v2/library/redis/manifests/{hub.seeded.redis_amd64}?ns=docker.io")).read())["config"]
     r = await cache.get(f"/v2/library/redis/blobs/{config['digest']}?ns=docker.io")
     assert r.status == 200 and hashlib.sha256(await r.read()).hexdigest() == config["digest"].split(":")[1]
-    attestations = [m for m in index["manifests"] if m["platform"]["os"] == "unknown"]
     await cache.app[PROXY].manifests.drain()
-    for entry in attestations:  # stored with the index, though nobody asked
-        link = await cache.app[PROXY].driver.get_manifest_link("docker.io/library/redis", _digest(entry))
-        assert link is not None
+    driver = cache.app[PROXY].driver
+    for entry in index["manifests"]:
+        stored = await driver.get_manifest_link("docker.io/library/redis", _digest(entry)) is not None
+        # Every platform's manifest is stored with the index; attestations (each GET a Docker
+        # Hub pull) only when asked for.
+        assert stored == (entry["platform"]["os"] != "unknown"), entry
+        if not stored:
+            r = await cache.get(f"/v2/library/redis/manifests/{entry['digest']}?ns=docker.io")
+            assert r.status == 200
+            assert await driver.get_manifest_link("docker.io/library/redis", _digest(entry)) is not None
 
 
 def _digest(entry: dict) -> Digest:
     return Digest.parse(entry["digest"])
+
+
+async def test_upstream_credentials_come_from_the_docker_config_of_the_serving_user(hub, aiohttp_client, tmp_path):
+    config_dir = Path(os.environ["DOCKER_CONFIG"])
+    config_dir.mkdir(parents=True, exist_ok=True)
+    login = base64.b64encode(f"{USERNAME}:{PASSWORD}".encode()).decode()
+    (config_dir / "config.json").write_text(json.dumps({"auths": {hub.registry_host: {"auth": login}}}))
+    cache = await start_cache(aiohttp_client, tmp_path, hub)
+    digest = await pull(tmp_path / "client", f"{cache.host_port}/docker.io/acme/private:1")
+    assert digest == hub.seeded.private
+    assert all(seen.had_authorization for seen in hub.requests if "/acme/private/" in seen.path and seen.status == 200)

@@ -22,7 +22,8 @@ from registry.auth import htpasswd
 from registry.auth.config import parse as parse_auth
 from registry.config import Config
 from ocispec.digest import Digest
-from registry.context import STORAGE
+from registry.context import CONFIG, STORAGE
+from registry.quota import collect_garbage
 from storage.fsck import fsck
 from registry.proxy import manifests as proxy_manifests
 from registry.proxy import service as proxy_service
@@ -94,9 +95,9 @@ async def upstream(tmp_path, aiohttp_client):
     return hub
 
 
-async def cache_for(aiohttp_client, tmp_path, upstream_url: str, **proxy):
+async def cache_for(aiohttp_client, tmp_path, upstream_url: str, grace_seconds: int = 0, **proxy):
     entry = {"prefix": "docker.io", "remote": upstream_url, "tag_ttl_seconds": 300, **proxy}
-    config = replace(Config(), root=tmp_path / "cache", access_log=False, gc_grace_seconds=0,
+    config = replace(Config(), root=tmp_path / "cache", access_log=False, gc_grace_seconds=grace_seconds,
                      proxies=parse_proxies([entry]))
     return await serve_app(aiohttp_client, config)
 
@@ -300,10 +301,12 @@ async def test_least_recently_pulled_images_go_first_above_max_bytes(upstream, a
                                                                      monkeypatch):
     monkeypatch.setattr(proxy_manifests, "PULL_RECORD_SECONDS", 0)
     monkeypatch.setattr(proxy_service, "SIZE_CHECK_SECONDS", 0)
-    layers = {name: name.encode() * (1 << 20) for name in ("a", "b", "c")}  # 1 MiB each
+    layers = {name: name.encode() * (1 << 20) for name in "abcd"}  # 1 MiB each
     for name, layer in layers.items():
         await push_to(upstream, f"library/{name}", "1", layer=layer)
-    cache = await cache_for(aiohttp_client, tmp_path, upstream.url, max_bytes=int(2.5 * (1 << 20)))
+    # The default grace period (an hour): evicted blobs go at once all the same.
+    cache = await cache_for(aiohttp_client, tmp_path, upstream.url, max_bytes=int(2.5 * (1 << 20)),
+                            grace_seconds=3600)
     # A private repository holding b's layer too: eviction must never take it from there.
     await push_image(cache, "team/app", "1", layer=layers["b"])
 
@@ -314,11 +317,6 @@ async def test_least_recently_pulled_images_go_first_above_max_bytes(upstream, a
         for descriptor in [manifest["config"], *manifest["layers"]]:
             await (await cache.get(f"/v2/docker.io/library/{name}/blobs/{descriptor['digest']}")).read()
 
-    await pull("a")
-    await pull("b")
-    await pull("a")  # a is now more recent than b
-    await pull("c")  # over the cap: b (least recently pulled), then a, go
-
     def stored(name: str) -> bool:
         hex_ = hashlib.sha256(layers[name]).hexdigest()
         return (tmp_path / "cache" / "blobs" / "sha256" / hex_[:2] / hex_).exists()
@@ -327,14 +325,28 @@ async def test_least_recently_pulled_images_go_first_above_max_bytes(upstream, a
         digest = Digest.parse(await _digest_of(upstream, name))
         return await cache.app[STORAGE].get_manifest_link(f"docker.io/library/{name}", digest) is None
 
-    for _ in range(100):
-        if await evicted("b"):
-            break
-        await asyncio.sleep(0.05)
-    assert await evicted("b")
+    async def until_evicted(name: str) -> None:
+        for _ in range(200):
+            if await evicted(name):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{name} was not evicted")
+
+    await pull("a")
+    await pull("b")
+    await pull("a")  # a is now more recent than b
+    await pull("c")  # over the cap: b, the least recently pulled, goes
+    await until_evicted("b")
     assert not await evicted("a") and not await evicted("c")
     assert stored("b"), "the private repository's blob was deleted"
-    assert stored("c")
+    await pull("d")  # over the cap again: a goes, and its layer with it
+    await until_evicted("a")
+    for _ in range(200):
+        if not stored("a"):
+            break
+        await asyncio.sleep(0.05)
+    assert not stored("a") and stored("c") and stored("d")
+    assert not await evicted("c") and not await evicted("d")
     # An evicted image is simply fetched again.
     await pull("b")
     assert not await evicted("b")
@@ -393,3 +405,72 @@ async def test_pulling_through_the_cache_follows_the_access_rules(upstream, aioh
     # Even with every right on the name, a proxied name stays read-only.
     r = await cache.put(path, data=b"{}", headers=basic("alice", "alice-secret-1"))
     assert r.status == 403 and await error_code(r) == "DENIED"
+
+
+async def test_ns_never_reaches_a_cached_repository_the_caller_may_not_pull(upstream, aiohttp_client, tmp_path):
+    await push_to(upstream, "myorg/secret", "1")
+    root = tmp_path / "cache"
+    htpasswd.set_user(root / "auth" / "htpasswd", "alice", "alice-secret-1", cost=4)
+    htpasswd.set_user(root / "auth" / "htpasswd", "bob", "bob-secret-2", cost=4)
+    auth = parse_auth({"mode": "htpasswd", "rules": [
+        {"repositories": ["docker.io/**"], "users": ["alice"], "actions": ["pull"]},
+        {"repositories": ["myorg/**", "docker.io/redis"], "users": ["bob"], "actions": ["pull"]},
+    ]})
+    config = replace(Config(), root=root, access_log=False, auth=auth, proxies=parse_proxies(
+        [{"prefix": "docker.io", "remote": upstream.url}]))
+    cache = await serve_app(aiohttp_client, config)
+    alice, bob = basic("alice", "alice-secret-1"), basic("bob", "bob-secret-2")
+    assert (await cache.get("/v2/docker.io/myorg/secret/manifests/1", headers=alice)).status == 200  # now cached
+    before = len(upstream.requests)
+    # bob may pull myorg/secret (a private name here), not docker.io/myorg/secret.
+    r = await cache.get("/v2/myorg/secret/manifests/1?ns=docker.io", headers=bob)
+    assert r.status == 404 and await error_code(r) in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN")
+    # docker.io/redis is docker.io/library/redis, which bob may not pull.
+    r = await cache.get("/v2/docker.io/redis/manifests/7", headers=bob)
+    assert r.status == 403 and await error_code(r) == "DENIED"
+    assert len(upstream.requests) == before
+    r = await cache.get("/v2/myorg/secret/manifests/1?ns=docker.io", headers=alice)  # alice may: the cache
+    assert r.status == 403  # auth checks the written name first, which alice may not pull
+
+
+async def test_a_private_repository_under_a_proxied_name_is_never_filled_or_evicted(upstream, aiohttp_client,
+                                                                                    tmp_path):
+    await push_to(upstream, "team/app", "1", layer=b"upstream's")
+    private_config = replace(Config(), root=tmp_path / "cache", access_log=False)
+    private = await serve_app(aiohttp_client, private_config)
+    pushed, _ = await push_image(private, "docker.io/team/app", "1", layer=b"ours" * 1000)
+    await private.close()
+
+    cache = await cache_for(aiohttp_client, tmp_path, upstream.url, tag_ttl_seconds=0, max_bytes=1)
+    before = len(upstream.requests)
+    r = await cache.get("/v2/docker.io/team/app/manifests/1")
+    assert r.status == 200 and r.headers["Docker-Content-Digest"] == pushed
+    assert len(upstream.requests) == before
+    await push_to(upstream, "library/a", "1", layer=b"a" * 4096)
+    await push_to(upstream, "library/b", "1", layer=b"b" * 4096)
+    for name in ("a", "b"):
+        assert (await cache.get(f"/v2/docker.io/library/{name}/manifests/1")).status == 200
+    await collect_garbage(cache.app[STORAGE], cache.app[CONFIG])
+    r = await cache.get("/v2/docker.io/team/app/manifests/1")
+    assert r.status == 200 and r.headers["Docker-Content-Digest"] == pushed
+
+
+async def test_an_unreachable_upstream_is_not_asked_again_for_a_while(upstream, aiohttp_client, tmp_path):
+    await push_to(upstream, "library/redis", "7")
+    cache = await cache_for(aiohttp_client, tmp_path, upstream.url, tag_ttl_seconds=0)
+    assert (await cache.get("/v2/docker.io/library/redis/manifests/7")).status == 200
+    upstream.fail_status = 503
+    assert (await cache.get("/v2/docker.io/library/redis/manifests/7")).status == 200
+    asked = len(upstream.requests)
+    for _ in range(3):
+        assert (await cache.get("/v2/docker.io/library/redis/manifests/7")).status == 200
+    assert len(upstream.requests) == asked
+
+
+async def test_an_empty_blob_is_served_through_the_cache(upstream, aiohttp_client, tmp_path):
+    await push_to(upstream, "library/empty", "1", layer=b"")
+    digest = "sha256:" + hashlib.sha256(b"").hexdigest()
+    cache = await cache_for(aiohttp_client, tmp_path, upstream.url)
+    r = await cache.get(f"/v2/docker.io/library/empty/blobs/{digest}")
+    assert r.status == 200 and await r.read() == b""
+    assert await cache.app[STORAGE].is_blob_linked("docker.io/library/empty", Digest.parse(digest))

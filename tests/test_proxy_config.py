@@ -112,3 +112,10 @@ def test_the_commented_example_in_config_example_toml_parses():
     assert r.route("redis").local_name == "library/redis"
     assert r.route("docker.io/redis").local_name == "docker.io/library/redis"
     assert r.route("team/app") is None
+
+
+def test_credentials_in_the_remote_url_are_refused_and_passwords_never_printed():
+    with pytest.raises(ProxyConfigError, match="must not carry credentials"):
+        parse([{"remote": "https://me:s3cret@registry-1.docker.io"}])
+    (proxy,) = parse([{**HUB, "username": "me", "password": "s3cret"}])
+    assert "s3cret" not in repr(proxy) and "s3cret" not in repr(Router((proxy,)).route("docker.io/redis"))

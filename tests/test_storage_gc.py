@@ -209,3 +209,21 @@ async def test_purge_temp(driver):
     backdate(old)
     assert await driver.purge_temp(time.time() - 3600) == 1
     assert not old.exists() and new.exists()
+
+
+async def test_content_a_cache_evicted_goes_within_the_grace_period_unless_linked_elsewhere(driver):
+    from storage.gc import GcSettings, collect
+    alone = await upload(driver, "docker.io/library/a", b"only the cache had it")
+    shared = await upload(driver, "docker.io/library/a", b"also pushed to team/app")
+    await upload(driver, "team/app", b"also pushed to team/app")
+    evicted = {"docker.io/library/a": {str(alone.digest), str(shared.digest)}}
+    report = await collect(driver, GcSettings(grace_seconds=3600), evicted=evicted)
+    assert [digest for digest, _ in report.blobs] == [alone.digest]
+    assert await driver.stat_blob(alone.digest) is None
+    assert await driver.stat_blob(shared.digest) is not None  # team/app linked it within the grace period
+    assert await driver.is_blob_linked("team/app", shared.digest)
+    assert not await driver.is_blob_linked("docker.io/library/a", shared.digest)
+    # Without the eviction, the grace period keeps young content.
+    young = await upload(driver, "docker.io/library/b", b"young")
+    await collect(driver, GcSettings(grace_seconds=3600))
+    assert await driver.stat_blob(young.digest) is not None

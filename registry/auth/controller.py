@@ -36,6 +36,11 @@ class Grant:
         """Whether the repository shows in the catalog for this caller."""
         return self.can("repository", repository, "pull")
 
+    def may_pull_alias(self, repository: str) -> bool:
+        """Whether this caller may pull `repository`, reached through another name (the
+        pull-through cache's `?ns=` and `docker.io/redis` for `docker.io/library/redis`)."""
+        return self.can("repository", repository, "pull")
+
 
 class Everything(Grant):
     def can(self, resource_type: str, name: str, action: str) -> bool:
@@ -69,6 +74,13 @@ class TokenGrant(Grant):
         if self.rules is None:
             return True  # an external issuer granted the catalog; we know no finer rules
         return bool(self.rules.allowed(self.user, "repository", repository, {"pull"}))
+
+    def may_pull_alias(self, repository: str) -> bool:
+        # The client's token names what it asked for; our own issuer's rules decide the alias
+        # for the same identity. An external issuer's tokens grant only what they name.
+        if self.can("repository", repository, "pull"):
+            return True
+        return self.rules is not None and bool(self.rules.allowed(self.user, "repository", repository, {"pull"}))
 
 
 def _covers(grant: Grant, needed: list[Access]) -> bool:

@@ -22,11 +22,12 @@ from aiohttp import web
 
 from ocispec.digest import Digest
 from puller.transport import AuthError, RateLimited, RegistryClient, RegistryError
-from storage import DigestMismatch, SizeMismatch, StorageDriver, StorageError
+from storage import BlobContent, DigestMismatch, SizeMismatch, StorageDriver, StorageError
 
 from ..blob_response import blob_headers, serve_blob
 from ..errors import BadGateway, BlobUnknown, TooManyRequests, Unavailable
 from ..middlewares import client_gone
+from .manifests import is_private
 from .routing import Route
 from .upstream import Upstream
 
@@ -40,6 +41,8 @@ SPOOL_PREFIX = "kura-proxy-"
 class _Fetch:
     """One download in progress, shared by every client that asked for the blob meanwhile."""
     digest: Digest
+    repository: str
+    """Where the blob is stored once verified; others that joined link it when it is."""
     spool: Path
     size: int | None = None
     written: int = 0
@@ -67,30 +70,38 @@ class BlobCache:
         self.spool_dir = spool_dir
         self.on_filled = on_filled
         """Told of every blob that entered the cache."""
-        self._fetches: dict[tuple[str, Digest], _Fetch] = {}
+        self._fetches: dict[Digest, _Fetch] = {}
         self._tasks: set[asyncio.Task] = set()
 
     async def serve(self, request: web.Request, route: Route, digest: Digest) -> web.StreamResponse:
         """Answer a GET or HEAD for a blob the route's repository does not hold yet."""
+        local = route.local_name
+        if await is_private(self.driver, local):
+            raise BlobUnknown(detail={"digest": str(digest)})
         upstream = self.upstreams[route.proxy.prefix]
         client = upstream.client(route.upstream_name)
-        stored = await self.driver.stat_blob(digest)
-        if stored is not None or request.method == "HEAD":
-            # Stored for another repository, or only asked about: the upstream's HEAD (free
-            # of Docker Hub's pull limit) says whether this repository has it there.
+        fetch = self._fetches.get(digest)
+        if request.method == "GET" and fetch is not None and fetch.repository == local:
+            return await self._follow(request, fetch)
+        if request.method == "HEAD" or fetch is not None or await self.driver.stat_blob(digest) is not None:
+            # Only asked about, or another repository's (stored, or on its way): served when
+            # this repository has it upstream too, as the upstream's HEAD (free of Docker
+            # Hub's pull limit) says.
             size = await self._upstream_size(upstream, client, digest)
-            if stored is None:
+            if request.method == "HEAD":
                 response = web.StreamResponse(status=200, headers=blob_headers_for(digest))
                 response.content_length = size
                 await response.prepare(request)
                 await response.write_eof()
                 return response
-            await self._link(route.local_name, digest)
-            return await serve_blob(request, stored, self.driver)
-        fetch = self._fetches.get((route.local_name, digest))
-        if fetch is None:
-            fetch = self._start(upstream, client, route, digest)
-        return await self._follow(request, fetch)
+            stored = await self._link(local, digest)
+            if stored is not None:
+                return await serve_blob(request, stored, self.driver)
+            fetch = self._fetches.get(digest)
+            if fetch is not None:
+                return await self._follow(request, fetch, link_into=local)
+        fetch = self._fetches.get(digest) or self._start(upstream, client, route, digest)
+        return await self._follow(request, fetch, link_into=local if fetch.repository != local else None)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -101,15 +112,14 @@ class BlobCache:
     def _start(self, upstream: Upstream, client: RegistryClient, route: Route, digest: Digest) -> _Fetch:
         fd, name = tempfile.mkstemp(prefix=SPOOL_PREFIX, dir=self.spool_dir)
         os.close(fd)
-        fetch = _Fetch(digest, Path(name))
-        key = (route.local_name, digest)
-        self._fetches[key] = fetch
+        fetch = _Fetch(digest, route.local_name, Path(name))
+        self._fetches[digest] = fetch
         task = asyncio.ensure_future(self._download(upstream, client, route, fetch))
         self._tasks.add(task)
 
         def finished(_task: asyncio.Task) -> None:
             self._tasks.discard(_task)
-            self._fetches.pop(key, None)
+            self._fetches.pop(digest, None)
             fetch.spool.unlink(missing_ok=True)  # readers hold it open
             fetch.started.set()
 
@@ -168,19 +178,23 @@ class BlobCache:
             upstream.failed(f"blob {digest}: {exc}")
             raise _blob_error(client, digest, exc) from None
 
-    async def _link(self, repository: str, digest: Digest) -> None:
+    async def _link(self, repository: str, digest: Digest) -> BlobContent | None:
+        """Link a stored blob into `repository`; None when it is not stored (any more)."""
         async with self.driver.reference_guard():
-            await self.driver.note_references(blobs=[digest])
-            await self.driver.link_blob(repository, digest)
+            stored = await self.driver.stat_blob(digest)  # under the guard: no collection deletes it now
+            if stored is not None:
+                await self.driver.note_references(blobs=[digest])
+                await self.driver.link_blob(repository, digest)
+            return stored
 
     # -- one client -------------------------------------------------------------------
-    async def _follow(self, request: web.Request, fetch: _Fetch) -> web.StreamResponse:
+    async def _follow(self, request: web.Request, fetch: _Fetch, link_into: str | None = None) -> web.StreamResponse:
         with open(fetch.spool, "rb", buffering=0) as spool:  # opened before the download can end
             await fetch.started.wait()
-            if fetch.size is None:  # the upstream did not say: known once it is all here
+            if not fetch.size:  # unknown (known once all is here), or empty: no byte to hold back
                 async with fetch.changed:
                     await fetch.changed.wait_for(lambda: fetch.done or fetch.error is not None)
-            if fetch.error is not None and fetch.written == 0:
+            if fetch.error is not None:  # nothing sent yet: the error, in the spec's format
                 raise fetch.error
             size = fetch.size if fetch.size is not None else fetch.written
             response = web.StreamResponse(status=200, headers=blob_headers_for(fetch.digest))
@@ -200,10 +214,12 @@ class BlobCache:
                     sent += len(chunk)
             except ConnectionError as exc:
                 client_gone(request, "during a blob fetched from the upstream", exc)
-            if sent < size:
+            if sent < size or fetch.error is not None:
                 if request.transport is not None:
                     request.transport.abort()  # short of Content-Length: the client sees it failed
                 return response
+            if link_into is not None:
+                await self._link(link_into, fetch.digest)
             await response.write_eof()
             return response
 

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from ocispec.names import glob_to_regex, is_valid_name
@@ -33,13 +33,13 @@ class Proxy:
     remote: str
     """scheme://host[:port] of the upstream registry's API."""
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tag_ttl_seconds: int = DEFAULT_TAG_TTL_SECONDS
     max_bytes: int = 0
     repositories: tuple[str, ...] = ()
     docker_hub: bool = False
     """Single names mean `library/<name>`, as docker reads them."""
-    _patterns: tuple[re.Pattern, ...] = ()
+    _patterns: tuple[re.Pattern, ...] = field(default=(), repr=False)
 
     @property
     def scheme(self) -> str:
@@ -100,6 +100,8 @@ def _parse_entry(entry: dict, number: int) -> Proxy:
     if remote is None:
         raise ProxyConfigError(f"{where}: remote is required (e.g. https://registry-1.docker.io)")
     parts = urlsplit(remote)
+    if parts.username is not None or parts.password is not None:
+        raise ProxyConfigError(f"{where}: remote must not carry credentials; set username and password")
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/") or parts.query:
         raise ProxyConfigError(f"{where}: remote must be http(s)://host[:port], got {remote!r}")
     username, password = typed("username", str, None), typed("password", str, None)

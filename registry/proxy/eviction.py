@@ -20,7 +20,7 @@ from storage.gc import references_of
 from storage.manifests import READ_LIMIT, remove_manifest
 
 from .config import Proxy
-from .manifests import pulled_record_key, tag_record_key
+from .manifests import is_private, pulled_record_key, tag_record_key
 from .routing import Router
 
 log = logging.getLogger("kura.proxy")
@@ -42,6 +42,8 @@ class Eviction:
     size_before: int
     size_after: int
     evicted: list[tuple[str, str]]  # (repository, root manifest digest)
+    content: dict[str, set[str]]
+    """Repository -> the digests (manifests, blobs) of the images evicted there."""
 
 
 async def cache_size(driver: StorageDriver, router: Router, proxy: Proxy) -> tuple[int, list[_Image], dict[str, int]]:
@@ -51,8 +53,8 @@ async def cache_size(driver: StorageDriver, router: Router, proxy: Proxy) -> tup
     sizes: dict[str, int] = {}
     for name in await driver.list_repositories():
         route = router.route(name)
-        if route is None or route.proxy is not proxy or route.local_name != name:
-            continue
+        if route is None or route.proxy is not proxy or route.local_name != name or await is_private(driver, name):
+            continue  # not this proxy's, or a private repository under its name
         images += await _images(driver, name, sizes)
     return sum(sizes.values()), images, sizes
 
@@ -95,7 +97,10 @@ async def _evict_proxy(driver: StorageDriver, router: Router, proxy: Proxy) -> E
         await _remove(driver, image, kept_by_repository.get(image.repository, set()))
         log.info("proxy %s: evicted %s@%s (last pulled %s), over max_bytes %d", proxy.label, image.repository,
                  image.root, image.last_pulled, proxy.max_bytes)
-    return Eviction(proxy, total, remaining, [(image.repository, image.root) for image in doomed])
+    content: dict[str, set[str]] = {}
+    for image in doomed:
+        content.setdefault(image.repository, set()).update(image.manifests | image.blobs)
+    return Eviction(proxy, total, remaining, [(image.repository, image.root) for image in doomed], content)
 
 
 async def _remove(driver: StorageDriver, image: _Image, kept: set[str]) -> None:

@@ -47,13 +47,21 @@ def pulled_record_key(digest: Digest) -> str:
     return f"pulled-{digest.algorithm}-{digest.encoded}"
 
 
+async def is_private(driver: StorageDriver, repository: str) -> bool:
+    """A repository pushed before a proxy came to cover its name (the cache never filled it):
+    served as it is, never filled, revalidated or evicted."""
+    return await driver.read_cache_record(repository, CACHE_ORIGIN_RECORD) is None \
+        and await driver.repository_exists(repository)
+
+
 class UpstreamDown(Exception):
     """The upstream could not answer (unreachable, 5xx, rate limited, unverifiable): serve
     stale content if there is any. Carries the error to give a client when there is none."""
 
-    def __init__(self, reason: str, error: Exception):
+    def __init__(self, reason: str, error: Exception, unreachable: bool = False):
         super().__init__(reason)
         self.error = error
+        self.unreachable = unreachable
 
 
 class ManifestCache:
@@ -70,13 +78,15 @@ class ManifestCache:
         fresh as the TTL asks. Raises the registry error a client should get."""
         local = route.local_name
         if isinstance(reference, Digest):
-            if await self.driver.get_manifest_link(local, reference) is None:
+            if await self.driver.get_manifest_link(local, reference) is None and not await is_private(self.driver, local):
                 await self._once(("digest", local, reference), lambda: self._fetch_by_digest(route, reference))
             return
         record = await self._tag_record(local, reference)
         if record is not None and time.time() - record.checked < route.proxy.tag_ttl_seconds \
                 and await self.driver.resolve_tag(local, reference) == record.digest:
             return  # trusted: not a single upstream request
+        if record is None and await is_private(self.driver, local):
+            return
         await self._once(("tag", local, reference), lambda: self._revalidate(route, reference))
 
     async def note_pulled(self, route: Route, digest: Digest) -> None:
@@ -88,20 +98,26 @@ class ManifestCache:
         self._pulled_written[key] = now
         if len(self._pulled_written) > 100_000:
             self._pulled_written.clear()
+        self._in_background(self._write_pulled(route.local_name, digest, now))
+
+    async def _write_pulled(self, repository: str, digest: Digest, when: float) -> None:
         try:
-            await self.driver.write_cache_record(route.local_name, pulled_record_key(digest),
-                                                 json.dumps({"digest": str(digest), "at": now}).encode())
+            await self.driver.write_cache_record(repository, pulled_record_key(digest),
+                                                 json.dumps({"digest": str(digest), "at": when}).encode())
         except (OSError, StorageError) as exc:
-            log.warning("cannot record a pull of %s@%s: %s", route.local_name, digest, exc)
+            log.warning("cannot record a pull of %s@%s: %s", repository, digest, exc)
 
     async def drain(self) -> None:
         """Wait for the background fetches of index children (tests, shutdown)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
-    def cancel(self) -> None:
-        for task in list(self._background):
+    async def close(self) -> None:
+        """Stop what is in flight (shutdown), before the upstream session closes."""
+        pending = [*self._background, *self._flights.values()]
+        for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     # -- tags -------------------------------------------------------------------------
     async def _revalidate(self, route: Route, tag: str) -> None:
@@ -114,6 +130,10 @@ class ManifestCache:
             return  # another request of this process revalidated it meanwhile
         upstream = self.upstreams[route.proxy.prefix]
         client = upstream.client(route.upstream_name)
+        if cached is not None and upstream.down:
+            log.warning("serving %s:%s from the cache without revalidation (stale): %s was unreachable "
+                        "moments ago", local, tag, route.proxy.remote)
+            return
         try:
             current = await _head_digest(client, tag) if cached is not None else None
             if current is not None and current == cached:
@@ -124,7 +144,7 @@ class ManifestCache:
                 raise ManifestUnknown(f"{route.upstream_name}:{tag} does not exist on {route.proxy.remote}",
                                       detail={"tag": tag})
         except UpstreamDown as exc:
-            upstream.failed(str(exc))
+            upstream.failed(str(exc), exc.unreachable)
             if cached is not None:
                 log.warning("serving %s:%s from the cache without revalidation (stale): %s", local, tag, exc)
                 return
@@ -152,7 +172,7 @@ class ManifestCache:
         try:
             fetched = await _get_manifest(upstream.client(route.upstream_name), str(digest), digest)
         except UpstreamDown as exc:
-            upstream.failed(str(exc))
+            upstream.failed(str(exc), exc.unreachable)
             raise exc.error from None
         if fetched is None:
             raise ManifestUnknown(f"{route.upstream_name}@{digest} does not exist on {route.proxy.remote}",
@@ -163,6 +183,9 @@ class ManifestCache:
                      depth: int = 0) -> None:
         local = route.local_name
         if await self.driver.read_cache_record(local, CACHE_ORIGIN_RECORD) is None:
+            if await self.driver.repository_exists(local):
+                raise ManifestUnknown(f"{local} is a private repository under the name of a proxy: the cache "
+                                      "does not fill it")
             origin = {"remote": route.proxy.remote, "repository": route.upstream_name}
             await self.driver.write_cache_record(local, CACHE_ORIGIN_RECORD, json.dumps(origin).encode())
         await put_cached_manifest(self.driver, local, fetched.data, fetched.media_type, fetched.digest, tags=tags)
@@ -172,7 +195,8 @@ class ManifestCache:
     async def _store_children(self, route: Route, index: FetchedManifest, depth: int) -> None:
         """Every manifest an index lists (each platform's, attestations too), so a pull of
         another platform later is a hit; one a client asks for meanwhile joins its fetch."""
-        entries = [entry for entry in index.document.get("manifests", []) if isinstance(entry, dict)]
+        entries = [entry for entry in index.document.get("manifests", [])
+                   if isinstance(entry, dict) and not _is_attestation(entry)]
         limit = asyncio.Semaphore(CHILD_FETCHES)
 
         async def one(entry: dict) -> None:
@@ -209,6 +233,13 @@ class ManifestCache:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _is_attestation(entry: dict) -> bool:
+    """Buildkit's attestation manifests (provenance, SBOM) in an index: fetched when asked
+    for, not ahead (each manifest GET costs a Docker Hub pull)."""
+    annotations = entry.get("annotations")
+    return isinstance(annotations, dict) and annotations.get("vnd.docker.reference.type") == "attestation-manifest"
 
 
 async def _head_digest(client: RegistryClient, tag: str) -> Digest | None:
@@ -263,4 +294,5 @@ def _down(client: RegistryClient, exc: RegistryError) -> Exception:
         error = BadGateway(f"{where} sent a manifest of {name} that failed verification: {exc}")
     else:
         error = Unavailable(f"{where} cannot be reached and {name} is not cached: {exc}")
+        return UpstreamDown(str(exc), error, unreachable=True)
     return UpstreamDown(str(exc), error)

@@ -16,11 +16,13 @@ from aiohttp import web
 from puller.transport import RegistryError, read_limited
 from storage import StorageDriver
 
+from ..auth.controller import AUTH, grant
+from ..auth.scopes import CATALOG
 from ..errors import Denied
 from . import eviction
 from .blobs import BlobCache
 from .config import Proxy
-from .manifests import ManifestCache
+from .manifests import ManifestCache, is_private
 from .routing import ROUTE, Route, Router
 from .upstream import TIMEOUT, Upstream
 
@@ -58,8 +60,8 @@ class ProxyService:
             try:
                 for proxy in self.router.proxies:
                     if proxy.max_bytes:
-                        size, _, _ = await eviction.cache_size(self.driver, self.router, proxy)
-                        if size > proxy.max_bytes:
+                        size, images, _ = await eviction.cache_size(self.driver, self.router, proxy)
+                        if size > proxy.max_bytes and len(images) > 1:  # the newest image always stays
                             log.info("proxy %s holds %d bytes, above max_bytes %d: collecting", proxy.label,
                                      size, proxy.max_bytes)
                             await self.collect()
@@ -77,13 +79,18 @@ class ProxyService:
                      f"{proxy.prefix}/…" if proxy.prefix else "the root mirror", proxy.tag_ttl_seconds,
                      f", at most {proxy.max_bytes} bytes" if proxy.max_bytes else "")
         self._size_checker = asyncio.ensure_future(self._check_sizes())
+        for name in await self.driver.list_repositories():
+            route = self.router.route(name)
+            if route is not None and route.local_name == name and await is_private(self.driver, name):
+                log.warning("proxy: %s was pushed here, but the proxy %s now serves that name: it is served as it "
+                            "is (read-only), never filled from the upstream nor evicted", name, route.proxy.label)
 
     async def close(self) -> None:
         if self._size_checker is not None:
             self._size_checker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._size_checker
-        self.manifests.cancel()
+        await self.manifests.close()
         await self.blobs.close()
         if self._session is not None:
             await self._session.close()
@@ -144,8 +151,9 @@ PROXY = web.AppKey("proxy", ProxyService)
 
 
 async def status(request: web.Request) -> web.Response:
-    """`GET /proxy/status`: each upstream's requests, failures and last rate-limit headers (no
-    secrets; open like a health check)."""
+    """`GET /proxy/status`: each upstream's requests, failures and last rate-limit headers, for
+    whoever may read the catalog (failures name upstream repositories)."""
+    await request.app[AUTH].controller.authorize(request, [CATALOG])
     return web.json_response({"proxies": request.app[PROXY].status()})
 
 
@@ -156,6 +164,13 @@ async def proxy_middleware(request: web.Request, handler) -> web.StreamResponse:
     name = request.match_info.get("name")
     if service is not None and name is not None:
         route = service.router.route(name, request.query.get("ns"))
+        if route is not None and route.local_name != name and not grant(request).may_pull_alias(route.local_name):
+            # Auth checked the name as written: `?ns=` must not reach a repository the caller
+            # may not pull. Without it, the name is what it says.
+            route = service.router.route(name)
+            if route is not None and route.local_name != name:
+                raise Denied(f"pulling {name} means pulling {route.local_name}, which you may not",
+                             detail=[{"Type": "repository", "Name": route.local_name, "Action": "pull"}])
         if route is not None:
             check_writable(route, request.method, name)
             request[ROUTE] = route

@@ -23,6 +23,7 @@ log = logging.getLogger("kura.proxy")
 MAX_CLIENTS = 1024  # upstream repositories with a client (and its tokens) kept
 LOW_REMAINING_FRACTION = 0.1  # warn when fewer pulls than this share of the limit remain
 TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=60)
+DOWN_BACKOFF_SECONDS = 30.0
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Upstream:
         self.requests = 0
         self.failures = 0
         self.last_failure: str | None = None
+        self.down_until = 0.0
         self._clients: OrderedDict[str, RegistryClient] = OrderedDict()
 
     def client(self, upstream_name: str) -> RegistryClient:
@@ -61,9 +63,17 @@ class Upstream:
             self._clients.move_to_end(upstream_name)
         return client
 
-    def failed(self, reason: str) -> None:
+    def failed(self, reason: str, unreachable: bool = False) -> None:
         self.failures += 1
         self.last_failure = reason
+        if unreachable:
+            self.down_until = time.monotonic() + DOWN_BACKOFF_SECONDS
+
+    @property
+    def down(self) -> bool:
+        """Unreachable moments ago: stale content is served without asking it again (a
+        black-holed upstream would otherwise cost every request a connect time-out)."""
+        return time.monotonic() < self.down_until
 
     def _observe(self, response: aiohttp.ClientResponse) -> None:
         self.requests += 1
