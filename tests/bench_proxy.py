@@ -3,7 +3,8 @@
 
 1. The largest layer of the shared redis image (~51 MB), fetched with aiohttp: time to first
    byte and total, from the hub directly (with its token), through a cold cache (a fresh
-   `kura serve` store each round) and through the warm cache.
+   `kura serve` store each round), the first hit right after that fill (the kernel is still
+   writing the new blob back), and a warm hit.
 2. `kura pull` of the shared redis image (linux/amd64, store only, a fresh client store each
    time), alternated: directly from the hub, through a cold cache, through the warm cache.
 Numbers only: nothing here asserts a speed. `KURA_BENCH_PROXY_ROUNDS` (default 3)."""
@@ -91,10 +92,12 @@ async def main() -> None:
                 try:
                     url = f"{cache.url}/v2/docker.io/library/redis/blobs/{digest}"
                     cold = await fetch(session, url)
+                    first_hit = await fetch(session, url)
                     warm = await fetch(session, url)
                 finally:
                     await asyncio.to_thread(stop, cache)
-                for name, (first, total) in (("direct", direct), ("cold", cold), ("warm", warm)):
+                for name, (first, total) in (("direct", direct), ("cold", cold),
+                                             ("first hit right after the fill", first_hit), ("warm", warm)):
                     note(f"layer TTFB, {name}", first)
                     note(f"layer total, {name}", total)
         for number in range(ROUNDS):

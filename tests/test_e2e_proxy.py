@@ -23,6 +23,8 @@ from registry.proxy.config import parse as parse_proxies
 from registry.proxy.service import PROXY
 from tests.support.cli import kura
 from tests.support.fake_hub import PASSWORD, USERNAME, emulated_hub
+from tests.support.mirror_clients import registries_conf
+from tests.support.servers import free_port
 
 from .conftest import serve_app
 
@@ -230,3 +232,12 @@ async def test_upstream_credentials_come_from_the_docker_config_of_the_serving_u
     digest = await pull(tmp_path / "client", f"{cache.host_port}/docker.io/acme/private:1")
     assert digest == hub.seeded.private
     assert all(seen.had_authorization for seen in hub.requests if "/acme/private/" in seen.path and seen.status == 200)
+
+
+async def test_kura_pull_uses_the_cache_as_its_registries_conf_mirror(hub, aiohttp_client, tmp_path):
+    cache = await start_cache(aiohttp_client, tmp_path, hub)
+    dead = f"127.0.0.1:{free_port()}"  # docker.io's "real" location: nothing answers there
+    conf = registries_conf(tmp_path / "conf", "docker.io", dead, [f"{cache.host_port}/docker.io"])
+    digest = await pull(tmp_path / "client", "docker.io/library/redis:7", "--registries-conf", str(conf))
+    assert digest == hub.seeded.redis_amd64
+    assert hub.count("GET", "/manifests/7", 200) == 1
