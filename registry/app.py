@@ -36,6 +36,7 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
     app[STORAGE] = driver or FilesystemDriver(config.root)
     app[AUTH] = auth = build_auth(config.auth, Path(config.root))
     app.on_response_prepare.append(add_api_version)
+    app.on_cleanup.append(_close_store)
     app.on_startup.append(quota.recount_at_start)
     app.cleanup_ctx.append(_upload_purger)
     app.cleanup_ctx.append(_garbage_collector)
@@ -112,6 +113,10 @@ async def _garbage_collector(app: web.Application):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _close_store(app: web.Application) -> None:
+    await app[STORAGE].close()
 
 
 def _spool_dir(config: Config) -> Path | None:

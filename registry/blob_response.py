@@ -64,6 +64,9 @@ async def serve_blob(request: web.Request, blob: BlobContent, driver: StorageDri
         headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
     count = end - start + 1
 
+    if request.method == "GET" and count and (url := await driver.blob_url(blob.digest)) is not None:
+        # The bytes flow from the object store (storage.s3.redirect), Range and all.
+        return web.Response(status=307, headers={"Location": url, "Docker-Content-Digest": str(blob.digest)})
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = count
     if request.method == "HEAD" or count == 0:
@@ -74,8 +77,11 @@ async def serve_blob(request: web.Request, blob: BlobContent, driver: StorageDri
         if blob.local_path is not None:
             await _sendfile(request, response, blob, start, count)
         else:
+            chunks = driver.read_blob(blob.digest, start, count)
+            first = await anext(chunks, b"")  # a blob gone or a store down fails before the headers
             await response.prepare(request)
-            async for chunk in driver.read_blob(blob.digest, start, count):
+            await response.write(first)
+            async for chunk in chunks:
                 await response.write(chunk)
             await response.write_eof()
     except ConnectionError as exc:

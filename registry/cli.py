@@ -245,14 +245,17 @@ def _gc(config, *, dry_run: bool, as_json: bool) -> int:
     import asyncio
     import json
 
-    from storage import FilesystemDriver, StorageError
+    from storage import StorageError
     from .quota import collect_garbage
+    from .store_commands import CommandError, _closing, open_command_store
 
-    if not (config.root / "blobs").is_dir():
-        print(f"kura: {config.root} is not a Kura store (no blobs/ directory)", file=sys.stderr)
+    try:
+        driver = open_command_store(config)
+    except CommandError as exc:
+        print(f"kura: {exc}", file=sys.stderr)
         return 1
     try:
-        report = asyncio.run(collect_garbage(FilesystemDriver(config.root), config, dry_run=dry_run))
+        report = asyncio.run(_closing(collect_garbage(driver, config, dry_run=dry_run)))
     except (StorageError, OSError) as exc:
         print(f"kura: garbage collection failed: {exc}", file=sys.stderr)
         return 1

@@ -26,9 +26,29 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """[storage.s3]: where the S3 driver keeps the store (storage/s3.py)."""
+    bucket: str
+    endpoint: str | None = None  # None: AWS itself, for `region`
+    region: str = "us-east-1"
+    prefix: str = ""
+    access_key: str | None = None  # None: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    secret_key: str | None = field(default=None, repr=False)
+    redirect: bool = False  # answer blob GETs with a presigned URL of the object store
+    redirect_seconds: int = 600
+
+
+_S3_KEYS: dict[str, type] = {"bucket": str, "endpoint": str, "region": str, "prefix": str, "access_key": str,
+                             "secret_key": str, "redirect": bool, "redirect_seconds": int}
+STORAGE_DRIVERS = ("filesystem", "s3")
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:5000"
     root: Path = Path("./data")
+    storage_driver: str = "filesystem"
+    s3: S3Settings | None = None
     delete_enabled: bool = True
     upload_expiry_seconds: int = 24 * 3600
     upload_purge_interval_seconds: int = 3600
@@ -80,6 +100,7 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("server", "body_timeout_seconds"): ("body_timeout_seconds", int),
     ("server", "idle_timeout_seconds"): ("idle_timeout_seconds", int),
     ("storage", "root"): ("root", str),
+    ("storage", "driver"): ("storage_driver", str),
     ("storage", "delete_enabled"): ("delete_enabled", bool),
     ("uploads", "expiry_seconds"): ("upload_expiry_seconds", int),
     ("uploads", "purge_interval_seconds"): ("upload_purge_interval_seconds", int),
@@ -138,6 +159,9 @@ def load(path: Path | None = None, **overrides) -> Config:
             for key, value in table.items():
                 if (section, key) == ("gc", "retention"):
                     values["gc_retention"] = _retention_rules(value, path)
+                    continue
+                if (section, key) == ("storage", "s3"):
+                    values["s3"] = _s3_settings(value, path)
                     continue
                 if (section, key) not in _KEYS:
                     raise ConfigError(f"{path}: unknown option {section}.{key}")
@@ -198,6 +222,28 @@ def parse_quotas(entries: object) -> tuple[Quota, ...]:
     return tuple(quotas)
 
 
+def _s3_settings(value: object, path: Path | None) -> S3Settings:
+    where = f"{path}: [storage.s3]"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table")
+    for key, item in value.items():
+        kind = _S3_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(f"{where}: unknown option {key}")
+        if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+            raise ConfigError(f"{where}: {key} must be a {kind.__name__}")
+    if not value.get("bucket"):
+        raise ConfigError(f"{where}: bucket is required")
+    if bool(value.get("access_key")) != bool(value.get("secret_key")):
+        raise ConfigError(f"{where}: access_key and secret_key must be set together")
+    endpoint = value.get("endpoint")
+    if endpoint is not None and not re.fullmatch(r"https?://[^/\s]+/?", endpoint):
+        raise ConfigError(f"{where}: endpoint must be http(s)://HOST[:PORT], got {endpoint!r}")
+    if value.get("redirect_seconds", 600) <= 0:
+        raise ConfigError(f"{where}: redirect_seconds must be positive")
+    return S3Settings(**value)
+
+
 def _retention_rules(value: object, path: Path | None) -> tuple[RetentionRule, ...]:
     if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
         raise ConfigError(f"{path}: gc.retention must be [[gc.retention]] tables")
@@ -227,6 +273,10 @@ def _retention_rules(value: object, path: Path | None) -> tuple[RetentionRule, .
 
 def _validate(config: Config) -> None:
     split_listen(config.listen)
+    if config.storage_driver not in STORAGE_DRIVERS:
+        raise ConfigError(f"storage.driver must be one of {', '.join(STORAGE_DRIVERS)}, got {config.storage_driver!r}")
+    if config.storage_driver == "s3" and config.s3 is None:
+        raise ConfigError("storage.driver = \"s3\" needs a [storage.s3] table (bucket, endpoint, ...)")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log.level must be one of {', '.join(LOG_LEVELS)}")
     if bool(config.tls_cert) != bool(config.tls_key):

@@ -22,6 +22,7 @@ from .errors import (
     RequestTooLarge,
     SizeInvalid,
     TooManyRequests,
+    Unavailable,
     Unsupported,
 )
 
@@ -66,6 +67,10 @@ def _translate(exc: st.StorageError, request: web.Request) -> RegistryError:
             error.code = "BLOB_UPLOAD_INVALID"
             return error
         return InsufficientStorage()
+    if isinstance(exc, st.StoreUnavailable):
+        log.error("storage unavailable: %s %s: %s", request.method, request.path, exc)
+        return Unavailable(f"the registry's storage is unavailable; retry later ({exc})",
+                           headers={"Retry-After": "5"})
     log.exception("unexpected storage error", exc_info=exc)
     return RegistryError("internal storage error")
 

@@ -4,6 +4,7 @@ should tell the operator once it is listening is collected as notes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -19,7 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from storage import FilesystemDriver
+from storage import FilesystemDriver, StorageDriver, StorageError
 from storage.atomic import make_dirs
 from storage.errors import FULL_ERRNOS
 
@@ -61,7 +62,7 @@ def is_loopback(host: str) -> bool:
 
 def prepare(config: Config) -> Ready:
     context = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
-    driver, notes = open_store(config.root)
+    driver, notes = open_store(config)
     try:
         app = make_app(config, driver)
     except AuthSetupError as exc:
@@ -72,7 +73,7 @@ def prepare(config: Config) -> Ready:
     except OSError as exc:
         raise StartupError(f"cannot read the accounts file {exc.filename}: {reason(exc)}") from None
     scheme = "https" if context else "http"
-    notes.append((logging.INFO, f"serving registry on {scheme}://{config.listen} (storage {driver.root})"))
+    notes.append((logging.INFO, f"serving registry on {scheme}://{config.listen} (storage {describe_store(config)})"))
     return Ready(app, context, notes)
 
 
@@ -109,7 +110,43 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def open_store(configured: Path) -> tuple[FilesystemDriver, list[tuple[int, str]]]:
+def describe_store(config: Config) -> str:
+    if config.storage_driver == "s3":
+        s3 = config.s3
+        where = s3.endpoint or f"AWS {s3.region}"
+        return f"s3://{s3.bucket}/{s3.prefix.strip('/')} at {where}"
+    return str(Path(os.path.abspath(config.root)))
+
+
+def open_store(config: Config) -> tuple[StorageDriver, list[tuple[int, str]]]:
+    """The configured store, checked to take a write. The local root is made ready in either
+    case: accounts, token keys and the cache's spool files live there."""
+    driver, notes = open_local_store(config.root)
+    if config.storage_driver != "s3":
+        return driver, notes
+    from storage.s3 import S3Driver
+    from storage.s3_objects import S3Location
+
+    s3 = config.s3
+    location = S3Location(s3.endpoint, s3.region, s3.bucket, s3.prefix, s3.access_key, s3.secret_key)
+    remote = S3Driver(location, redirect=s3.redirect, redirect_seconds=s3.redirect_seconds)
+    try:
+        created = asyncio.run(_open_remote(remote))
+    except StorageError as exc:
+        raise StartupError(f"cannot use the S3 store {describe_store(config)}: {exc}") from None
+    if created:
+        notes.append((logging.INFO, f"created the bucket {s3.bucket}"))
+    return remote, notes
+
+
+async def _open_remote(driver) -> bool:
+    try:
+        return await driver.open()
+    finally:
+        await driver.close()
+
+
+def open_local_store(configured: Path) -> tuple[FilesystemDriver, list[tuple[int, str]]]:
     """The store at `configured`, created if missing (only when its parent exists: a typo in
     storage.root should not grow a tree somewhere), and checked to take a write."""
     root = Path(os.path.abspath(configured))

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ocispec.names import is_valid_name
-from storage import FilesystemDriver, RepositoryBusy, StorageDriver, usage
+from storage import FilesystemDriver, RepositoryBusy, StorageDriver, StorageError, usage
 
 from .config import Config
 
@@ -26,24 +26,51 @@ def delete_repository(config: Config, name: str, assume_yes: bool) -> int:
 
 def _run(work) -> int:
     try:
-        return asyncio.run(work)
+        return asyncio.run(_closing(work))
     except CommandError as exc:
         print(f"kura: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, StorageError) as exc:
         print(f"kura: {exc}", file=sys.stderr)
         return 1
 
 
-def _open_store(config: Config) -> FilesystemDriver:
-    if not (config.root / "blobs").is_dir():
-        raise CommandError(f"{config.root} is not a Kura store (no blobs/ directory)")
-    return FilesystemDriver(config.root)
+_opened: list[StorageDriver] = []
+
+
+async def _closing(work):
+    try:
+        return await work
+    finally:
+        while _opened:
+            await _opened.pop().close()
+
+
+def open_command_store(config: Config) -> StorageDriver:
+    """The store a command works on, with or without a server on it: the filesystem one must
+    exist already (a typo must not create a store), an S3 one is the configured bucket."""
+    if config.storage_driver == "s3":
+        from storage.s3 import S3Driver
+        from storage.s3_objects import S3Location
+
+        s3 = config.s3
+        driver = S3Driver(S3Location(s3.endpoint, s3.region, s3.bucket, s3.prefix, s3.access_key, s3.secret_key))
+    else:
+        if not (config.root / "blobs").is_dir():
+            raise CommandError(f"{config.root} is not a Kura store (no blobs/ directory)")
+        driver = FilesystemDriver(config.root)
+    _opened.append(driver)
+    return driver
+
+
+def where(config: Config) -> str:
+    from .startup import describe_store
+    return describe_store(config)
 
 
 # -- kura du ----------------------------------------------------------------------------
 async def _disk_usage(config: Config, as_json: bool) -> int:
-    driver = _open_store(config)
+    driver = open_command_store(config)
     report = await usage.measure(driver)
     reclaimable_blobs, reclaimable_bytes = await reclaimable_by_collection(driver, config, report)
     totals = await usage.recount(driver, config.quotas)
@@ -96,9 +123,9 @@ def human(size: int) -> str:
 async def _delete_repository(config: Config, name: str, assume_yes: bool) -> int:
     if not is_valid_name(name):
         raise CommandError(f"invalid repository name {name!r}")
-    driver = _open_store(config)
+    driver = open_command_store(config)
     if not await driver.repository_exists(name):
-        raise CommandError(f"no repository {name!r} in {config.root}")
+        raise CommandError(f"no repository {name!r} in {where(config)}")
     tags, manifests, links = await _contents(driver, name)
     summary = f"{tags} tags, {manifests} manifests, {links} blob links"
     if not assume_yes:
@@ -112,7 +139,7 @@ async def _delete_repository(config: Config, name: str, assume_yes: bool) -> int
         async with driver.repository_lock(name):
             tags, manifests, links = await _contents(driver, name)
             if not await driver.delete_repository(name):
-                raise CommandError(f"no repository {name!r} in {config.root}")
+                raise CommandError(f"no repository {name!r} in {where(config)}")
     except RepositoryBusy:
         raise CommandError(f"repository {name} is busy (a push or delete holds it); retry") from None
     print(f"deleted {name}: {tags} tags, {manifests} manifests, {links} blob links, and its upload sessions")

@@ -12,6 +12,7 @@ from .errors import (
     SizeMismatch,
     StorageError,
     StorageFull,
+    StoreUnavailable,
     TooLarge,
     TooManyUploads,
     UploadBusy,
@@ -22,7 +23,7 @@ from .filesystem import FilesystemDriver
 __all__ = [
     "manifests", "BlobContent", "StorageDriver", "UploadInfo", "UploadQuota", "FilesystemDriver",
     "Collection", "RepositorySnapshot", "Stamped", "StoredBlob",
-    "StorageError", "StorageFull", "BlobNotFound", "DigestMismatch", "ManifestNotFound", "ManifestReferenceUnknown", "RangeMismatch", "SizeMismatch",
+    "StorageError", "StorageFull", "StoreUnavailable", "BlobNotFound", "DigestMismatch", "ManifestNotFound", "ManifestReferenceUnknown", "RangeMismatch", "SizeMismatch",
     "TooLarge", "TooManyUploads", "UploadBusy", "UploadNotFound", "RepositoryBusy", "QuotaExceeded", "usage",
 ]
 from . import manifests, usage  # noqa: E402 - after the names they use

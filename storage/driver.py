@@ -341,5 +341,10 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def delete_cache_record(self, repository: str, key: str) -> None: ...
 
+    async def blob_url(self, digest: Digest) -> str | None:
+        """A URL a client may fetch the blob from directly (a presigned object-store URL), or
+        None to have the server send the bytes (the default)."""
+        return None
+
     async def close(self) -> None:
         """Release resources; the default driver holds none."""

@@ -89,3 +89,8 @@ class QuotaExceeded(StorageError):
         self.used = used
         self.limit = limit
         self.size = size
+
+
+class StoreUnavailable(StorageError):
+    """The object store behind the driver failed or could not be reached; nothing was
+    changed that the caller was told about. Worth retrying later."""

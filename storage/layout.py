@@ -56,6 +56,14 @@ def is_valid_upload_id(uuid: str) -> bool:
     return _UUID.fullmatch(uuid) is not None
 
 
+def is_valid_cache_record_key(key: str) -> bool:
+    return _CACHE_RECORD_KEY.fullmatch(key) is not None
+
+
+def is_valid_ledger_key(key: str) -> bool:
+    return _LEDGER_KEY.fullmatch(key) is not None
+
+
 class Layout:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -118,12 +126,12 @@ class Layout:
         return self.repository(name) / "_cache"
 
     def cache_record(self, name: str, key: str) -> Path:
-        if not _CACHE_RECORD_KEY.fullmatch(key):
+        if not is_valid_cache_record_key(key):
             raise ValueError(f"invalid cache record key {key!r}")
         return self.cache_records(name) / key
 
     def usage_ledger(self, key: str) -> Path:
-        if not _LEDGER_KEY.fullmatch(key):
+        if not is_valid_ledger_key(key):
             raise ValueError(f"invalid usage ledger key {key!r}")
         return self.usage / key
 

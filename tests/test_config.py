@@ -1,5 +1,6 @@
 """Configuration precedence and validation."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,39 @@ def test_example_retention_rules_parse():
     assert ci.applies_to("ci/app/x") and not ci.applies_to("nightly/x")
     assert ci._keep.fullmatch("v1.2.3") and not ci._keep.fullmatch("latest")
     assert nightly.applies_to("nightly/x") and not nightly.applies_to("nightly/x/y")
+
+
+def test_s3_storage_section(tmp_path):
+    f = tmp_path / "kura.toml"
+    f.write_text('[storage]\ndriver = "s3"\n[storage.s3]\nendpoint = "http://127.0.0.1:8333"\nbucket = "b"\n'
+                 'access_key = "AK"\nsecret_key = "SK-secret"\nredirect = true\n')
+    c = load(f)
+    assert c.storage_driver == "s3" and (c.s3.endpoint, c.s3.bucket, c.s3.region, c.s3.redirect) == (
+        "http://127.0.0.1:8333", "b", "us-east-1", True)
+    assert "SK-secret" not in repr(c)
+
+
+def test_the_commented_s3_example_in_config_example_toml_parses(tmp_path):
+    text = (Path(__file__).parents[1] / "config.example.toml").read_text()
+    block = re.search(r"# BEGIN S3 EXAMPLE\n(.*)# END S3 EXAMPLE", text, re.S).group(1)
+    lines = [line[2:] if line.startswith("# ") else line.lstrip("#") for line in block.splitlines()]
+    f = tmp_path / "kura.toml"
+    f.write_text('[storage]\ndriver = "s3"\n' + "\n".join(lines) + "\n")
+    c = load(f)
+    assert (c.s3.bucket, c.s3.endpoint, c.s3.redirect_seconds) == ("kura", "http://127.0.0.1:8333", 600)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[storage]\ndriver = "nfs"\n', "storage.driver must be one of filesystem, s3"),
+    ('[storage]\ndriver = "s3"\n', "needs a [storage.s3] table"),
+    ('[storage.s3]\nendpoint = "http://x:1"\n', "bucket is required"),
+    ('[storage.s3]\nbucket = "b"\naccess_key = "a"\n', "access_key and secret_key must be set together"),
+    ('[storage.s3]\nbucket = "b"\nendpoint = "127.0.0.1:8333"\n', "endpoint must be http(s)://HOST[:PORT]"),
+    ('[storage.s3]\nbucket = "b"\nsecrets = "x"\n', "unknown option secrets"),
+    ('[storage.s3]\nbucket = 3\n', "bucket must be a str"),
+])
+def test_bad_s3_settings_are_refused(tmp_path, text, message):
+    f = tmp_path / "kura.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(f)

@@ -1,0 +1,811 @@
+"""The S3 storage driver: any S3-compatible object store behind the same interface, so that
+several stateless `kura serve` instances can share one bucket.
+
+Keys (under the configured prefix) mirror the filesystem layout:
+  blobs/<alg>/<hex[:2]>/<hex>                        content, written once, only when verified
+  repositories/<name>/_layers/<alg>/<hex>            blob links (LastModified: when linked)
+  repositories/<name>/_manifests/revisions/<alg>/<hex>   {"digest", "mediaType"}
+  repositories/<name>/_manifests/tags/<tag>          the digest
+  repositories/<name>/_referrers/<alg>/<hex>/<alg>-<hex>  the referrer's descriptor
+  repositories/<name>/_cache/<key>                   the pull-through cache's records
+  uploads/<uuid>                                     an upload session: its repository, owner,
+                                                     size, chunk objects and running hash
+  upload-data/<uuid>/<n>-<random>                    the chunks a session received
+  upload-index/{owner,repository}/<sha256>/<uuid>    sessions per owner / repository (caps)
+  usage/<key>                                        a usage ledger (s3_ledger.py)
+  locks/...                                          leases (s3_leases.py)
+  gc/running, gc/exclusive, gc/guards/<id>, gc/journal/<id>, gc/last   the collector's state
+
+Every piece of request state lives in the bucket: a chunked upload's PATCHes and PUT may land
+on different instances, each carrying the running digest forward (resumable_hash.py), and an
+append or a ledger change is a conditional write that loses cleanly to a concurrent one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import hashlib
+import json
+import logging
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from typing import AsyncIterable, AsyncIterator
+
+from ocispec.digest import Digest, InvalidDigest, is_supported_algorithm, new_hasher
+from ocispec.names import is_valid_name, is_valid_tag
+
+from .driver import (
+    BlobContent,
+    BlobLink,
+    Collection,
+    ManifestLink,
+    RepositorySnapshot,
+    Stamped,
+    StorageDriver,
+    StoredBlob,
+    UploadInfo,
+    UploadQuota,
+    UsageLedger,
+)
+from .errors import (
+    BlobNotFound,
+    DigestMismatch,
+    RangeMismatch,
+    RepositoryBusy,
+    SizeMismatch,
+    StoreUnavailable,
+    TooLarge,
+    TooManyUploads,
+    UploadBusy,
+    UploadNotFound,
+)
+from .layout import is_valid_cache_record_key, is_valid_ledger_key, is_valid_upload_id
+from .resumable_hash import ResumableHash, available as resumable_hash_available
+from .s3_bucket import ensure_bucket
+from .s3_leases import LEASE_SECONDS, Lease, is_live
+from .s3_ledger import S3Ledger
+from .s3_objects import Bucket, Conflict, S3Location
+
+LOCK_WAIT_SECONDS = 30.0
+COLLECTOR_LOCK_WAIT_SECONDS = 60.0
+# A collection waits this long after it starts before it reads the store: an operation that
+# looked (found no collection running) just before it started finishes its links meanwhile.
+GUARD_SETTLE_SECONDS = 10.0
+# An operation that took longer than this between looking and noting what it references
+# looks again (a collection may have started meanwhile).
+GUARD_RECHECK_SECONDS = 1.0
+PARALLEL_READS = 16
+REPOSITORY_DELETE_STEPS = ("tags", "referrers", "revisions", "layers", "uploads", "cache")
+
+log = logging.getLogger("kura.storage")
+
+
+@dataclass
+class _Guard:
+    """One reference_guard in progress (per task)."""
+    id: str = field(default_factory=lambda: uuidlib.uuid4().hex)
+    looked_at: float = field(default_factory=time.monotonic)
+    registered: bool = False
+    journal_entries: int = 0
+    noted_manifests: list = field(default_factory=list)
+    noted_blobs: list = field(default_factory=list)
+
+
+_current_guard: contextvars.ContextVar[_Guard | None] = contextvars.ContextVar("kura_s3_guard", default=None)
+
+
+class S3Driver(StorageDriver):
+    def __init__(self, location: S3Location, *, redirect: bool = False, redirect_seconds: int = 600,
+                 guard_settle_seconds: float = GUARD_SETTLE_SECONDS, lease_seconds: float = LEASE_SECONDS):
+        self.location = location
+        self.bucket = Bucket(location)
+        self.redirect = redirect
+        self.redirect_seconds = redirect_seconds
+        self.guard_settle_seconds = guard_settle_seconds
+        self.lease_seconds = lease_seconds
+        self._resumable = resumable_hash_available()
+
+    def __repr__(self) -> str:
+        return f"S3Driver({self.location!r})"
+
+    async def open(self) -> bool:
+        """Create the bucket if it is missing (True then), and check that it takes a write."""
+        created = await ensure_bucket(self.location)
+        probe = f"tmp/probe-{uuidlib.uuid4().hex}"
+        await self.bucket.put(probe, b"")
+        await self.bucket.delete([probe])
+        return created
+
+    async def close(self) -> None:
+        # obstore's runtime may still be winding down a failed request's connections; a
+        # process that exits at once can abort (seen: exit 134 right after a failed request).
+        await asyncio.sleep(0.05)
+
+    # -- keys -------------------------------------------------------------------------
+    @staticmethod
+    def _blob_key(digest: Digest) -> str:
+        digest = Digest.parse(str(digest))
+        return f"blobs/{digest.algorithm}/{digest.encoded[:2]}/{digest.encoded}"
+
+    @staticmethod
+    def _repo(name: str) -> str:
+        if not is_valid_name(name):
+            raise ValueError(f"invalid repository name {name!r}")
+        return f"repositories/{name}/"
+
+    def _layer_key(self, name: str, digest: Digest) -> str:
+        digest = Digest.parse(str(digest))
+        return f"{self._repo(name)}_layers/{digest.algorithm}/{digest.encoded}"
+
+    def _revision_key(self, name: str, digest: Digest) -> str:
+        digest = Digest.parse(str(digest))
+        return f"{self._repo(name)}_manifests/revisions/{digest.algorithm}/{digest.encoded}"
+
+    def _tags_prefix(self, name: str) -> str:
+        return f"{self._repo(name)}_manifests/tags/"
+
+    def _tag_key(self, name: str, tag: str) -> str:
+        if not is_valid_tag(tag):
+            raise ValueError(f"invalid tag {tag!r}")
+        return self._tags_prefix(name) + tag
+
+    def _referrers_prefix(self, name: str, subject: Digest) -> str:
+        subject = Digest.parse(str(subject))
+        return f"{self._repo(name)}_referrers/{subject.algorithm}/{subject.encoded}/"
+
+    def _cache_key(self, name: str, key: str) -> str:
+        if not is_valid_cache_record_key(key):
+            raise ValueError(f"invalid cache record key {key!r}")
+        return f"{self._repo(name)}_cache/{key}"
+
+    @staticmethod
+    def _session_key(uuid: str) -> str:
+        return f"uploads/{uuid}"
+
+    @staticmethod
+    def _owner_index(owner: str | None) -> str:
+        key = "anonymous" if owner is None else hashlib.sha256(owner.encode()).hexdigest()
+        return f"upload-index/owner/{key}/"
+
+    def _repository_index(self, name: str) -> str:
+        self._repo(name)
+        return f"upload-index/repository/{hashlib.sha256(name.encode()).hexdigest()}/"
+
+    def _lease(self, key: str) -> Lease:
+        return Lease(self.bucket, key, self.lease_seconds)
+
+    # -- blobs ------------------------------------------------------------------------
+    async def stat_blob(self, digest: Digest) -> BlobContent | None:
+        info = await self.bucket.head(self._blob_key(digest))
+        return None if info is None else BlobContent(digest, info.size)
+
+    async def read_blob(self, digest: Digest, start: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        stream = await self.bucket.stream(self._blob_key(digest), start, length)
+        if stream is None:
+            raise BlobNotFound(str(digest))
+        async for chunk in stream:
+            yield chunk
+
+    async def read_small_blob(self, digest: Digest, limit: int) -> bytes:
+        found = await self.bucket.get_limited(self._blob_key(digest), limit)
+        if found is None:
+            raise BlobNotFound(str(digest))
+        if isinstance(found, int):
+            raise TooLarge(limit)
+        return found
+
+    async def put_small_blob(self, data: bytes, digest: Digest) -> None:
+        await self.bucket.put(self._blob_key(digest), data)
+
+    async def blob_url(self, digest: Digest) -> str | None:
+        if not self.redirect:
+            return None
+        return await self.bucket.presign(self._blob_key(digest), self.redirect_seconds)
+
+    # -- repository membership --------------------------------------------------------
+    async def link_blob(self, repository: str, digest: Digest) -> None:
+        # A fresh link object: a collection's grace period counts from now for the link, and
+        # a young link keeps its blob (the blob object itself is not rewritten).
+        await self.bucket.put(self._layer_key(repository, digest), str(digest).encode())
+
+    async def unlink_blob(self, repository: str, digest: Digest) -> bool:
+        key = self._layer_key(repository, digest)
+        if await self.bucket.head(key) is None:
+            return False
+        await self.bucket.delete([key])
+        return True
+
+    async def is_blob_linked(self, repository: str, digest: Digest) -> bool:
+        return await self.bucket.head(self._layer_key(repository, digest)) is not None
+
+    async def repositories_linking_blob(self, digest: Digest) -> list[str]:
+        names = await self.list_repositories()
+        linked = await _gather_limited([self.is_blob_linked(name, digest) for name in names])
+        return [name for name, yes in zip(names, linked) if yes]
+
+    async def link_manifest(self, repository: str, digest: Digest, media_type: str) -> None:
+        record = json.dumps({"digest": str(digest), "mediaType": media_type}).encode()
+        await self.bucket.put(self._revision_key(repository, digest), record)
+
+    async def get_manifest_link(self, repository: str, digest: Digest) -> ManifestLink | None:
+        found = await self.bucket.get(self._revision_key(repository, digest))
+        if found is None:
+            return None
+        return ManifestLink(digest, json.loads(found[0])["mediaType"])
+
+    async def unlink_manifest(self, repository: str, digest: Digest) -> bool:
+        key = self._revision_key(repository, digest)
+        if await self.bucket.head(key) is None:
+            return False
+        await self.bucket.delete([key])
+        return True
+
+    async def list_manifests(self, repository: str) -> list[ManifestLink]:
+        digests = sorted(_digests_under(await self.bucket.list_all(f"{self._repo(repository)}_manifests/revisions/"),
+                                        f"{self._repo(repository)}_manifests/revisions/"), key=str)
+        links = await _gather_limited([self.get_manifest_link(repository, digest) for digest in digests])
+        return [link for link in links if link is not None]
+
+    # -- tags -------------------------------------------------------------------------
+    async def set_tag(self, repository: str, tag: str, digest: Digest) -> None:
+        await self.bucket.put(self._tag_key(repository, tag), str(digest).encode())
+
+    async def resolve_tag(self, repository: str, tag: str) -> Digest | None:
+        found = await self.bucket.get(self._tag_key(repository, tag))
+        return None if found is None else Digest.parse(found[0].decode())
+
+    async def delete_tag(self, repository: str, tag: str) -> bool:
+        key = self._tag_key(repository, tag)
+        if await self.bucket.head(key) is None:
+            return False
+        await self.bucket.delete([key])
+        return True
+
+    async def list_tags(self, repository: str) -> list[str]:
+        prefix = self._tags_prefix(repository)
+        return sorted(info.key[len(prefix):] for info in await self.bucket.list_all(prefix)
+                      if is_valid_tag(info.key[len(prefix):]))
+
+    # -- referrers --------------------------------------------------------------------
+    async def add_referrer(self, repository: str, subject: Digest, descriptor: dict) -> None:
+        referrer = Digest.parse(descriptor["digest"])
+        key = self._referrers_prefix(repository, subject) + f"{referrer.algorithm}-{referrer.encoded}"
+        await self.bucket.put(key, json.dumps(descriptor).encode())
+
+    async def remove_referrer(self, repository: str, subject: Digest, referrer: Digest) -> None:
+        referrer = Digest.parse(str(referrer))
+        await self.bucket.delete([self._referrers_prefix(repository, subject) + f"{referrer.algorithm}-{referrer.encoded}"])
+
+    async def list_referrers(self, repository: str, subject: Digest) -> list[Digest]:
+        prefix = self._referrers_prefix(repository, subject)
+        digests = []
+        for info in await self.bucket.list_all(prefix):
+            with contextlib.suppress(InvalidDigest):
+                digests.append(Digest.parse(info.key[len(prefix):].replace("-", ":", 1)))
+        return sorted(digests, key=str)
+
+    async def read_referrer(self, repository: str, subject: Digest, referrer: Digest) -> dict | None:
+        referrer = Digest.parse(str(referrer))
+        found = await self.bucket.get(self._referrers_prefix(repository, subject) + f"{referrer.algorithm}-{referrer.encoded}")
+        return None if found is None else json.loads(found[0])
+
+    # -- repositories -----------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def repository_lock(self, repository: str):
+        key = f"locks/repository/{hashlib.sha256(repository.encode()).hexdigest()}"
+        self._repo(repository)
+        async with self._lease(key).held(LOCK_WAIT_SECONDS, RepositoryBusy(repository)):
+            yield
+
+    async def repository_exists(self, repository: str) -> bool:
+        folders, _ = await self.bucket.folders(self._repo(repository))
+        return await self._holds_links(self._repo(repository), folders)
+
+    async def _holds_links(self, top: str, folders: list[str]) -> bool:
+        # Some stores (SeaweedFS) keep a folder after its last object is deleted: look inside.
+        for part in ("_manifests", "_layers"):
+            if part in folders and await self.bucket.any(f"{top}{part}/"):
+                return True
+        return False
+
+    async def list_repositories(self) -> list[str]:
+        names: list[str] = []
+        pending = ["repositories/"]
+        while pending:
+            level = await _gather_limited([self.bucket.folders(prefix) for prefix in pending])
+            candidates = [(prefix, folders) for prefix, (folders, _) in zip(pending, level) if prefix != "repositories/"]
+            holding = await _gather_limited([self._holds_links(prefix, folders) for prefix, folders in candidates])
+            names += [prefix[len("repositories/"):-1] for (prefix, _), yes in zip(candidates, holding) if yes]
+            pending = [f"{prefix}{folder}/" for prefix, (folders, _) in zip(pending, level)
+                       for folder in folders if not folder.startswith("_")]
+        return sorted(names)
+
+    # -- upload sessions --------------------------------------------------------------
+    async def create_upload(self, repository: str, owner: str | None = None,
+                            quota: UploadQuota | None = None) -> UploadInfo:
+        quota = quota or UploadQuota()
+        uuid = str(uuidlib.uuid4())
+        started = time.time()
+        indexes = [(self._repository_index(repository), quota.per_repository, "repository")]
+        if quota.per_owner:
+            indexes.append((self._owner_index(owner), quota.per_owner, "user"))
+        session = {"repository": repository, "started_at": started, "owner": owner, "size": 0,
+                   "chunks": [], "hash": self._new_hash_state()}
+        # Index entries first (a session without them would go uncounted), then each capped
+        # index is counted: an entry that finds its index over the cap withdraws. Two
+        # sessions racing for the last place may both withdraw, never both stay.
+        await asyncio.gather(*(self.bucket.put(prefix + uuid, b"") for prefix, _, _ in indexes))
+        try:
+            for prefix, limit, scope in indexes:
+                if limit and await self._open_sessions(prefix, limit, quota.active_since) > limit:
+                    raise TooManyUploads(scope, limit)
+            await self.bucket.put(self._session_key(uuid), _json(session), create=True)
+        except BaseException:
+            await asyncio.shield(self.bucket.delete([prefix + uuid for prefix, _, _ in indexes]))
+            raise
+        return UploadInfo(uuid, repository, 0, started, owner)
+
+    def _new_hash_state(self) -> dict | None:
+        return ResumableHash("sha256").state() if self._resumable else None
+
+    async def _open_sessions(self, prefix: str, limit: int, active_since: float) -> int:
+        entries = await self.bucket.list_all(prefix)
+        if len(entries) <= limit:
+            return len(entries)
+        # At the cap: look at each session (dropping entries whose session is gone).
+        uuids = [entry.key[len(prefix):] for entry in entries]
+        sessions = await _gather_limited([self.bucket.head(self._session_key(uuid)) for uuid in uuids])
+        count = 0
+        stale = []
+        for uuid, entry, session in zip(uuids, entries, sessions):
+            if session is None:
+                if entry.mtime < time.time() - 60:  # not one being created right now
+                    stale.append(entry.key)
+            elif session.mtime >= active_since:
+                count += 1
+        if stale:
+            await self.bucket.delete(stale)
+        return count
+
+    async def _read_session(self, uuid: str) -> tuple[dict, str | None]:
+        if not is_valid_upload_id(uuid):
+            raise UploadNotFound(uuid)
+        found = await self.bucket.get(self._session_key(uuid))
+        if found is None:
+            raise UploadNotFound(uuid)
+        return json.loads(found[0]), found[1]
+
+    async def get_upload(self, uuid: str) -> UploadInfo:
+        session, _ = await self._read_session(uuid)
+        return _upload_info(uuid, session)
+
+    async def append_upload(self, uuid: str, chunks: AsyncIterable[bytes], *,
+                            offset: int | None = None, length: int | None = None,
+                            max_size: int | None = None) -> UploadInfo:
+        session, etag = await self._read_session(uuid)
+        start = session["size"]
+        if offset is not None and offset != start:
+            raise RangeMismatch(start)
+        hasher = ResumableHash.resume(session["hash"]) if session.get("hash") else None
+        counter = _Counter(length, max_size, start, hasher)
+        source = counter.wrap(chunks)
+        first = await _first(source)
+        if first is None:
+            counter.finish()
+            return _upload_info(uuid, session)
+        chunk_key = f"upload-data/{uuid}/{len(session['chunks']):08d}-{uuidlib.uuid4().hex[:8]}"
+        await self.bucket.put_stream(chunk_key, _prepend(first, source))
+        session["size"] = start + counter.received
+        session["chunks"].append(chunk_key)
+        session["hash"] = hasher.state() if hasher is not None else None
+        try:
+            await self.bucket.put(self._session_key(uuid), _json(session), if_match=etag)
+        except BaseException as exc:
+            await asyncio.shield(self.bucket.delete([chunk_key]))
+            if isinstance(exc, Conflict):
+                if await self.bucket.head(self._session_key(uuid)) is None:
+                    raise UploadNotFound(uuid) from None
+                raise UploadBusy(uuid) from None
+            raise
+        return _upload_info(uuid, session)
+
+    async def put_blob(self, repository: str, digest: Digest, chunks: AsyncIterable[bytes], *,
+                       length: int | None = None, max_size: int | None = None) -> BlobContent:
+        self._repo(repository)  # validates the name before any byte is written
+        counter = _Counter(length, max_size, 0, new_hasher(digest.algorithm), expected=digest)
+        await self.bucket.put_stream(self._blob_key(digest), counter.wrap(chunks, verify_at_end=True))
+        await self._link_stored(repository, digest)
+        return BlobContent(digest, counter.received)
+
+    async def commit_upload(self, uuid: str, digest: Digest, *, size: int | None = None) -> BlobContent:
+        session, _ = await self._read_session(uuid)
+        actual_size = session["size"]
+        try:
+            if size is not None and size != actual_size:
+                raise SizeMismatch(size, actual_size)
+            hasher = ResumableHash.resume(session["hash"]) if session.get("hash") else None
+            target = self._blob_key(digest)
+            if hasher is not None and hasher.name == digest.algorithm and len(session["chunks"]) <= 1:
+                # Verified from the carried-forward digest: no byte read back.
+                if hasher.hexdigest() != digest.encoded:
+                    raise DigestMismatch(str(digest), f"{digest.algorithm}:{hasher.hexdigest()}")
+                if session["chunks"]:
+                    await self.bucket.copy(session["chunks"][0], target)
+                else:
+                    await self.bucket.put(target, b"")
+            else:
+                # Several chunks (or a digest not carried forward): streamed into place,
+                # hashed on the way; a mismatch aborts before anything appears at `target`.
+                counter = _Counter(None, None, 0, new_hasher(digest.algorithm), expected=digest)
+                await self.bucket.put_stream(target, counter.wrap(self._read_chunks(session["chunks"]),
+                                                                  verify_at_end=True))
+            await self._link_stored(session["repository"], digest)
+        except RepositoryBusy:
+            raise  # a collection held the store too long: the session stays, to be committed again
+        except BaseException:
+            await asyncio.shield(self._remove_session(uuid, session))
+            raise
+        await self._remove_session(uuid, session)
+        return BlobContent(digest, actual_size)
+
+    async def _read_chunks(self, keys: list[str]) -> AsyncIterator[bytes]:
+        for key in keys:
+            stream = await self.bucket.stream(key)
+            if stream is None:
+                raise StoreUnavailable(f"the upload's chunk {key} is missing from the object store")
+            async for chunk in stream:
+                yield chunk
+
+    async def _link_stored(self, repository: str, digest: Digest) -> None:
+        """Link a blob just written, under the reference guard."""
+        async with self.reference_guard():
+            guard = _current_guard.get()
+            if guard is not None and guard.registered and await self.bucket.head(self._blob_key(digest)) is None:
+                # A running collection deleted an identical old blob as this one was written.
+                raise StoreUnavailable("a garbage collection removed the blob as it was stored; push it again")
+            await self.note_references(blobs=[digest])
+            await self.link_blob(repository, digest)
+
+    async def cancel_upload(self, uuid: str) -> None:
+        session, _ = await self._read_session(uuid)
+        await self._remove_session(uuid, session)
+
+    async def _remove_session(self, uuid: str, session: dict) -> None:
+        # The session object first: from then on it no longer exists for anyone.
+        await self.bucket.delete([self._session_key(uuid)])
+        keys = [key for key in session.get("chunks", []) if key.startswith(f"upload-data/{uuid}/")]
+        with contextlib.suppress(ValueError):
+            keys.append(self._repository_index(session["repository"]) + uuid)
+        keys.append(self._owner_index(session.get("owner")) + uuid)
+        await self.bucket.delete(keys)
+
+    async def purge_uploads(self, older_than: float) -> int:
+        purged = 0
+        sessions = await self.bucket.list_all("uploads/")
+        for info in sessions:
+            uuid = info.key[len("uploads/"):]
+            if not is_valid_upload_id(uuid) or info.mtime >= older_than:
+                continue
+            with contextlib.suppress(UploadNotFound, ValueError, KeyError, TypeError):
+                session, _ = await self._read_session(uuid)
+                await self._remove_session(uuid, session)
+                purged += 1
+        # Chunks of sessions that are gone (an append cut short by a crash).
+        live = {info.key[len("uploads/"):] for info in sessions}
+        orphans = [info.key for info in await self.bucket.list_all("upload-data/")
+                   if info.key.split("/")[1] not in live and info.mtime < older_than]
+        await self.bucket.delete(orphans)
+        return purged
+
+    # -- usage accounting and whole-repository removal ----------------------------------
+    async def list_blob_links(self, repository: str) -> list[BlobLink]:
+        prefix = f"{self._repo(repository)}_layers/"
+        return [BlobLink(digest, mtime) for digest, mtime in _stamped_under(await self.bucket.list_all(prefix), prefix).items()]
+
+    def usage_ledger(self, key: str) -> UsageLedger:
+        if not is_valid_ledger_key(key):
+            raise ValueError(f"invalid usage ledger key {key!r}")
+        return S3Ledger(self.bucket, f"usage/{key}")
+
+    async def delete_repository(self, repository: str) -> bool:
+        if not await self.repository_exists(repository):
+            return False
+        top = self._repo(repository)
+        parts = {"tags": f"{top}_manifests/tags/", "referrers": f"{top}_referrers/",
+                 "revisions": f"{top}_manifests/revisions/", "layers": f"{top}_layers/", "cache": f"{top}_cache/"}
+        for step in REPOSITORY_DELETE_STEPS:
+            if step == "uploads":
+                # Sessions would link their blob into the repository again when committed.
+                index = self._repository_index(repository)
+                for entry in await self.bucket.list_all(index):
+                    uuid = entry.key[len(index):]
+                    with contextlib.suppress(UploadNotFound):
+                        session, _ = await self._read_session(uuid)
+                        await self._remove_session(uuid, session)
+                    await self.bucket.delete([entry.key])
+            else:
+                await self.bucket.delete([info.key for info in await self.bucket.list_all(parts[step])])
+        return True
+
+    # -- the pull-through cache's bookkeeping ---------------------------------------------
+    async def read_cache_record(self, repository: str, key: str) -> bytes | None:
+        found = await self.bucket.get(self._cache_key(repository, key))
+        return None if found is None else found[0]
+
+    async def write_cache_record(self, repository: str, key: str, data: bytes) -> None:
+        await self.bucket.put(self._cache_key(repository, key), data)
+
+    async def list_cache_records(self, repository: str) -> dict[str, bytes]:
+        prefix = f"{self._repo(repository)}_cache/"
+        keys = [info.key for info in await self.bucket.list_all(prefix)]
+        found = await _gather_limited([self.bucket.get(key) for key in keys])
+        return {key[len(prefix):]: item[0] for key, item in zip(keys, found) if item is not None}
+
+    async def delete_cache_record(self, repository: str, key: str) -> None:
+        await self.bucket.delete([self._cache_key(repository, key)])
+
+    # -- garbage collection -----------------------------------------------------------
+    # No collection running (the common case): a guard costs one GET of gc/running. While
+    # one runs, a guard registers (gc/guards/<id>), stays out while the collector deletes
+    # (gc/exclusive), and journals what it references (gc/journal/<id>-<n>).
+    @contextlib.asynccontextmanager
+    async def reference_guard(self):
+        guard = _Guard()
+        if await self._collection_running():
+            await self._register(guard)
+        token = _current_guard.set(guard)
+        try:
+            yield
+        finally:
+            _current_guard.reset(token)
+            await asyncio.shield(self._leave(guard))
+
+    async def _collection_running(self) -> bool:
+        found = await self.bucket.get("gc/running")
+        return found is not None and is_live(found[0])
+
+    async def _register(self, guard: _Guard) -> None:
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        key = f"gc/guards/{guard.id}"
+        while True:
+            await self.bucket.put(key, _json({"expires": time.time() + LOCK_WAIT_SECONDS * 2}))
+            exclusive = await self.bucket.get("gc/exclusive")
+            if exclusive is None or not is_live(exclusive[0]):
+                guard.registered = True
+                return
+            await self.bucket.delete([key])
+            if time.monotonic() > deadline:
+                raise RepositoryBusy("the store (a garbage collection is deleting)")
+            await asyncio.sleep(0.05)
+
+    async def _leave(self, guard: _Guard) -> None:
+        if not guard.registered and time.monotonic() - guard.looked_at > self.guard_settle_seconds / 2 \
+                and (guard.noted_manifests or guard.noted_blobs) and await self._collection_running():
+            # Slower than a starting collection waits for: journal what was referenced anyway.
+            log.warning("references made slowly while a garbage collection started; journaling them late")
+            await self._journal(guard, guard.noted_manifests, guard.noted_blobs)
+        if guard.registered:
+            await self.bucket.delete([f"gc/guards/{guard.id}"])
+
+    async def note_references(self, *, manifests=(), blobs=()) -> None:
+        manifests, blobs = list(manifests), list(blobs)
+        guard = _current_guard.get()
+        if guard is None:
+            if await self._collection_running():
+                await self._journal(_Guard(), manifests, blobs)
+            return
+        guard.noted_manifests += manifests
+        guard.noted_blobs += blobs
+        if not guard.registered and time.monotonic() - guard.looked_at > GUARD_RECHECK_SECONDS:
+            guard.looked_at = time.monotonic()
+            if await self._collection_running():
+                await self._register(guard)
+        if guard.registered:
+            await self._journal(guard, manifests, blobs)
+
+    async def _journal(self, guard: _Guard, manifests: list, blobs: list) -> None:
+        if not manifests and not blobs:
+            return
+        lines = [f"m {digest}" for digest in manifests] + [f"b {digest}" for digest in blobs]
+        guard.journal_entries += 1
+        await self.bucket.put(f"gc/journal/{guard.id}-{guard.journal_entries:06d}", "\n".join(lines).encode())
+
+    @contextlib.asynccontextmanager
+    async def collection(self):
+        lease = Lease(self.bucket, "gc/running", self.lease_seconds)
+        if not await lease.take(0):
+            yield None
+            return
+        try:
+            # A journal, guards or exclusive flag a crashed collector left are discarded.
+            await self.bucket.delete([info.key for info in await self.bucket.list_all("gc/journal/")]
+                                     + [info.key for info in await self.bucket.list_all("gc/guards/")]
+                                     + ["gc/exclusive"])
+            # Operations that looked before gc/running existed finish their links meanwhile.
+            await asyncio.sleep(self.guard_settle_seconds)
+            yield _S3Collection(self)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._end_collection(lease))
+
+    async def _end_collection(self, lease: Lease) -> None:
+        await self.bucket.delete([info.key for info in await self.bucket.list_all("gc/journal/")] + ["gc/exclusive"])
+        await self.bucket.put("gc/last", repr(time.time()).encode())
+        await lease.release()
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self):
+        await self.bucket.put("gc/exclusive", _json({"expires": time.time() + COLLECTOR_LOCK_WAIT_SECONDS * 2}))
+        try:
+            deadline = time.monotonic() + COLLECTOR_LOCK_WAIT_SECONDS
+            while True:
+                guards = await self.bucket.list_all("gc/guards/")
+                contents = await _gather_limited([self.bucket.get(info.key) for info in guards])
+                if not any(found is not None and is_live(found[0]) for found in contents):
+                    break
+                if time.monotonic() > deadline:
+                    raise RepositoryBusy("the store (references were being made for too long)")
+                await asyncio.sleep(0.05)
+            yield
+        finally:
+            await asyncio.shield(self.bucket.delete(["gc/exclusive"]))
+
+    async def last_collection(self) -> float | None:
+        found = await self.bucket.get("gc/last")
+        try:
+            return None if found is None else float(found[0])
+        except ValueError:
+            return None
+
+    async def iter_blobs(self) -> AsyncIterator[StoredBlob]:
+        async for info in self.bucket.list("blobs/"):
+            parts = info.key.split("/")
+            if len(parts) != 4 or not is_supported_algorithm(parts[1]) or parts[3][:2] != parts[2]:
+                continue
+            with contextlib.suppress(InvalidDigest):
+                yield StoredBlob(Digest.parse(f"{parts[1]}:{parts[3]}"), info.size, info.mtime)
+
+    async def snapshot_repository(self, repository: str) -> RepositorySnapshot:
+        top = self._repo(repository)
+        tag_infos, revisions, layers = await asyncio.gather(
+            self.bucket.list_all(f"{top}_manifests/tags/"),
+            self.bucket.list_all(f"{top}_manifests/revisions/"),
+            self.bucket.list_all(f"{top}_layers/"))
+        tag_infos = [info for info in tag_infos if is_valid_tag(info.key[len(f"{top}_manifests/tags/"):])]
+        contents = await _gather_limited([self.bucket.get(info.key) for info in tag_infos])
+        tags = {}
+        for info, found in zip(tag_infos, contents):
+            with contextlib.suppress(InvalidDigest, ValueError):
+                if found is not None:
+                    tags[info.key.rsplit("/", 1)[1]] = Stamped(Digest.parse(found[0].decode()), info.mtime)
+        return RepositorySnapshot(repository, tags, _stamped_under(revisions, f"{top}_manifests/revisions/"),
+                                  _stamped_under(layers, f"{top}_layers/"))
+
+    async def unlink_blobs(self, links: list[tuple[str, Digest]]) -> None:
+        await self.bucket.delete([self._layer_key(name, digest) for name, digest in links])
+
+    async def delete_blobs(self, digests: list[Digest]) -> None:
+        await self.bucket.delete([self._blob_key(digest) for digest in digests])
+
+    async def remove_repository_if_empty(self, repository: str) -> bool:
+        top = self._repo(repository)
+        async with self.repository_lock(repository):
+            for part in ("_layers/", "_manifests/", "_referrers/"):
+                if await self.bucket.any(top + part):
+                    return False
+            await self.bucket.delete([info.key for info in await self.bucket.list_all(top + "_cache/")])
+        return True
+
+    async def purge_temp(self, older_than: float) -> int:
+        stale = [info.key for info in await self.bucket.list_all("tmp/") if info.mtime < older_than]
+        await self.bucket.delete(stale)
+        return len(stale)
+
+
+class _S3Collection(Collection):
+    def __init__(self, driver: S3Driver):
+        self._driver = driver
+        self._read: set[str] = set()
+
+    def exclusive(self):
+        return self._driver._exclusive()
+
+    async def read_journal(self) -> tuple[set[Digest], set[Digest]]:
+        bucket = self._driver.bucket
+        keys = [info.key for info in await bucket.list_all("gc/journal/") if info.key not in self._read]
+        found = await _gather_limited([bucket.get(key) for key in keys])
+        manifests: set[Digest] = set()
+        blobs: set[Digest] = set()
+        for key, item in zip(keys, found):
+            self._read.add(key)
+            if item is None:
+                continue
+            for line in item[0].decode(errors="replace").splitlines():
+                kind, _, text = line.partition(" ")
+                with contextlib.suppress(InvalidDigest):
+                    (manifests if kind == "m" else blobs).add(Digest.parse(text))
+        return manifests, blobs
+
+
+class _Counter:
+    """Counts (and hashes) a body as it streams to the store, enforcing the promised length
+    and the size cap; with `expected`, raises DigestMismatch at the end, before the store
+    completes the object."""
+
+    def __init__(self, length, max_size, start, hasher, expected: Digest | None = None):
+        self.length = length
+        self.max_size = max_size
+        self.start = start
+        self.hasher = hasher
+        self.expected = expected
+        self.received = 0
+
+    async def wrap(self, chunks: AsyncIterable[bytes], verify_at_end: bool = False) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            if not chunk:
+                continue
+            self.received += len(chunk)
+            if self.length is not None and self.received > self.length:
+                raise SizeMismatch(self.length, self.received)
+            if self.max_size is not None and self.start + self.received > self.max_size:
+                raise TooLarge(self.max_size)
+            if self.hasher is not None:
+                self.hasher.update(chunk)
+            yield chunk
+        self.finish()
+        if verify_at_end:
+            actual = self.hasher.hexdigest()
+            if actual != self.expected.encoded:
+                raise DigestMismatch(str(self.expected), f"{self.expected.algorithm}:{actual}")
+
+    def finish(self) -> None:
+        if self.length is not None and self.received != self.length:
+            raise SizeMismatch(self.length, self.received)
+
+
+async def _first(source: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await source.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _gather_limited(awaitables: list) -> list:
+    semaphore = asyncio.Semaphore(PARALLEL_READS)
+
+    async def one(awaitable):
+        async with semaphore:
+            return await awaitable
+
+    return await asyncio.gather(*(one(a) for a in awaitables))
+
+
+def _json(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _upload_info(uuid: str, session: dict) -> UploadInfo:
+    return UploadInfo(uuid, session["repository"], session["size"], session["started_at"], session.get("owner"))
+
+
+def _digests_under(infos, prefix: str) -> list[Digest]:
+    return list(_stamped_under(infos, prefix))
+
+
+def _stamped_under(infos, prefix: str) -> dict[Digest, float]:
+    """`<prefix><alg>/<hex>` objects -> their LastModified."""
+    found = {}
+    for info in infos:
+        algorithm, _, encoded = info.key[len(prefix):].partition("/")
+        with contextlib.suppress(InvalidDigest):
+            found[Digest.parse(f"{algorithm}:{encoded}")] = info.mtime
+    return found
