@@ -36,7 +36,6 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
     app[STORAGE] = driver or FilesystemDriver(config.root)
     app[AUTH] = auth = build_auth(config.auth, Path(config.root))
     app.on_response_prepare.append(add_api_version)
-    app.on_cleanup.append(_close_store)
     app.on_startup.append(quota.recount_at_start)
     app.cleanup_ctx.append(_upload_purger)
     app.cleanup_ctx.append(_garbage_collector)
@@ -88,7 +87,12 @@ async def _garbage_collector(app: web.Application):
 
     async def loop() -> None:
         while True:
-            last = await driver.last_collection()
+            try:
+                last = await driver.last_collection()
+            except Exception:  # the store is unreachable for now: ask again later
+                log.exception("reading when the last garbage collection ran failed")
+                await asyncio.sleep(min(interval, GC_RETRY_SECONDS))
+                continue
             wait = (last or started) + interval - time.time()
             if wait > 0:
                 await asyncio.sleep(min(wait, interval))
@@ -113,10 +117,6 @@ async def _garbage_collector(app: web.Application):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def _close_store(app: web.Application) -> None:
-    await app[STORAGE].close()
 
 
 def _spool_dir(config: Config) -> Path | None:

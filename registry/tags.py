@@ -17,7 +17,8 @@ async def list_tags(request: web.Request) -> web.Response:
         response = await request.app[PROXY].list_tags(route, request.query)
         if response is not None:
             return response
-    if not await store.repository_exists(name):
+    every = await store.list_tags(name)
+    if not every and not await store.repository_exists(name):  # a repository with tags exists
         raise NameUnknown(detail={"name": name})
-    tags, headers = paginate(request, await store.list_tags(name))
+    tags, headers = paginate(request, every)
     return web.json_response({"name": name, "tags": tags}, headers=headers)

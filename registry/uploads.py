@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from typing import AsyncIterator
@@ -11,7 +12,7 @@ from aiohttp import web
 
 from ocispec.digest import Digest
 from ocispec.names import is_valid_name
-from storage import UploadInfo, UploadNotFound, UploadQuota
+from storage import DigestMismatch, SizeMismatch, TooLarge, UploadBusy, UploadInfo, UploadNotFound, UploadQuota
 
 from . import quota
 from .auth.controller import grant
@@ -186,10 +187,32 @@ async def finish_upload(request: web.Request) -> web.Response:
     digest = parse_digest(request.rel_url.query.get("digest"))
     offset, length = _chunk_range(request)
     if request.can_read_body and length != 0:
+        if upload.size == 0 and not offset:
+            return await _finish_in_one(request, upload, digest, length)
         upload = await _append(request, upload, offset=offset, length=length)
     async with quota.charged(request, upload.repository, digest, upload.size, upload=upload.uuid):
         await storage(request).commit_upload(upload.uuid, digest)
     return _committed(upload.repository, digest)
+
+
+async def _finish_in_one(request: web.Request, upload: UploadInfo, digest: Digest, length: int | None) -> web.Response:
+    """The whole blob in the closing PUT of an empty session: stored straight from the body,
+    as a monolithic upload is (on S3, one object written instead of a chunk and its copy)."""
+    store = storage(request)
+    try:
+        async with quota.charged(request, upload.repository, digest, length, upload=upload.uuid) as charge:
+            await store.put_blob(upload.repository, digest, _body(request), length=length,
+                                 max_size=charge.cap(_max_size(request)))
+    except (DigestMismatch, SizeMismatch, TooLarge):
+        await _end_session(store, upload)  # as a failed commit ends it
+        raise
+    await _end_session(store, upload)
+    return _committed(upload.repository, digest)
+
+
+async def _end_session(store, upload: UploadInfo) -> None:
+    with contextlib.suppress(UploadNotFound, UploadBusy):
+        await store.cancel_upload(upload.uuid)
 
 
 async def cancel_upload(request: web.Request) -> web.Response:

@@ -362,8 +362,10 @@ class S3Driver(StorageDriver):
         stale = []
         for uuid, entry, session in zip(uuids, entries, sessions):
             if session is None:
-                if entry.mtime < time.time() - 60:  # not one being created right now
+                if entry.mtime < time.time() - 60:
                     stale.append(entry.key)
+                else:
+                    count += 1  # being created right now (its session comes after the entry)
             elif session.mtime >= active_since:
                 count += 1
         if stale:

@@ -49,20 +49,21 @@ class RegistryClient:
             assert r.status == 201, await r.text()
             return r.headers["Docker-Content-Digest"]
 
-    async def push_layout_manifest(self, layout: Path, repo: str, digest: str, reference: str) -> None:
+    async def push_layout_manifest(self, layout: Path, repo: str, digest: str, reference: str,
+                                   media_type: str | None = None) -> None:
         """Push the manifest `digest` of an OCI layout and, first, everything it references."""
         data = (layout / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
         document = json.loads(data)
         for child in document.get("manifests", []):
-            await self.push_layout_manifest(layout, repo, child["digest"], child["digest"])
+            await self.push_layout_manifest(layout, repo, child["digest"], child["digest"], child.get("mediaType"))
         for descriptor in [document["config"], *document.get("layers", [])] if "config" in document else []:
             blob = (layout / "blobs" / "sha256" / descriptor["digest"].split(":", 1)[1]).read_bytes()
             await self.push_blob(repo, blob)
-        await self.push_manifest(repo, reference, data, document["mediaType"])
+        await self.push_manifest(repo, reference, data, document.get("mediaType") or media_type)
 
     async def push_layout(self, layout: Path, repo: str, tag: str) -> str:
         index = json.loads((layout / "index.json").read_text())
         entry = next(m for m in index["manifests"]
                      if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
-        await self.push_layout_manifest(layout, repo, entry["digest"], tag)
+        await self.push_layout_manifest(layout, repo, entry["digest"], tag, entry.get("mediaType"))
         return entry["digest"]
