@@ -9,8 +9,9 @@ operation, read after the counter has been still for `settle` seconds, so reques
 makes just after answering are counted too.
 
 Run as a module, it starts SeaweedFS and the reference registry (docker-registry, `s3` driver) on
-it, once with blob bytes served through the registry and once with its default redirect to a
-presigned URL (the client's GET from S3 is then counted as well), and prints the table.
+it in three configurations (see reference_registries; with a redirect to a presigned URL, the
+client's GET from S3 is counted as well), and prints the table. measure_on_seaweedfs takes any
+other registries to put beside them.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -183,42 +185,57 @@ def format_table(columns: dict[str, list[Roundtrip]], breakdown: bool = False) -
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def reference_registries() -> dict:
+    """Name -> starter(bucket, workdir) -> Server, for the reference registry's configurations:
+    Debian's stock one (blob descriptors cached in memory, and the s3 driver's default redirect of
+    blob GETs and HEADs to presigned URLs), then without redirect, then without cache either."""
     from tests.support.reference_s3 import start_reference_s3
+
+    def starter(**options):
+        return lambda bucket, workdir: start_reference_s3(workdir, bucket, **options)
+
+    return {
+        "reference (stock: cache, redirect)": starter(redirect=True, blobdescriptor="inmemory"),
+        "reference (cache, no redirect)": starter(redirect=False, blobdescriptor="inmemory"),
+        "reference (no cache, no redirect)": starter(redirect=False, blobdescriptor="none"),
+    }
+
+
+def measure_on_seaweedfs(registries: dict, work: Path, settle: float = 0.3) -> dict[str, list[Roundtrip]]:
+    """For each starter(bucket, workdir) -> tests.support.servers.Server: a fresh bucket on one
+    SeaweedFS, a CountingProxy in front of it, the registry started on the bucket as reached
+    through the proxy, measured, stopped. A Kura column is one more starter (start `kura serve`
+    with [storage.s3] endpoint/bucket/keys/region taken from the bucket it is given)."""
     from tests.support.s3_counter import CountingProxy
     from tests.support.seaweedfs import SeaweedFS
     from tests.support.servers import stop
 
+    columns: dict[str, list[Roundtrip]] = {}
+    with SeaweedFS(work / "seaweedfs") as seaweedfs:
+        for index, (name, start) in enumerate(registries.items()):
+            bucket = seaweedfs.new_bucket(f"roundtrips-{index}")
+            with CountingProxy(bucket.endpoint) as proxy:
+                registry = start(proxy.via(bucket), work / f"registry-{index}")
+                try:
+                    columns[name] = asyncio.run(measure_roundtrips(registry.url, proxy, settle=settle))
+                finally:
+                    stop(registry)
+    return columns
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settle", type=float, default=0.3, help="seconds the counter must stay still")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, data)")
     args = parser.parse_args(argv)
 
-    # Debian's stock config: blob descriptors cached in memory, and the s3 driver's default
-    # redirect of blob GETs (and HEADs) to presigned URLs; then without redirect, then without cache.
-    variants = {
-        "reference (stock: cache, redirect)": {"redirect": True, "blobdescriptor": "inmemory"},
-        "reference (cache, no redirect)": {"redirect": False, "blobdescriptor": "inmemory"},
-        "reference (no cache, no redirect)": {"redirect": False, "blobdescriptor": "none"},
-    }
     work = Path(tempfile.mkdtemp(prefix="s3-roundtrips-"))
-    columns: dict[str, list[Roundtrip]] = {}
     try:
-        with SeaweedFS(work / "seaweedfs") as seaweedfs:
-            for index, (name, options) in enumerate(variants.items()):
-                bucket = seaweedfs.new_bucket(f"roundtrips-{index}")
-                with CountingProxy(bucket.endpoint) as proxy:
-                    registry = start_reference_s3(work / f"reference-{index}", replace(bucket, endpoint=proxy.endpoint),
-                                                  **options)
-                    try:
-                        columns[name] = asyncio.run(measure_roundtrips(registry.url, proxy, settle=args.settle))
-                    finally:
-                        stop(registry)
+        columns = measure_on_seaweedfs(reference_registries(), work, args.settle)
     finally:
         if args.keep:
             print(f"work folder kept: {work}", file=sys.stderr)
         else:
-            import shutil
             shutil.rmtree(work, ignore_errors=True)
     print("S3 requests per operation (SeaweedFS, counted by a proxy in front of its S3 port; with a\n"
           "redirect, the client's own GET of the presigned URL is counted too):\n")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -37,7 +36,7 @@ def proxy(s3_bucket):
 @pytest.fixture(scope="module")
 def reference(s3_bucket, proxy, tmp_path_factory):
     """docker-registry over the module's bucket, reaching it through the counting proxy."""
-    server = start_reference_s3(tmp_path_factory.mktemp("reference-s3"), replace(s3_bucket, endpoint=proxy.endpoint))
+    server = start_reference_s3(tmp_path_factory.mktemp("reference-s3"), proxy.via(s3_bucket))
     yield server
     stop(server)
 

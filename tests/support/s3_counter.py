@@ -16,13 +16,13 @@ import threading
 import urllib.parse
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .seaweedfs import free_ports
+from .seaweedfs import S3Bucket, free_ports
 
 # Not forwarded: per-connection headers (aiohttp frames the body itself from Content-Length),
 # and Expect, answered by the proxy's own server (SigV4 signers leave it out of the signature).
@@ -89,6 +89,10 @@ class CountingProxy:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def via(self, bucket: S3Bucket) -> S3Bucket:
+        """`bucket` as reached through this proxy."""
+        return replace(bucket, endpoint=self.endpoint)
 
     # -- the counter interface (see tests/s3_roundtrips.py)
 
