@@ -14,6 +14,7 @@ from registry.serve import handler_settings
 from tests.support import isolation
 from tests.support.client import sha256
 from tests.support.paths import REPO
+from tests.support.seaweedfs import S3Bucket, SeaweedFS
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -53,6 +54,20 @@ def own_home(tmp_path, monkeypatch):
     """Each test gets its own HOME, XDG_* and DOCKER_CONFIG."""
     isolation.apply(isolation.isolated_environment(tmp_path / "user"), monkeypatch.setenv,
                     lambda name: monkeypatch.delenv(name, raising=False))
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """One real S3 server (SeaweedFS) for the whole run, started the first time a test asks.
+    Its log is `<tmp>/seaweedfs0/weed.log`."""
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(seaweedfs, request) -> S3Bucket:
+    """A fresh, empty bucket for each test module, named after it."""
+    return seaweedfs.new_bucket(request.module.__name__)
 
 
 @pytest.fixture
