@@ -21,7 +21,7 @@ import uuid
 
 from .s3_objects import Bucket, Conflict
 
-LEASE_SECONDS = 30.0
+LEASE_SECONDS = 10.0  # a dead holder blocks others at most this long
 RENEW_EVERY_SECONDS = LEASE_SECONDS / 3
 FIRST_BACKOFF_SECONDS = 0.005
 MAX_BACKOFF_SECONDS = 0.2

@@ -1,0 +1,112 @@
+"""The distribution API served from the S3 driver (real SeaweedFS): the handlers are the
+same; what differs is what an object store adds (redirects, an unreachable store)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import replace
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+
+from registry.app import make_app
+from storage.s3 import S3Driver
+from storage.s3_objects import S3Location
+from tests.conftest import serve_app
+from tests.support.client import RegistryClient, sha256
+from tests.support.paths import IMAGES
+from tests.support.tcp_relay import TcpRelay
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def location(s3_bucket) -> S3Location:
+    return S3Location(s3_bucket.endpoint, s3_bucket.region, s3_bucket.bucket, f"api-{uuid.uuid4().hex[:10]}",
+                      s3_bucket.access_key, s3_bucket.secret_key)
+
+
+async def s3_client(aiohttp_client, config, driver):
+    client = await serve_app(aiohttp_client, config, make_app(config, driver))
+    return client, RegistryClient(client.session, str(client.make_url("")))
+
+
+async def test_push_and_pull_an_image_byte_for_byte(aiohttp_client, config, location):
+    client, registry = await s3_client(aiohttp_client, config, S3Driver(location))
+    layout = IMAGES / "redis"
+    digest = await registry.push_layout(layout, "library/redis", "7")
+    r = await client.get("/v2/library/redis/manifests/7", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    assert r.status == 200 and r.headers["Docker-Content-Digest"] == digest
+    manifest = json.loads(await r.read())
+    for layer in manifest["layers"]:
+        r = await client.get(f"/v2/library/redis/blobs/{layer['digest']}")
+        assert r.status == 200
+        data = await r.read()
+        assert sha256(data) == layer["digest"] and len(data) == layer["size"]
+    r = await client.get(f"/v2/library/redis/blobs/{manifest['layers'][0]['digest']}", headers={"Range": "bytes=10-19"})
+    assert r.status == 206 and len(await r.read()) == 10
+    r = await client.get("/v2/_catalog")
+    assert (await r.json())["repositories"] == ["library/redis"]
+    r = await client.get("/v2/library/redis/tags/list")
+    assert (await r.json())["tags"] == ["7"]
+
+
+async def test_redirect_sends_blob_gets_to_a_presigned_url(aiohttp_client, config, location):
+    client, registry = await s3_client(aiohttp_client, config, S3Driver(location, redirect=True))
+    data = os.urandom(300_000)
+    digest = await registry.push_blob("team/app", data)
+    r = await client.get(f"/v2/team/app/blobs/{digest}", allow_redirects=False)
+    assert r.status == 307 and r.headers["Docker-Content-Digest"] == digest
+    url = r.headers["Location"]
+    assert url.startswith(location.endpoint) and "X-Amz-Signature=" in url
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as fetched:
+            assert fetched.status == 200 and await fetched.read() == data
+        async with session.get(url, headers={"Range": "bytes=5-9"}) as fetched:
+            assert fetched.status == 206 and await fetched.read() == data[5:10]
+    r = await client.head(f"/v2/team/app/blobs/{digest}")  # HEAD is answered by Kura itself
+    assert r.status == 200 and int(r.headers["Content-Length"]) == len(data)
+    r = await client.get(f"/v2/other/blobs/{digest}", allow_redirects=False)
+    assert r.status == 404  # access and links are checked before any URL is handed out
+
+
+async def test_a_store_that_goes_away_answers_503_in_the_spec_format_and_recovers(aiohttp_client, config, location):
+    endpoint = urlsplit(location.endpoint)
+    relay = await TcpRelay(endpoint.hostname, endpoint.port).start()
+    through_relay = replace(location, endpoint=f"http://{relay.address}")
+    client, registry = await s3_client(aiohttp_client, config, S3Driver(through_relay))
+    digest = await registry.push_blob("team/app", b"stored before the outage")
+    await relay.cut()
+    r = await client.get(f"/v2/team/app/blobs/{digest}")
+    assert r.status == 503
+    error = (await r.json())["errors"][0]
+    assert error["code"] == "UNAVAILABLE" and "storage is unavailable" in error["message"]
+    assert r.headers["Retry-After"]
+    r = await client.post("/v2/team/app/blobs/uploads/")
+    assert r.status == 503
+    await relay.start()  # same port again
+    r = await client.get(f"/v2/team/app/blobs/{digest}")
+    assert r.status == 200 and await r.read() == b"stored before the outage"
+    await relay.cut()
+
+
+def test_serve_creates_a_missing_bucket_and_says_so(s3_bucket, tmp_path, config):
+    import logging
+
+    from registry.config import S3Settings
+    from registry.startup import StartupError, open_store
+
+    bucket = f"fresh-{uuid.uuid4().hex[:10]}"
+    settings = S3Settings(bucket=bucket, endpoint=s3_bucket.endpoint, access_key=s3_bucket.access_key,
+                          secret_key=s3_bucket.secret_key)
+    s3_config = replace(config, storage_driver="s3", s3=settings)
+    driver, notes = open_store(s3_config)
+    assert isinstance(driver, S3Driver) and (logging.INFO, f"created the bucket {bucket}") in notes
+    driver, notes = open_store(s3_config)  # the second start finds it
+    assert not any("created the bucket" in text for _, text in notes)
+    wrong = replace(s3_config, s3=replace(settings, secret_key="not-the-secret"))
+    with pytest.raises(StartupError, match="SignatureDoesNotMatch|AccessDenied"):
+        open_store(wrong)
