@@ -12,7 +12,7 @@ from .proxy.service import PROXY
 async def get_blob(request: web.Request) -> web.StreamResponse:
     digest = parse_digest(request.match_info["digest"])
     store = storage(request)
-    blob = await store.stat_blob(digest) if await store.is_blob_linked(repository(request), digest) else None
+    blob = await store.stat_linked_blob(repository(request), digest)
     if blob is None:
         route = proxy_route(request)
         if route is not None:

@@ -165,6 +165,13 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def is_blob_linked(self, repository: str, digest: Digest) -> bool: ...
 
+    async def stat_linked_blob(self, repository: str, digest: Digest) -> BlobContent | None:
+        """The blob, if it is stored and linked into `repository` (a driver may answer both
+        with one request)."""
+        if not await self.is_blob_linked(repository, digest):
+            return None
+        return await self.stat_blob(digest)
+
     @abc.abstractmethod
     async def repositories_linking_blob(self, digest: Digest) -> list[str]: ...
 

@@ -117,8 +117,8 @@ async def _check_blobs(driver: StorageDriver, repository: str, manifest: Manifes
         claimed_sizes.setdefault(descriptor.digest, set()).add(descriptor.size)
     missing_blobs = []
     async for digest, sizes in _paced(claimed_sizes.items()):
-        blob = await driver.stat_blob(digest)
-        if blob is None or not await driver.is_blob_linked(repository, digest):
+        blob = await driver.stat_linked_blob(repository, digest)
+        if blob is None:
             missing_blobs.append(str(digest))
         elif sizes != {blob.size}:
             wrong = min(sizes - {blob.size})

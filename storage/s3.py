@@ -24,6 +24,7 @@ append or a ledger change is a conditional write that loses cleanly to a concurr
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import hashlib
@@ -77,7 +78,11 @@ GUARD_SETTLE_SECONDS = 10.0
 # An operation that took longer than this between looking and noting what it references
 # looks again (a collection may have started meanwhile).
 GUARD_RECHECK_SECONDS = 1.0
+# How long a "no collection is running" read is reused by later guards of this process.
+RUNNING_CACHE_SECONDS = 0.5
 PARALLEL_READS = 16
+# Manifests (and other small blobs) kept in memory by digest, per process.
+SMALL_BLOB_CACHE_BYTES = 64 << 20
 REPOSITORY_DELETE_STEPS = ("tags", "referrers", "revisions", "layers", "uploads", "cache")
 
 log = logging.getLogger("kura.storage")
@@ -107,6 +112,8 @@ class S3Driver(StorageDriver):
         self.guard_settle_seconds = guard_settle_seconds
         self.lease_seconds = lease_seconds
         self._resumable = resumable_hash_available()
+        self._not_running_at = float("-inf")
+        self._small_blobs = _ContentCache(SMALL_BLOB_CACHE_BYTES)
 
     def __repr__(self) -> str:
         return f"S3Driver({self.location!r})"
@@ -190,15 +197,24 @@ class S3Driver(StorageDriver):
             yield chunk
 
     async def read_small_blob(self, digest: Digest, limit: int) -> bytes:
+        # Content never changes under its digest: manifests read once are kept in memory.
+        # (Whether a repository still holds one is asked of the store every time.)
+        cached = self._small_blobs.get(digest)
+        if cached is not None:
+            if len(cached) > limit:
+                raise TooLarge(limit)
+            return cached
         found = await self.bucket.get_limited(self._blob_key(digest), limit)
         if found is None:
             raise BlobNotFound(str(digest))
         if isinstance(found, int):
             raise TooLarge(limit)
+        self._small_blobs.put(digest, found)
         return found
 
     async def put_small_blob(self, data: bytes, digest: Digest) -> None:
         await self.bucket.put(self._blob_key(digest), data)
+        self._small_blobs.put(digest, data)
 
     async def blob_url(self, digest: Digest) -> str | None:
         if not self.redirect:
@@ -206,10 +222,26 @@ class S3Driver(StorageDriver):
         return await self.bucket.presign(self._blob_key(digest), self.redirect_seconds)
 
     # -- repository membership --------------------------------------------------------
-    async def link_blob(self, repository: str, digest: Digest) -> None:
+    async def link_blob(self, repository: str, digest: Digest, size: int | None = None) -> None:
         # A fresh link object: a collection's grace period counts from now for the link, and
-        # a young link keeps its blob (the blob object itself is not rewritten).
-        await self.bucket.put(self._layer_key(repository, digest), str(digest).encode())
+        # a young link keeps its blob (the blob object itself is not rewritten). It holds the
+        # blob's size, so one GET answers "linked here, and how large" (stat_linked_blob).
+        if size is None:
+            info = await self.bucket.head(self._blob_key(digest))
+            if info is None:
+                raise BlobNotFound(str(digest))
+            size = info.size
+        await self.bucket.put(self._layer_key(repository, digest), f"{digest} {size}".encode())
+
+    async def stat_linked_blob(self, repository: str, digest: Digest) -> BlobContent | None:
+        # A collection removes links before the blobs they name, so a link means the blob.
+        found = await self.bucket.get(self._layer_key(repository, digest))
+        if found is None:
+            return None
+        _, _, size = found[0].decode(errors="replace").partition(" ")
+        if size.isdigit():
+            return BlobContent(digest, int(size))
+        return await self.stat_blob(digest)
 
     async def unlink_blob(self, repository: str, digest: Digest) -> bool:
         key = self._layer_key(repository, digest)
@@ -399,7 +431,7 @@ class S3Driver(StorageDriver):
             counter.finish()
             return _upload_info(uuid, session)
         chunk_key = f"upload-data/{uuid}/{len(session['chunks']):08d}-{uuidlib.uuid4().hex[:8]}"
-        await self.bucket.put_stream(chunk_key, _prepend(first, source))
+        await self.bucket.put_body(chunk_key, _prepend(first, source), length)
         session["size"] = start + counter.received
         session["chunks"].append(chunk_key)
         session["hash"] = hasher.state() if hasher is not None else None
@@ -418,8 +450,8 @@ class S3Driver(StorageDriver):
                        length: int | None = None, max_size: int | None = None) -> BlobContent:
         self._repo(repository)  # validates the name before any byte is written
         counter = _Counter(length, max_size, 0, new_hasher(digest.algorithm), expected=digest)
-        await self.bucket.put_stream(self._blob_key(digest), counter.wrap(chunks, verify_at_end=True))
-        await self._link_stored(repository, digest)
+        await self.bucket.put_body(self._blob_key(digest), counter.wrap(chunks, verify_at_end=True), length)
+        await self._link_stored(repository, digest, counter.received)
         return BlobContent(digest, counter.received)
 
     async def commit_upload(self, uuid: str, digest: Digest, *, size: int | None = None) -> BlobContent:
@@ -444,7 +476,7 @@ class S3Driver(StorageDriver):
                 counter = _Counter(None, None, 0, new_hasher(digest.algorithm), expected=digest)
                 await self.bucket.put_stream(target, counter.wrap(self._read_chunks(session["chunks"]),
                                                                   verify_at_end=True))
-            await self._link_stored(session["repository"], digest)
+            await self._link_stored(session["repository"], digest, actual_size)
         except RepositoryBusy:
             raise  # a collection held the store too long: the session stays, to be committed again
         except BaseException:
@@ -461,7 +493,7 @@ class S3Driver(StorageDriver):
             async for chunk in stream:
                 yield chunk
 
-    async def _link_stored(self, repository: str, digest: Digest) -> None:
+    async def _link_stored(self, repository: str, digest: Digest, size: int) -> None:
         """Link a blob just written, under the reference guard."""
         async with self.reference_guard():
             guard = _current_guard.get()
@@ -469,7 +501,7 @@ class S3Driver(StorageDriver):
                 # A running collection deleted an identical old blob as this one was written.
                 raise StoreUnavailable("a garbage collection removed the blob as it was stored; push it again")
             await self.note_references(blobs=[digest])
-            await self.link_blob(repository, digest)
+            await self.link_blob(repository, digest, size)
 
     async def cancel_upload(self, uuid: str) -> None:
         session, _ = await self._read_session(uuid)
@@ -556,7 +588,7 @@ class S3Driver(StorageDriver):
     @contextlib.asynccontextmanager
     async def reference_guard(self):
         guard = _Guard()
-        if await self._collection_running():
+        if await self._collection_running(guard):
             await self._register(guard)
         token = _current_guard.set(guard)
         try:
@@ -565,9 +597,23 @@ class S3Driver(StorageDriver):
             _current_guard.reset(token)
             await asyncio.shield(self._leave(guard))
 
-    async def _collection_running(self) -> bool:
+    async def _collection_running(self, guard: _Guard | None = None) -> bool:
+        """Whether a collection runs. "No" is remembered for RUNNING_CACHE_SECONDS: a guard
+        then counts as having looked when it was read (see GUARD_SETTLE_SECONDS)."""
+        now = time.monotonic()
+        if now - self._not_running_at < min(RUNNING_CACHE_SECONDS, self.guard_settle_seconds / 4):
+            if guard is not None:
+                guard.looked_at = self._not_running_at
+            return False
         found = await self.bucket.get("gc/running")
-        return found is not None and is_live(found[0])
+        running = found is not None and is_live(found[0])
+        if not running:
+            self._not_running_at = now
+        return running
+
+    async def _running_now(self) -> bool:
+        self._not_running_at = float("-inf")
+        return await self._collection_running()
 
     async def _register(self, guard: _Guard) -> None:
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
@@ -585,7 +631,7 @@ class S3Driver(StorageDriver):
 
     async def _leave(self, guard: _Guard) -> None:
         if not guard.registered and time.monotonic() - guard.looked_at > self.guard_settle_seconds / 2 \
-                and (guard.noted_manifests or guard.noted_blobs) and await self._collection_running():
+                and (guard.noted_manifests or guard.noted_blobs) and await self._running_now():
             # Slower than a starting collection waits for: journal what was referenced anyway.
             log.warning("references made slowly while a garbage collection started; journaling them late")
             await self._journal(guard, guard.noted_manifests, guard.noted_blobs)
@@ -596,14 +642,16 @@ class S3Driver(StorageDriver):
         manifests, blobs = list(manifests), list(blobs)
         guard = _current_guard.get()
         if guard is None:
-            if await self._collection_running():
+            if await self._running_now():
                 await self._journal(_Guard(), manifests, blobs)
             return
         guard.noted_manifests += manifests
         guard.noted_blobs += blobs
-        if not guard.registered and time.monotonic() - guard.looked_at > GUARD_RECHECK_SECONDS:
+        if not guard.registered and \
+                time.monotonic() - guard.looked_at > min(GUARD_RECHECK_SECONDS, self.guard_settle_seconds / 3):
+            self._not_running_at = float("-inf")  # look at the store itself
             guard.looked_at = time.monotonic()
-            if await self._collection_running():
+            if await self._collection_running(guard):
                 await self._register(guard)
         if guard.registered:
             await self._journal(guard, manifests, blobs)
@@ -690,6 +738,8 @@ class S3Driver(StorageDriver):
         await self.bucket.delete([self._layer_key(name, digest) for name, digest in links])
 
     async def delete_blobs(self, digests: list[Digest]) -> None:
+        for digest in digests:
+            self._small_blobs.drop(digest)
         await self.bucket.delete([self._blob_key(digest) for digest in digests])
 
     async def remove_repository_if_empty(self, repository: str) -> bool:
@@ -730,6 +780,36 @@ class _S3Collection(Collection):
                 with contextlib.suppress(InvalidDigest):
                     (manifests if kind == "m" else blobs).add(Digest.parse(text))
         return manifests, blobs
+
+
+class _ContentCache:
+    """Blob content by digest, least recently used first out, within a byte budget."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.used = 0
+        self._items: collections.OrderedDict[Digest, bytes] = collections.OrderedDict()
+
+    def get(self, digest: Digest) -> bytes | None:
+        data = self._items.get(digest)
+        if data is not None:
+            self._items.move_to_end(digest)
+        return data
+
+    def put(self, digest: Digest, data: bytes) -> None:
+        if len(data) > self.budget // 16:
+            return
+        self.drop(digest)
+        self._items[digest] = data
+        self.used += len(data)
+        while self.used > self.budget:
+            _, evicted = self._items.popitem(last=False)
+            self.used -= len(evicted)
+
+    def drop(self, digest: Digest) -> None:
+        data = self._items.pop(digest, None)
+        if data is not None:
+            self.used -= len(data)
 
 
 class _Counter:

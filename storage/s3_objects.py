@@ -136,6 +136,16 @@ class Bucket:
             await obstore.put_async(self.store, key, chunks, chunk_size=PART_BYTES,
                                     max_concurrency=PARTS_IN_FLIGHT)
 
+    async def put_body(self, key: str, chunks: AsyncIterable[bytes], length: int | None) -> None:
+        """put_stream, but a body known to fit in one part is sent as one PUT (one request
+        instead of a multipart upload's three)."""
+        if length is None or length > PART_BYTES:
+            await self.put_stream(key, chunks)
+            return
+        data = b"".join([chunk async for chunk in chunks])  # raises before anything is written
+        with _unavailable(key):
+            await obstore.put_async(self.store, key, data, use_multipart=False)
+
     async def copy(self, source: str, target: str) -> None:
         with _unavailable(source):
             await obstore.copy_async(self.store, source, target, overwrite=True)

@@ -201,6 +201,16 @@ def reference_registries() -> dict:
     }
 
 
+def kura_registries() -> dict:
+    """Name -> starter(bucket, workdir) -> Server for Kura's S3 configurations."""
+    from tests.support.kura_s3 import start_kura_s3
+
+    return {
+        "kura": lambda bucket, workdir: start_kura_s3(bucket, workdir),
+        "kura (redirect)": lambda bucket, workdir: start_kura_s3(bucket, workdir, redirect=True),
+    }
+
+
 def measure_on_seaweedfs(registries: dict, work: Path, settle: float = 0.3) -> dict[str, list[Roundtrip]]:
     """For each starter(bucket, workdir) -> tests.support.servers.Server: a fresh bucket on one
     SeaweedFS, a CountingProxy in front of it, the registry started on the bucket as reached
@@ -231,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="s3-roundtrips-"))
     try:
-        columns = measure_on_seaweedfs(reference_registries(), work, args.settle)
+        columns = measure_on_seaweedfs({**kura_registries(), **reference_registries()}, work, args.settle)
     finally:
         if args.keep:
             print(f"work folder kept: {work}", file=sys.stderr)
