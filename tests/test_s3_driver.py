@@ -4,6 +4,7 @@ driver objects stand for two `kura serve` processes), against a real S3 server (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -217,3 +218,36 @@ async def test_an_unreachable_store_is_a_storage_error_not_a_hang():
         await dead.stat_blob(digest_of(b"x"))
     assert time.monotonic() - started < 20
     await dead.close()
+
+
+async def test_manifest_pushes_and_deletes_from_two_instances_leave_a_consistent_store(two):
+    from storage import ManifestNotFound
+    from storage import manifests as stored
+
+    a, b = two
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    await a.put_blob("team/app", digest_of(config), body(config))
+
+    def manifest(n: int) -> bytes:
+        return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": str(digest_of(config)), "size": len(config)},
+                           "layers": [], "annotations": {"n": str(n)}}).encode()
+
+    async def push(driver, n):
+        digest, _ = await stored.put_manifest(driver, "team/app", manifest(n), "application/vnd.oci.image.manifest.v1+json",
+                                              tags=("latest", f"v{n}"))
+        return digest
+
+    async def delete(driver, n):
+        with contextlib.suppress(ManifestNotFound):
+            await stored.delete_manifest(driver, "team/app", digest_of(manifest(n)), stored.READ_LIMIT)
+
+    pushed = await asyncio.gather(*(push(a if n % 2 else b, n) for n in range(8)))
+    await asyncio.gather(*(delete(b if n % 2 else a, n) for n in range(0, 8, 2)),
+                         *(push(a, n) for n in range(8, 12)))
+    linked = {link.digest for link in await a.list_manifests("team/app")}
+    for tag in await b.list_tags("team/app"):
+        assert await a.resolve_tag("team/app", tag) in linked  # no tag names a missing manifest
+    assert {str(d) for d in linked} == {str(d) for i, d in enumerate(pushed) if i % 2} | \
+        {str(digest_of(manifest(n))) for n in range(8, 12)}
