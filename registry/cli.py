@@ -161,7 +161,7 @@ def _run(argv: list[str]) -> int:
     if args.command in ("du", "repo"):
         from .store_commands import delete_repository, disk_usage
         return disk_usage(config, args.json) if args.command == "du" else delete_repository(config, args.name, args.yes)
-    return _fsck(config.root)
+    return _fsck(config)
 
 
 def _user(args, config) -> int:
@@ -227,10 +227,40 @@ def _serve(config) -> int:
     return 0
 
 
-def _fsck(root: Path) -> int:
-    from storage.fsck import fsck
+def _fsck(config) -> int:
+    import asyncio
+    import contextlib
 
-    report = fsck(root)
+    from storage import FilesystemDriver
+    from storage.fsck import Report, fsck
+
+    async def check() -> Report:
+        driver = FilesystemDriver(config.root)
+        try:
+            return await fsck(driver)
+        finally:
+            await driver.close()
+
+    if not (config.root / "blobs").is_dir():
+        report = Report(problems=[f"{config.root} is not a Kura store (no blobs/ directory)"])
+    else:
+        # Not asyncio.run: on Ctrl-C it only cancels the task, and a read that blocks the
+        # loop (a blob on a stuck disk, a FIFO) would keep it waiting. Here KeyboardInterrupt
+        # ends the check wherever it is.
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(check())
+        try:
+            report = loop.run_until_complete(task)
+        except KeyboardInterrupt:
+            if task.done():  # it was raised in the task: the one report of it is main()'s line
+                task.exception()
+            else:  # it came while the task waited: let the task end before the loop closes
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(task)
+            raise
+        finally:
+            loop.close()
     for note in report.notes:
         print(f"note: {note}")
     for problem in report.problems:

@@ -215,6 +215,11 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def read_referrer(self, repository: str, subject: Digest, referrer: Digest) -> dict | None: ...
 
+    @abc.abstractmethod
+    async def list_referrer_subjects(self, repository: str) -> list[Digest]:
+        """Sorted digests of the subjects with at least one referrer entry in `repository`
+        (whether or not a manifest with that digest exists): what fsck walks."""
+
     # -- repositories ---------------------------------------------------------------
     @abc.abstractmethod
     def repository_lock(self, repository: str) -> contextlib.AbstractAsyncContextManager:
@@ -262,6 +267,11 @@ class StorageDriver(abc.ABC):
 
     @abc.abstractmethod
     async def cancel_upload(self, uuid: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_uploads(self) -> list[str]:
+        """Sorted ids of every upload session in the store, in progress or abandoned (a
+        session being created or removed may be listed and then not be found)."""
 
     @abc.abstractmethod
     async def purge_uploads(self, older_than: float) -> int:
@@ -352,6 +362,14 @@ class StorageDriver(abc.ABC):
         """A URL a client may fetch the blob from directly (a presigned object-store URL), or
         None to have the server send the bytes (the default)."""
         return None
+
+    # -- verification (storage/fsck.py) ------------------------------------------------
+    async def check_layout(self) -> tuple[list[str], list[str]]:
+        """(problems, notes) about the driver's own storage that the methods above cannot
+        show: entries it does not recognise or would never look at (a stray file, a blob
+        filed under the wrong key), leftovers of interrupted writes. fsck reports them with
+        what it finds through the interface. The default finds nothing."""
+        return [], []
 
     async def close(self) -> None:
         """Release resources; the default driver holds none."""

@@ -231,6 +231,9 @@ class FilesystemDriver(StorageDriver):
         except FileNotFoundError:
             return None
 
+    async def list_referrer_subjects(self, repository: str) -> list[Digest]:
+        return await asyncio.to_thread(_digest_entries, self.layout.repository(repository) / "_referrers", Path.is_dir)
+
     # -- repositories ---------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def repository_lock(self, repository: str):
@@ -484,6 +487,9 @@ class FilesystemDriver(StorageDriver):
                               self.layout.repository_uploads(info["repository"])):
                     (index / uuid).unlink(missing_ok=True)
 
+    async def list_uploads(self) -> list[str]:
+        return sorted(entry for entry in _listdir(self.layout.uploads) if is_valid_upload_id(entry))
+
     async def purge_uploads(self, older_than: float) -> int:
         return await asyncio.to_thread(self._purge, older_than)
 
@@ -589,6 +595,50 @@ class FilesystemDriver(StorageDriver):
 
     async def delete_cache_record(self, repository: str, key: str) -> None:
         await asyncio.to_thread(atomic.remove, self.layout.cache_record(repository, key))
+
+    # -- verification ---------------------------------------------------------------
+    async def check_layout(self) -> tuple[list[str], list[str]]:
+        return await asyncio.to_thread(self._check_layout)
+
+    def _check_layout(self) -> tuple[list[str], list[str]]:
+        """What iter_blobs and the listings pass over: names that are no digest, or not where
+        this driver looks for them; and unfinished temp files."""
+        problems: list[str] = []
+        for algorithm_dir in _entries(self.layout.blobs):
+            if not (algorithm_dir.is_dir() and is_supported_algorithm(algorithm_dir.name)):
+                problems.append(f"stray file in blob store: {algorithm_dir}")
+                continue
+            for prefix_dir in _entries(algorithm_dir):
+                for path in _entries(prefix_dir) if prefix_dir.is_dir() else [prefix_dir]:
+                    try:
+                        digest = Digest.parse(f"{algorithm_dir.name}:{path.name}")
+                    except InvalidDigest:
+                        problems.append(f"stray file in blob store: {path}")
+                        continue
+                    if path.parent != prefix_dir or path.name[:2] != prefix_dir.name:
+                        problems.append(f"blob {digest} is filed under the wrong prefix: {path}")
+        for name in walk_repositories(self.layout):
+            top = self.layout.repository(name)
+            for kind, directory in (("layer link", top / "_layers"), ("manifest link", self.layout.revisions(name)),
+                                    ("referrer entry", top / "_referrers")):
+                for algorithm_dir in _entries(directory):
+                    for path in _entries(algorithm_dir) if algorithm_dir.is_dir() else [algorithm_dir]:
+                        try:
+                            Digest.parse(f"{algorithm_dir.name}:{path.name}")
+                        except InvalidDigest:
+                            problems.append(f"{name}: stray {kind} {path}")
+                            continue
+                        if kind == "referrer entry":  # path is the subject's directory
+                            for entry in _entries(path):
+                                try:
+                                    Digest.parse(entry.name.replace("-", ":", 1))
+                                except InvalidDigest:
+                                    problems.append(f"{name}: stray referrer entry {entry}")
+        notes = []
+        leftovers = len(_listdir(self.layout.tmp))
+        if leftovers:
+            notes.append(f"{leftovers} unfinished temp file(s) in tmp/ (harmless; purged with old uploads)")
+        return problems, notes
 
     # -- garbage collection ---------------------------------------------------------
     def _open_lock(self, path: Path) -> int:
@@ -999,8 +1049,24 @@ def _blob_links(layers: Path) -> list[BlobLink]:
     return links
 
 
+def _entries(directory: Path) -> list[Path]:
+    return [directory / name for name in sorted(_listdir(directory))]
+
+
+def _digest_entries(directory: Path, keep) -> list[Digest]:
+    """Sorted digests named by `<directory>/<alg>/<hex>` entries for which `keep(path)` holds."""
+    found = []
+    for algorithm_dir in _subdirs(directory):
+        for path in _entries(algorithm_dir):
+            with contextlib.suppress(InvalidDigest):
+                digest = Digest.parse(f"{algorithm_dir.name}:{path.name}")
+                if keep(path):
+                    found.append(digest)
+    return sorted(found)
+
+
 def _listdir(path: Path) -> list[str]:
     try:
         return os.listdir(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []

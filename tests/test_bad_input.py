@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from storage import FilesystemDriver
 from storage.fsck import fsck
 from tests.conftest import OCI_MANIFEST, error_code, image_manifest, push_image, upload_blob
 from tests.support.client import sha256
@@ -87,7 +88,7 @@ async def test_bad_requests_leave_store_unchanged(client, config, prepared):
         assert await error_code(r) == code, label
         assert snapshot(config.root) == before, f"{label} changed the store"
     assert (await client.get(location)).headers["Range"] == "0-99"
-    assert fsck(config.root).ok
+    assert (await fsck(FilesystemDriver(config.root))).ok
 
 
 async def test_truncated_uploads_leave_store_unchanged(client, config, prepared):
@@ -102,7 +103,7 @@ async def test_truncated_uploads_leave_store_unchanged(client, config, prepared)
     # The session is still usable after all that.
     r = await client.patch(location, data=b"x" * 10, headers={"Content-Range": "100-109"})
     assert r.status == 202 and r.headers["Range"] == "0-109"
-    assert fsck(config.root).ok
+    assert (await fsck(FilesystemDriver(config.root))).ok
 
 
 async def test_invalid_repository_names_touch_nothing(client, config, prepared):

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from storage import FilesystemDriver
 from storage.fsck import fsck
 from tests.support.client import sha256
 from tests.support.paths import IMAGES, REPO, require_shared
@@ -55,7 +56,7 @@ def test_skopeo_push_over_a_quota_is_denied_until_room_is_made(tmp_path):
         assert not any(path.name == ARM64_LAYER for path in (root / "blobs").rglob("*"))
         assert not (root / "repositories" / "quota" / "b" / "_layers" / "sha256" / ARM64_LAYER).exists()
         assert os.listdir(root / "uploads") == []
-        assert fsck(root).ok
+        assert asyncio.run(fsck(FilesystemDriver(root))).ok
 
         # Deleting a repository makes room at once (its blobs go at the next collection).
         deleted = kura("repo", "delete", "quota/a", "--config", str(config), "--root", str(root), "--yes")
@@ -125,6 +126,6 @@ def test_one_quota_across_two_server_processes(tmp_path):
     stored = {path.name for path in (root / "blobs").rglob("*") if path.is_file()}
     assert stored == {sha256(blobs[n]).split(":")[1] for n in accepted}
     assert os.listdir(root / "uploads") == []
-    assert fsck(root).ok
+    assert asyncio.run(fsck(FilesystemDriver(root))).ok
     usage = json.loads(kura("du", "--config", str(config), "--root", str(root), "--json").stdout)
     assert usage["quotas"][0]["used_bytes"] == 100_000

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from storage.fsck import fsck
+from storage import FilesystemDriver
+from storage.fsck import fsck as fsck_driver
 from tests.conftest import push_image
 from tests.support.paths import REPO
 
@@ -17,6 +18,10 @@ async def store(client, config):
     return config.root, digest
 
 
+async def fsck(root):
+    return await fsck_driver(FilesystemDriver(root))
+
+
 def run_fsck(root):
     return subprocess.run([sys.executable, "-m", "kura", "fsck", "--root", str(root)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -24,7 +29,7 @@ def run_fsck(root):
 
 async def test_clean_store(store):
     root, _ = store
-    report = fsck(root)
+    report = await fsck(root)
     assert report.ok, report.problems
     assert (report.repositories, report.manifests, report.tags) == (1, 1, 1)
     assert report.blobs == 3
@@ -46,7 +51,7 @@ async def test_missing_blob(store):
     root, _ = store
     blob = next(p for p in (root / "blobs").rglob("*") if p.is_file() and p.read_bytes() == b"layer-bytes")
     blob.unlink()
-    problems = fsck(root).problems
+    problems = (await fsck(root)).problems
     assert any("points at a missing blob" in p for p in problems)
     assert any("references missing blob" in p for p in problems)
 
@@ -54,19 +59,19 @@ async def test_missing_blob(store):
 async def test_tag_to_missing_manifest(store):
     root, digest = store
     (root / "repositories" / "app" / "_manifests" / "revisions" / "sha256" / digest.split(":")[1]).unlink()
-    assert any("tag v1 points at missing manifest" in p for p in fsck(root).problems)
+    assert any("tag v1 points at missing manifest" in p for p in (await fsck(root)).problems)
 
 
 async def test_torn_link(store):
     root, digest = store
     (root / "repositories" / "app" / "_manifests" / "tags" / "v1").write_text("sha256:abc")
-    assert any("tag v1 is unreadable" in p for p in fsck(root).problems)
+    assert any("tag v1 is unreadable" in p for p in (await fsck(root)).problems)
 
 
 async def test_temp_files_are_only_a_note(store):
     root, _ = store
     (root / "tmp" / "x.tmp").write_bytes(b"half")
-    report = fsck(root)
+    report = await fsck(root)
     assert report.ok and any("temp file" in n for n in report.notes)
 
 
@@ -80,7 +85,7 @@ async def test_referrer_without_manifest(client, config):
     d.mkdir(parents=True)
     (d / ("sha256-" + "1" * 64)).write_text(json.dumps({"digest": "sha256:" + "1" * 64}))
     (config.root / "repositories" / "app" / "_layers").mkdir()
-    assert any("referrer entry sha256:" + "1" * 64 in p for p in fsck(config.root).problems)
+    assert any("referrer entry sha256:" + "1" * 64 in p for p in (await fsck(config.root)).problems)
 
 
 def write_manifest_behind_the_api(root, repo: str, tag: str, document: dict, media_type: str) -> str:
@@ -111,7 +116,7 @@ async def test_ambiguous_manifest_already_in_the_store(store):
     root, image_digest = store
     document = ambiguous_document(root, image_digest)
     digest = write_manifest_behind_the_api(root, "app", "ambiguous", document, document["mediaType"])
-    problems = fsck(root).problems
+    problems = (await fsck(root)).problems
     assert any(digest in p and "ambiguous" in p for p in problems), problems
     assert len(problems) == 1, problems  # the tag points at it: it is there, only invalid
     result = run_fsck(root)
@@ -137,7 +142,8 @@ async def test_stored_manifest_that_no_longer_parses_can_still_be_deleted(client
     assert r.status == 202, await r.text()
     assert (await client.get("/v2/app/manifests/ambiguous")).status == 404
     assert (await (await client.get(f"/v2/app/referrers/{image_digest}")).json())["manifests"] == []
-    assert fsck(root).ok, fsck(root).problems
+    report = await fsck(root)
+    assert report.ok, report.problems
 
 
 async def test_revision_link_that_is_not_an_object(store):
@@ -145,4 +151,42 @@ async def test_revision_link_that_is_not_an_object(store):
     link = root / "repositories" / "app" / "_manifests" / "revisions" / "sha256" / digest.split(":")[1]
     for record in ("[]", '{"mediaType": 5}'):
         link.write_text(record)
-        assert any(f"manifest link {digest} is unreadable" in p for p in fsck(root).problems), record
+        assert any(f"manifest link {digest} is unreadable" in p for p in (await fsck(root)).problems), record
+
+
+async def test_what_only_the_filesystem_layout_shows(store):
+    """Entries the driver never lists (so fsck sees them only through check_layout)."""
+    root, digest = store
+    blobs = root / "blobs" / "sha256"
+    misfiled = next(p for p in blobs.rglob("*") if p.is_file() and p.read_bytes() == b"layer-bytes")
+    wrong_prefix = blobs / ("00" if misfiled.name[:2] != "00" else "01")
+    wrong_prefix.mkdir(exist_ok=True)
+    (wrong_prefix / misfiled.name).write_bytes(b"layer-bytes")
+    (blobs / "ab").mkdir(exist_ok=True)
+    (blobs / "ab" / "not-a-digest").write_bytes(b"x")
+    (root / "blobs" / "md5").mkdir()
+    repository = root / "repositories" / "app"
+    (repository / "_layers" / "sha256" / "junk").write_bytes(b"x")
+    (repository / "_manifests" / "revisions" / "sha256" / "junk").write_bytes(b"x")
+    subject = repository / "_referrers" / "sha256" / digest.split(":")[1]
+    subject.mkdir(parents=True)
+    (subject / "junk").write_bytes(b"x")
+    report = await fsck(root)
+    expected = [f"blob sha256:{misfiled.name} is filed under the wrong prefix: {wrong_prefix / misfiled.name}",
+                f"stray file in blob store: {blobs / 'ab' / 'not-a-digest'}",
+                f"stray file in blob store: {root / 'blobs' / 'md5'}",
+                f"app: stray layer link {repository / '_layers' / 'sha256' / 'junk'}",
+                f"app: stray manifest link {repository / '_manifests' / 'revisions' / 'sha256' / 'junk'}",
+                f"app: stray referrer entry {subject / 'junk'}"]
+    assert sorted(report.problems) == sorted(expected)
+    assert report.blobs == 3  # the misfiled copy is not a blob the driver would serve
+    result = run_fsck(root)
+    assert result.returncode == 1 and f"{len(expected)} problem(s)" in result.stdout
+
+
+async def test_upload_sessions_are_a_note(client, store):
+    root, _ = store
+    r = await client.post("/v2/app/blobs/uploads/")
+    assert r.status == 202
+    report = await fsck(root)
+    assert report.ok and "1 upload session(s) in progress or abandoned" in report.notes

@@ -431,7 +431,7 @@ async def test_collection_removes_exactly_the_unreachable(client, config, case):
     assert stored_revisions(root) == revisions - expected.manifests
     after = set((await (await client.get("/v2/_catalog")).json())["repositories"])
     assert after == catalog - expected.repositories
-    check = fsck(root)
+    check = await fsck(FilesystemDriver(root))
     if case is unreadable_manifest_keeps_its_repositorys_blobs:  # only the planted damage
         assert len(check.problems) == 2 and all(("corrupt" in p or "does not parse" in p) for p in check.problems)
     else:

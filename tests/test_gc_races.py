@@ -29,8 +29,8 @@ async def old_unreferenced_layer(client, root, content: bytes = b"reused layer")
     return image.layers[0]
 
 
-def assert_clean(root) -> None:
-    report = fsck(root)
+async def assert_clean(root) -> None:
+    report = await fsck(FilesystemDriver(root))
     assert report.ok, report.problems
 
 
@@ -69,7 +69,7 @@ async def test_manifest_push_between_mark_and_sweep(client, config):
         await collector.sweep()
     assert blob_path(root, layer).exists()
     await assert_pullable(client, "app", "v2", data)
-    assert_clean(root)
+    await assert_clean(root)
 
 
 class PausingDriver(FilesystemDriver):
@@ -108,7 +108,7 @@ async def test_sweep_waits_for_a_push_between_its_checks_and_its_links(client, c
         await asyncio.wait_for(sweep, 10)
     assert blob_path(root, layer).exists()
     await assert_pullable(client, "app", "v2", data)
-    assert_clean(root)
+    await assert_clean(root)
 
 
 async def test_mount_between_mark_and_sweep(client, config):
@@ -121,7 +121,7 @@ async def test_mount_between_mark_and_sweep(client, config):
         assert r.status == 201  # the client is told the blob is in `other` now
         await collector.sweep()
     assert blob_path(root, layer).exists()
-    assert_clean(root)
+    await assert_clean(root)
     data = await manifest_reusing(client, "other", layer, len(b"reused layer"), "v1")
     await assert_pullable(client, "other", "v1", data)
 
@@ -142,7 +142,7 @@ async def test_upload_of_stored_content_between_mark_and_sweep(client, config):
     assert blob_path(root, layer).exists()
     data = await manifest_reusing(client, "app", layer, len(b"reused layer"), "v2")
     await assert_pullable(client, "app", "v2", data)
-    assert_clean(root)
+    await assert_clean(root)
 
 
 async def test_every_batch_reads_the_journal(client, config, monkeypatch):
@@ -174,7 +174,7 @@ async def test_every_batch_reads_the_journal(client, config, monkeypatch):
     assert pushed and not blob_path(root, first).exists()
     assert blob_path(root, second).exists()
     await assert_pullable(client, "app", "v2", pushed[0])
-    assert_clean(root)
+    await assert_clean(root)
 
 
 class LockWatchingDriver(FilesystemDriver):
@@ -206,7 +206,7 @@ async def test_index_push_whose_child_is_deleted_before_it_links(client, config)
     except ManifestReferenceUnknown as exc:
         assert exc.digests == [child.digest]
     assert (await (await client.get("/v2/multi/tags/list")).json())["tags"] in (None, [])
-    assert_clean(root)
+    await assert_clean(root)
 
 
 class PausingCollectorDriver(FilesystemDriver):
@@ -253,4 +253,4 @@ async def test_untagged_manifest_tagged_again_during_the_prune(client, config):
         await collector.sweep()
     assert collector.report.manifests == []
     await assert_pullable(client, "app", "again", image.data)
-    assert_clean(root)
+    await assert_clean(root)

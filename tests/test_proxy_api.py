@@ -24,6 +24,7 @@ from registry.config import Config
 from ocispec.digest import Digest
 from registry.context import CONFIG, STORAGE
 from registry.quota import collect_garbage
+from storage import FilesystemDriver
 from storage.fsck import fsck
 from registry.proxy import manifests as proxy_manifests
 from registry.proxy import service as proxy_service
@@ -362,7 +363,7 @@ async def test_a_cached_repository_missing_unpulled_blobs_is_consistent_for_fsck
     await push_to(upstream, "library/redis", "7")
     cache = await cache_for(aiohttp_client, tmp_path, upstream.url)
     assert (await cache.get("/v2/docker.io/library/redis/manifests/7")).status == 200
-    report = fsck(tmp_path / "cache")
+    report = await fsck(FilesystemDriver(tmp_path / "cache"))
     assert report.ok, report.problems
     assert report.manifests == 1 and report.tags == 1
 

@@ -64,7 +64,7 @@ async def test_repo_delete(client, config):
     result = kura("repo", "delete", "app", "--root", str(root), "--yes")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "deleted app: 2 tags, 3 manifests, 3 blob links, and its upload sessions"
-    report = fsck(root)
+    report = await fsck(FilesystemDriver(root))
     assert report.ok, report.problems
     assert await catalog(client) == ["app/sub", "other"]
     assert (await client.get("/v2/app/manifests/v1")).status == 404
@@ -120,7 +120,7 @@ async def test_every_step_leaves_a_consistent_store(tmp_path):
         async with driver.repository_lock("app"):
             for step in REPOSITORY_DELETE_STEPS[:stop]:
                 driver._delete_repository_step("app", step)
-        report = fsck(root)
+        report = await fsck(FilesystemDriver(root))
         assert report.ok, (REPOSITORY_DELETE_STEPS[:stop], report.problems)
         names = await driver.list_repositories()
         assert "app/sub" in names
