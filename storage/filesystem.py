@@ -232,7 +232,8 @@ class FilesystemDriver(StorageDriver):
             return None
 
     async def list_referrer_subjects(self, repository: str) -> list[Digest]:
-        return await asyncio.to_thread(_digest_entries, self.layout.repository(repository) / "_referrers", Path.is_dir)
+        return await asyncio.to_thread(_digest_entries, self.layout.repository(repository) / "_referrers",
+                                       lambda subject: bool(_listdir(subject)))
 
     # -- repositories ---------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -1,0 +1,61 @@
+"""The storage drivers the contract suite (tests/contract/) runs against.
+
+Adding a driver is one entry in FLAVOURS at the end of this file: a Flavour that opens a fresh,
+empty store, or a second driver over the store of one it opened (as another process serving
+that store would have). Every test in tests/contract/ then runs once per flavour, with the
+flavour's name in its id (`test_x[filesystem]`, `test_x[s3]`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from storage import FilesystemDriver, StorageDriver, filesystem
+
+
+class Flavour:
+    fixtures: tuple[str, ...] = ()
+    """Names of pytest fixtures the flavour needs (say, a running S3 server); the values are
+    passed to __init__ as keyword arguments."""
+
+    clock_step: float = 0.05
+    """Seconds to wait so that two writes get timestamps that differ, and a time.time() taken
+    before a write is not later than the stamp the store gives it (a filesystem stamps with a
+    coarse clock; S3's Last-Modified has whole seconds)."""
+
+    def __init__(self, tmp_path: Path, **fixtures):
+        self.tmp_path = tmp_path
+
+    async def open(self, shared_with: StorageDriver | None = None) -> StorageDriver:
+        """A driver over a new, empty store; or, with `shared_with` (a driver this flavour
+        opened), another driver over that one's store."""
+        raise NotImplementedError
+
+    def shorten_lock_waits(self, monkeypatch, seconds: float) -> None:
+        """Make the driver give up waiting for a lock (repository lock, reference guard,
+        upload session) after `seconds`, so that RepositoryBusy is tested quickly."""
+        raise NotImplementedError
+
+    async def cleanup(self) -> None:
+        """After the test, once every driver it opened is closed."""
+
+
+class FilesystemFlavour(Flavour):
+    def __init__(self, tmp_path: Path):
+        super().__init__(tmp_path)
+        self.stores = 0
+
+    async def open(self, shared_with: StorageDriver | None = None) -> StorageDriver:
+        if shared_with is not None:
+            return FilesystemDriver(shared_with.root)
+        self.stores += 1
+        return FilesystemDriver(self.tmp_path / f"store-{self.stores}")
+
+    def shorten_lock_waits(self, monkeypatch, seconds: float) -> None:
+        monkeypatch.setattr(filesystem, "LOCK_WAIT_SECONDS", seconds)
+
+
+FLAVOURS: dict[str, type[Flavour]] = {
+    "filesystem": FilesystemFlavour,
+    # "s3": S3Flavour,  (storage/s3.py: fixtures = ("s3_server",), a fresh prefix per store)
+}

@@ -1,0 +1,130 @@
+"""What only the filesystem driver has: its files, their times, flock()s and the journal's
+format. Everything the StorageDriver interface promises is tested, for every driver, by the
+contract suite in tests/contract/."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from storage import FilesystemDriver, TooManyUploads, UploadNotFound, UploadQuota
+
+from .contract.helpers import chunks, digest_of, upload
+
+
+@pytest.fixture
+def driver(tmp_path):
+    return FilesystemDriver(tmp_path / "store")
+
+
+def backdate(path, seconds=7200):
+    stamp = time.time() - seconds
+    os.utime(path, (stamp, stamp))
+
+
+async def test_purge_spares_sessions_in_use(driver):
+    busy = await driver.create_upload("a")
+    idle = await driver.create_upload("a")
+    fd = os.open(driver.layout.upload(busy.uuid) / "data", os.O_RDWR)  # a request holds it
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert await driver.purge_uploads(time.time() + 1) == 1
+        assert (await driver.get_upload(busy.uuid)).size == 0
+        with pytest.raises(UploadNotFound):
+            await driver.get_upload(idle.uuid)
+    finally:
+        os.close(fd)
+
+
+async def test_purge_judges_by_the_data_files_time(driver):
+    session = await driver.create_upload("a")
+    await driver.append_upload(session.uuid, chunks(b"recent bytes"))
+    directory = driver.layout.upload(session.uuid)
+    info = json.loads((directory / "info").read_text())
+    (directory / "info").write_text(json.dumps({**info, "started_at": time.time() - 7200}))
+    # Started two hours ago, but written just now: not abandoned.
+    assert await driver.purge_uploads(time.time() - 3600) == 0
+    assert (await driver.get_upload(session.uuid)).size == len(b"recent bytes")
+    backdate(directory / "data")
+    assert await driver.purge_uploads(time.time() - 3600) == 1
+
+
+async def test_a_session_whose_removal_was_cut_short_does_not_count(driver):
+    quota = UploadQuota(per_owner=2)
+    sessions = [await driver.create_upload("a", "bob", quota=quota) for _ in range(2)]
+    with pytest.raises(TooManyUploads):
+        await driver.create_upload("a", "bob", quota=quota)
+    shutil.rmtree(driver.layout.upload(sessions[0].uuid))  # a crash left its index entry behind
+    await driver.create_upload("a", "bob", quota=quota)
+    with pytest.raises(TooManyUploads):
+        await driver.create_upload("a", "bob", quota=quota)
+
+
+async def test_linking_again_touches_the_link_and_the_blob(driver):
+    blob = await upload(driver, "a", b"content")
+    link = driver.layout.layer_link("a", blob.digest)
+    for path in (link, driver.layout.blob(blob.digest)):
+        backdate(path)
+    await driver.link_blob("a", blob.digest)
+    assert time.time() - link.stat().st_mtime < 60
+    assert time.time() - driver.layout.blob(blob.digest).stat().st_mtime < 60
+
+
+async def test_a_journal_record_is_read_once_complete(driver, tmp_path):
+    a = digest_of(b"a")
+    collector = FilesystemDriver(tmp_path / "store")
+    async with collector.collection() as run:
+        with open(driver.layout.gc_journal, "ab") as f:
+            f.write(f"\nb {str(a)[:20]}".encode())
+        assert await run.read_journal() == (set(), set())
+        with open(driver.layout.gc_journal, "ab") as f:
+            f.write(f"{str(a)[20:]}\nx junk\nb sha256:short\n".encode())
+        assert await run.read_journal() == (set(), {a})
+    assert not driver.layout.gc_journal.exists() and not driver.layout.gc_marker.exists()
+
+
+async def test_a_crashed_collectors_journal_is_replaced(driver):
+    driver.layout.gc.mkdir()
+    driver.layout.gc_marker.write_text('{"id": "crashed"}')
+    driver.layout.gc_journal.write_text(f"b {digest_of(b'stale')}\n")
+    async with driver.collection() as run:
+        assert json.loads(driver.layout.gc_marker.read_text())["id"] != "crashed"
+        assert await run.read_journal() == (set(), set())
+    assert not driver.layout.gc_marker.exists()
+
+
+async def test_stray_and_misfiled_files_are_not_listed_as_blobs(driver):
+    blob = await upload(driver, "a", b"layer")
+    (driver.layout.blobs / "sha256" / "zz").mkdir()
+    (driver.layout.blobs / "sha256" / "zz" / "not-a-digest").write_text("stray")
+    (driver.layout.blobs / "sha256" / "zz" / digest_of(b"x").encoded).write_bytes(b"x")
+    assert [b.digest async for b in driver.iter_blobs()] == [blob.digest]
+    problems, notes = await driver.check_layout()
+    assert len(problems) == 2 and notes == []
+
+
+async def test_an_emptied_repository_leaves_no_directory(driver):
+    blob = await upload(driver, "team", b"x")
+    await upload(driver, "team/app", b"y")
+    await driver.unlink_blob("team", blob.digest)
+    (driver.layout.repository("team") / "_referrers" / "sha256" / "ab").mkdir(parents=True)
+    assert await driver.remove_repository_if_empty("team")
+    assert driver.layout.repository("team").is_dir()  # it holds team/app
+    await driver.unlink_blob("team/app", digest_of(b"y"))
+    assert await driver.remove_repository_if_empty("team/app")
+    assert list(driver.layout.repositories.iterdir()) == []
+
+
+async def test_purge_temp(driver):
+    old, new = driver.layout.tmp / "old.tmp", driver.layout.tmp / "new.tmp"
+    old.write_bytes(b"x")
+    new.write_bytes(b"x")
+    backdate(old)
+    assert await driver.purge_temp(time.time() - 3600) == 1
+    assert not old.exists() and new.exists()
+    assert (await driver.check_layout())[1] == ["1 unfinished temp file(s) in tmp/ (harmless; purged with old uploads)"]
