@@ -178,7 +178,7 @@ class FilesystemDriver(StorageDriver):
         links = []
         revisions = self.layout.revisions(repository)
         for algorithm_dir in _subdirs(revisions):
-            for entry in sorted(os.listdir(algorithm_dir)):
+            for entry in sorted(_listdir(algorithm_dir)):  # gone meanwhile (a repository deleted): none
                 with contextlib.suppress(InvalidDigest):
                     link = await self.get_manifest_link(repository, Digest.parse(f"{algorithm_dir.name}:{entry}"))
                     if link:
@@ -1044,7 +1044,7 @@ def _subdirs(path: Path) -> list[Path]:
 def _blob_links(layers: Path) -> list[BlobLink]:
     links = []
     for algorithm_dir in _subdirs(layers):
-        for entry in os.scandir(algorithm_dir):
+        for entry in _scandir(algorithm_dir):
             with contextlib.suppress(InvalidDigest, FileNotFoundError):
                 links.append(BlobLink(Digest.parse(f"{algorithm_dir.name}:{entry.name}"), entry.stat().st_mtime))
     return links
@@ -1064,6 +1064,13 @@ def _digest_entries(directory: Path, keep) -> list[Digest]:
                 if keep(path):
                     found.append(digest)
     return sorted(found)
+
+
+def _scandir(path: Path) -> list[os.DirEntry]:
+    try:
+        return list(os.scandir(path))
+    except FileNotFoundError:
+        return []
 
 
 def _listdir(path: Path) -> list[str]:
