@@ -231,24 +231,20 @@ def _fsck(config) -> int:
     import asyncio
     import contextlib
 
-    from storage import FilesystemDriver
+    from storage import StorageError
     from storage.fsck import Report, fsck
+    from .store_commands import CommandError, _closing, open_command_store
 
-    async def check() -> Report:
-        driver = FilesystemDriver(config.root)
-        try:
-            return await fsck(driver)
-        finally:
-            await driver.close()
-
-    if not (config.root / "blobs").is_dir():
-        report = Report(problems=[f"{config.root} is not a Kura store (no blobs/ directory)"])
+    try:
+        driver = open_command_store(config)
+    except CommandError as exc:
+        report = Report(problems=[str(exc)])
     else:
         # Not asyncio.run: on Ctrl-C it only cancels the task, and a read that blocks the
         # loop (a blob on a stuck disk, a FIFO) would keep it waiting. Here KeyboardInterrupt
         # ends the check wherever it is.
         loop = asyncio.new_event_loop()
-        task = loop.create_task(check())
+        task = loop.create_task(_closing(fsck(driver)))
         try:
             report = loop.run_until_complete(task)
         except KeyboardInterrupt:
@@ -259,6 +255,9 @@ def _fsck(config) -> int:
                 with contextlib.suppress(asyncio.CancelledError):
                     loop.run_until_complete(task)
             raise
+        except (StorageError, OSError) as exc:
+            print(f"kura: fsck failed: {exc}", file=sys.stderr)
+            return 1
         finally:
             loop.close()
     for note in report.notes:

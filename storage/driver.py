@@ -56,7 +56,9 @@ class StoredBlob:
     digest: Digest
     size: int
     mtime: float
-    """When the blob was stored or last linked into a repository (the grace period counts from it)."""
+    """When the blob was stored; a driver may also refresh it whenever the blob is linked
+    (the filesystem's does). A collection spares an unreferenced blob while this or any of
+    its links (BlobLink.mtime, which link_blob always refreshes) is within the grace period."""
 
 
 @dataclass(frozen=True)

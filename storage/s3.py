@@ -324,6 +324,15 @@ class S3Driver(StorageDriver):
         found = await self.bucket.get(self._referrers_prefix(repository, subject) + f"{referrer.algorithm}-{referrer.encoded}")
         return None if found is None else json.loads(found[0])
 
+    async def list_referrer_subjects(self, repository: str) -> list[Digest]:
+        prefix = f"{self._repo(repository)}_referrers/"
+        subjects = set()
+        for info in await self.bucket.list_all(prefix):
+            algorithm, _, rest = info.key[len(prefix):].partition("/")
+            with contextlib.suppress(InvalidDigest):
+                subjects.add(Digest.parse(f"{algorithm}:{rest.partition('/')[0]}"))
+        return sorted(subjects, key=str)
+
     # -- repositories -----------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def repository_lock(self, repository: str):
@@ -515,6 +524,10 @@ class S3Driver(StorageDriver):
             keys.append(self._repository_index(session["repository"]) + uuid)
         keys.append(self._owner_index(session.get("owner")) + uuid)
         await self.bucket.delete(keys)
+
+    async def list_uploads(self) -> list[str]:
+        uuids = (info.key[len("uploads/"):] for info in await self.bucket.list_all("uploads/"))
+        return sorted(uuid for uuid in uuids if is_valid_upload_id(uuid))
 
     async def purge_uploads(self, older_than: float) -> int:
         purged = 0

@@ -190,3 +190,38 @@ async def test_upload_sessions_are_a_note(client, store):
     assert r.status == 202
     report = await fsck(root)
     assert report.ok and "1 upload session(s) in progress or abandoned" in report.notes
+
+
+@pytest.mark.e2e
+async def test_kura_fsck_on_an_s3_store(s3_bucket, tmp_path):
+    """The same checks through the S3 driver: `kura fsck --config` with [storage] driver = "s3"."""
+    import uuid
+
+    from storage.s3 import S3Driver
+    from storage.s3_objects import S3Location
+    from tests.contract.helpers import digest_of
+    from tests.contract.helpers import push_image as push_to_driver
+
+    prefix = f"fsck-{uuid.uuid4().hex[:8]}"
+    driver = S3Driver(S3Location(s3_bucket.endpoint, s3_bucket.region, s3_bucket.bucket, prefix,
+                                 s3_bucket.access_key, s3_bucket.secret_key))
+    await driver.open()
+    await push_to_driver(driver, "app", "v1", b"{}", b"layer-bytes")
+    config = tmp_path / "kura.toml"
+    config.write_text(f'[storage]\ndriver = "s3"\n[storage.s3]\nendpoint = "{s3_bucket.endpoint}"\n'
+                      f'region = "{s3_bucket.region}"\nbucket = "{s3_bucket.bucket}"\nprefix = "{prefix}"\n'
+                      f'access_key = "{s3_bucket.access_key}"\nsecret_key = "{s3_bucket.secret_key}"\n')
+
+    def run():
+        return subprocess.run([sys.executable, "-m", "kura", "fsck", "--config", str(config)],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    result = run()
+    assert result.returncode == 0 and result.stdout.endswith(
+        "checked 3 blobs, 1 repositories, 1 manifests, 1 tags: ok\n"), result.stdout + result.stderr
+    lie = digest_of(b"what the digest says")
+    await driver.put_small_blob(b"something else", lie)
+    result = run()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"PROBLEM: blob {lie} is corrupt" in result.stdout
+    await driver.close()

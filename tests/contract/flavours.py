@@ -8,6 +8,7 @@ flavour's name in its id (`test_x[filesystem]`, `test_x[s3]`).
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from storage import FilesystemDriver, StorageDriver, filesystem
@@ -55,7 +56,33 @@ class FilesystemFlavour(Flavour):
         monkeypatch.setattr(filesystem, "LOCK_WAIT_SECONDS", seconds)
 
 
+class S3Flavour(Flavour):
+    """A fresh prefix in the test module's bucket on a real S3 server (SeaweedFS)."""
+    fixtures = ("s3_bucket",)
+    clock_step = 1.1  # LastModified has whole seconds
+
+    def __init__(self, tmp_path: Path, s3_bucket):
+        super().__init__(tmp_path)
+        self.bucket = s3_bucket
+
+    async def open(self, shared_with: StorageDriver | None = None) -> StorageDriver:
+        from storage.s3 import S3Driver
+        from storage.s3_objects import S3Location
+
+        if shared_with is not None:
+            return S3Driver(shared_with.location, guard_settle_seconds=0.3)
+        b = self.bucket
+        driver = S3Driver(S3Location(b.endpoint, b.region, b.bucket, f"t-{uuid.uuid4().hex[:10]}",
+                                     b.access_key, b.secret_key), guard_settle_seconds=0.3)
+        await driver.open()
+        return driver
+
+    def shorten_lock_waits(self, monkeypatch, seconds: float) -> None:
+        from storage import s3
+        monkeypatch.setattr(s3, "LOCK_WAIT_SECONDS", seconds)
+
+
 FLAVOURS: dict[str, type[Flavour]] = {
     "filesystem": FilesystemFlavour,
-    # "s3": S3Flavour,  (storage/s3.py: fixtures = ("s3_server",), a fresh prefix per store)
+    "s3": S3Flavour,
 }

@@ -283,25 +283,41 @@ async def test_small_blobs(driver, other):
         await driver.read_small_blob(digest_of(b"none"), 100)
 
 
+async def fill(create) -> int:
+    """Sessions `create` opens one after the other until it is refused (at most 20)."""
+    for opened in range(20):
+        try:
+            await create()
+        except TooManyUploads:
+            return opened
+    return 20
+
+
 async def test_open_sessions_are_capped_across_processes(driver, other):
+    """A burst from two processes never goes over a cap (a driver may refuse some that would
+    have fit, while they race); once it is over, the cap is reached exactly."""
     quota = UploadQuota(per_repository=5)
     results = await asyncio.gather(*[(driver if i % 2 else other).create_upload("a", "alice", quota=quota)
                                      for i in range(12)], return_exceptions=True)
+    accepted = [r for r in results if isinstance(r, UploadInfo)]
     refused = [r for r in results if not isinstance(r, UploadInfo)]
-    assert len(refused) == 7
+    assert len(accepted) <= 5
     assert all(isinstance(r, TooManyUploads) and (r.scope, r.limit) == ("repository", 5) for r in refused)
+    assert len(accepted) + await fill(lambda: other.create_upload("a", "alice", quota=quota)) == 5
     assert isinstance(await driver.create_upload("b", "alice", quota=quota), UploadInfo)
 
     quota = UploadQuota(per_owner=3)
     results = await asyncio.gather(*[(driver if i % 2 else other).create_upload(f"r{i}", "bob", quota=quota)
                                      for i in range(8)], return_exceptions=True)
+    accepted = [r for r in results if isinstance(r, UploadInfo)]
     refused = [r for r in results if not isinstance(r, UploadInfo)]
-    assert len(refused) == 5
+    assert len(accepted) <= 3
     assert all(isinstance(r, TooManyUploads) and (r.scope, r.limit) == ("user", 3) for r in refused)
+    assert len(accepted) + await fill(lambda: driver.create_upload("r9", "bob", quota=quota)) == 3
     # Sessions opened before a cap was configured count too.
-    assert isinstance(await other.create_upload("r0", "carol"), UploadInfo)
+    assert isinstance(await other.create_upload("new", "carol"), UploadInfo)
     with pytest.raises(TooManyUploads):
-        await driver.create_upload("r0", "dave", quota=UploadQuota(per_repository=1))
+        await driver.create_upload("new", "dave", quota=UploadQuota(per_repository=1))
 
 
 async def test_only_open_sessions_count(driver, other, flavour):
