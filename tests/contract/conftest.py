@@ -5,7 +5,7 @@ import pytest
 from .flavours import FLAVOURS
 
 
-@pytest.fixture(params=list(FLAVOURS))
+@pytest.fixture(params=[pytest.param(name, marks=kind.marks) for name, kind in FLAVOURS.items()])
 def flavour(request, tmp_path):
     kind = FLAVOURS[request.param]
     return kind(tmp_path, **{name: request.getfixturevalue(name) for name in kind.fixtures})

@@ -11,6 +11,8 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import pytest
+
 from storage import FilesystemDriver, StorageDriver, filesystem
 
 
@@ -18,6 +20,9 @@ class Flavour:
     fixtures: tuple[str, ...] = ()
     """Names of pytest fixtures the flavour needs (say, a running S3 server); the values are
     passed to __init__ as keyword arguments."""
+
+    marks: tuple = ()
+    """pytest marks for every test run on this flavour (e2e when it needs a real server)."""
 
     clock_step: float = 0.05
     """Seconds to wait so that two writes get timestamps that differ, and a time.time() taken
@@ -59,6 +64,7 @@ class FilesystemFlavour(Flavour):
 class S3Flavour(Flavour):
     """A fresh prefix in the test module's bucket on a real S3 server (SeaweedFS)."""
     fixtures = ("s3_bucket",)
+    marks = (pytest.mark.e2e,)
     clock_step = 1.1  # LastModified has whole seconds
 
     def __init__(self, tmp_path: Path, s3_bucket):
