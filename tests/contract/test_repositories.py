@@ -44,6 +44,7 @@ async def test_links_tags_and_repositories(driver, other):
 
 async def test_a_repository_exists_with_one_link_of_either_kind(driver):
     await driver.link_manifest("only/manifest", digest_of(b"m"), MEDIA_TYPE)
+    await driver.put_small_blob(b"b", digest_of(b"b"))
     await driver.link_blob("only/blob", digest_of(b"b"))
     assert await driver.list_repositories() == ["only/blob", "only/manifest"]
     assert "only" not in await driver.list_repositories()
@@ -60,10 +61,13 @@ async def test_relinking_a_manifest_replaces_its_media_type(driver, other):
 async def test_blob_links(driver, other):
     one, two = digest_of(b"one"), digest_of(b"two")
     await driver.put_small_blob(b"one", one)
+    await driver.put_small_blob(b"two", two)
     await driver.link_blob("a", one)
     await other.link_blob("a", one)
-    await other.link_blob("a", two)  # a link may come before its blob (the collection sorts it out)
+    await other.link_blob("a", two)
     await driver.link_blob("b", one)
+    assert (await other.stat_linked_blob("a", one)).size == 3
+    assert await other.stat_linked_blob("c", one) is None
     assert sorted(link.digest for link in await other.list_blob_links("a")) == sorted([one, two])
     assert await driver.repositories_linking_blob(one) == ["a", "b"]
     assert await other.unlink_blob("a", one)
@@ -189,6 +193,8 @@ async def test_each_write_is_seen_whole_or_not_at_all(driver, other):
 async def test_concurrent_writers_in_two_processes(driver, other):
     """Both finish; the store holds one of the two values, whole."""
     values = [digest_of(bytes([n])) for n in range(20)]
+    for n, digest in enumerate(values):
+        await driver.put_small_blob(bytes([n]), digest)
     await asyncio.gather(*[(driver, other)[n % 2].set_tag("r", "t", values[n]) for n in range(20)],
                          *[(driver, other)[n % 2].link_blob("r", values[n]) for n in range(20)])
     assert await driver.resolve_tag("r", "t") in values
