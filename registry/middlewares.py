@@ -69,8 +69,8 @@ def _translate(exc: st.StorageError, request: web.Request) -> RegistryError:
         return InsufficientStorage()
     if isinstance(exc, st.StoreUnavailable):
         log.error("storage unavailable: %s %s: %s", request.method, request.path, exc)
-        return Unavailable(f"the registry's storage is unavailable; retry later ({exc})",
-                           headers={"Retry-After": "5"})
+        # The detail (endpoint, bucket, key) is for the operator's log, not for clients.
+        return Unavailable("the registry's storage is unavailable; retry later", headers={"Retry-After": "5"})
     log.exception("unexpected storage error", exc_info=exc)
     return RegistryError("internal storage error")
 

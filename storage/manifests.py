@@ -52,14 +52,16 @@ async def put_manifest(driver: StorageDriver, repository: str, data: bytes, cont
         raise DigestMismatch(str(digest), str(actual))
     digest = actual
     # From the reference checks to the last link, a garbage collection cannot delete what
-    # the checks found; one that is running keeps what is noted here.
+    # the checks found; one that is running keeps what is noted here. The checks come after
+    # the wait for the lock, so that they see the store as it is when the links are written
+    # (a driver whose guard is timed, S3's, looks again for a collection after that wait).
     async with driver.reference_guard():
-        await _check_blobs(driver, repository, manifest)
-        await driver.note_references(
-            manifests=[digest, *(child.digest for child in manifest.children),
-                       *([manifest.subject.digest] if manifest.subject is not None else [])],
-            blobs=[descriptor.digest for descriptor in manifest.blobs])
         async with driver.repository_lock(repository):
+            await _check_blobs(driver, repository, manifest)
+            await driver.note_references(
+                manifests=[digest, *(child.digest for child in manifest.children),
+                           *([manifest.subject.digest] if manifest.subject is not None else [])],
+                blobs=[descriptor.digest for descriptor in manifest.blobs])
             # Children are checked under the lock that deletes hold (a client's, or a
             # collection's of untagged manifests), so none goes between check and link.
             await _check_children(driver, repository, manifest)
@@ -81,8 +83,8 @@ async def put_cached_manifest(driver: StorageDriver, repository: str, data: byte
     if actual != digest:
         raise DigestMismatch(str(digest), str(actual))
     async with driver.reference_guard():
-        await driver.note_references(manifests=[digest])
         async with driver.repository_lock(repository):
+            await driver.note_references(manifests=[digest])
             await driver.put_small_blob(data, digest)
             await driver.link_manifest(repository, digest, manifest.media_type)
             if manifest.subject is not None:

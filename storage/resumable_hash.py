@@ -18,6 +18,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import struct
+import sys
 
 # Larger than SHA256_CTX (112 bytes) and SHA512_CTX (216 bytes) on every ABI.
 _CONTEXT_BYTES = 256
@@ -88,15 +90,36 @@ class ResumableHash:
 
     def state(self) -> dict:
         """What another process needs to go on: JSON-friendly."""
-        return {"algorithm": self.name, "openssl": self._version, "context": self._context.raw.hex()}
+        return {"algorithm": self.name, "openssl": self._version, "byteorder": sys.byteorder,
+                "context": self._context.raw.hex()}
 
     @classmethod
-    def resume(cls, saved: dict) -> "ResumableHash | None":
-        """The hash `state()` saved, or None when this process cannot go on from it."""
+    def resume(cls, saved: dict, size: int) -> "ResumableHash | None":
+        """The hash `state()` saved after `size` bytes, or None when this process cannot go on
+        from it. A context that does not describe exactly `size` bytes hashed (one written by
+        something else, or damaged) is refused: its fields steer memory copies in libcrypto."""
         try:
             algorithm, version, context = saved["algorithm"], saved["openssl"], bytes.fromhex(saved["context"])
-            if algorithm not in _PREFIX or len(context) != _CONTEXT_BYTES or version != _library()[1]:
+            if algorithm not in _PREFIX or len(context) != _CONTEXT_BYTES or version != _library()[1] \
+                    or saved.get("byteorder") != sys.byteorder or not _consistent(algorithm, context, size):
                 return None
-        except (KeyError, TypeError, ValueError, ResumableHashUnavailable):
+        except (KeyError, TypeError, ValueError, AttributeError, ResumableHashUnavailable):
             return None
         return cls(algorithm, context)
+
+
+# Where OpenSSL's SHA256_CTX / SHA512_CTX keep the bit count, the bytes waiting in the block
+# buffer and the digest length (native byte order).
+_LAYOUT = {"sha256": {"count": (32, "II"), "num": 104, "md_len": 108, "block": 64},
+           "sha512": {"count": (64, "QQ"), "num": 208, "md_len": 212, "block": 128}}
+
+
+def _consistent(algorithm: str, context: bytes, size: int) -> bool:
+    layout = _LAYOUT[algorithm]
+    offset, pair = layout["count"]
+    low, high = struct.unpack_from("=" + pair, context, offset)
+    bits = (high << (8 * struct.calcsize("=" + pair[0]))) | low
+    num, = struct.unpack_from("=I", context, layout["num"])
+    md_len, = struct.unpack_from("=I", context, layout["md_len"])
+    return (isinstance(size, int) and size >= 0 and bits == size * 8 and num == size % layout["block"]
+            and md_len == _DIGEST_BYTES[algorithm])

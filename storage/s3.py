@@ -68,16 +68,19 @@ from .resumable_hash import ResumableHash, available as resumable_hash_available
 from .s3_bucket import ensure_bucket
 from .s3_leases import LEASE_SECONDS, Lease, is_live
 from .s3_ledger import S3Ledger
-from .s3_objects import Bucket, Conflict, S3Location
+from .s3_objects import SMALL_REQUEST_SECONDS, Bucket, Conflict, S3Location
 
 LOCK_WAIT_SECONDS = 30.0
 COLLECTOR_LOCK_WAIT_SECONDS = 60.0
-# A collection waits this long after it starts before it reads the store: an operation that
-# looked (found no collection running) just before it started finishes its links meanwhile.
-GUARD_SETTLE_SECONDS = 10.0
-# An operation that took longer than this between looking and noting what it references
-# looks again (a collection may have started meanwhile).
-GUARD_RECHECK_SECONDS = 1.0
+# The collector's leases (gc/running, gc/exclusive, registered guards): a stall must last
+# this long before another instance may take over.
+COLLECTOR_LEASE_SECONDS = 60.0
+# An unregistered guard looks again (is a collection running?) before a write that refers
+# to content once this long has passed since it looked.
+GUARD_RECHECK_SECONDS = 5.0
+# A collection waits this long after it starts before it reads the store: longer than the
+# recheck time plus the longest a small request can take (retries included).
+GUARD_SETTLE_SECONDS = GUARD_RECHECK_SECONDS + 2 * SMALL_REQUEST_SECONDS + 5.0
 # How long a "no collection is running" read is reused by later guards of this process.
 RUNNING_CACHE_SECONDS = 0.5
 PARALLEL_READS = 16
@@ -94,23 +97,31 @@ class _Guard:
     id: str = field(default_factory=lambda: uuidlib.uuid4().hex)
     looked_at: float = field(default_factory=time.monotonic)
     registered: bool = False
+    lease: Lease | None = None
     journal_entries: int = 0
     noted_manifests: list = field(default_factory=list)
     noted_blobs: list = field(default_factory=list)
 
 
 _current_guard: contextvars.ContextVar[_Guard | None] = contextvars.ContextVar("kura_s3_guard", default=None)
+# Leases this task holds (repository locks, the collector's): a write checks none was lost.
+_held_leases: contextvars.ContextVar[tuple[Lease, ...]] = contextvars.ContextVar("kura_s3_leases", default=())
 
 
 class S3Driver(StorageDriver):
     def __init__(self, location: S3Location, *, redirect: bool = False, redirect_seconds: int = 600,
-                 guard_settle_seconds: float = GUARD_SETTLE_SECONDS, lease_seconds: float = LEASE_SECONDS):
+                 guard_settle_seconds: float = GUARD_SETTLE_SECONDS, lease_seconds: float = LEASE_SECONDS,
+                 collector_lease_seconds: float = COLLECTOR_LEASE_SECONDS):
+        """`guard_settle_seconds` shorter than the default is for tests only: the recheck time
+        shrinks with it, but requests are not faster for that."""
         self.location = location
         self.bucket = Bucket(location)
         self.redirect = redirect
         self.redirect_seconds = redirect_seconds
         self.guard_settle_seconds = guard_settle_seconds
+        self.guard_recheck_seconds = min(GUARD_RECHECK_SECONDS, guard_settle_seconds / 4)
         self.lease_seconds = lease_seconds
+        self.collector_lease_seconds = collector_lease_seconds
         self._resumable = resumable_hash_available()
         self._not_running_at = float("-inf")
         self._small_blobs = _ContentCache(SMALL_BLOB_CACHE_BYTES)
@@ -119,10 +130,26 @@ class S3Driver(StorageDriver):
         return f"S3Driver({self.location!r})"
 
     async def open(self) -> bool:
-        """Create the bucket if it is missing (True then), and check that it takes a write."""
-        created = await ensure_bucket(self.location)
+        """Check that the bucket takes a write; create it first if it is missing (True then).
+        The probe goes first, with whatever credentials obstore finds (keys, environment,
+        instance or task roles): creating is only tried when the store says NoSuchBucket."""
         probe = f"tmp/probe-{uuidlib.uuid4().hex}"
-        await self.bucket.put(probe, b"")
+        created = False
+        try:
+            await self.bucket.put(probe, b"")
+        except StoreUnavailable as exc:
+            if "NoSuchBucket" not in str(exc.__cause__ or exc):
+                raise
+            try:
+                created = await ensure_bucket(self.location)
+            except StoreUnavailable as refused:
+                # Another instance may have created it meanwhile: then the probe now works.
+                try:
+                    await self.bucket.put(probe, b"")
+                except StoreUnavailable:
+                    raise refused from None
+            else:
+                await self.bucket.put(probe, b"")
         await self.bucket.delete([probe])
         return created
 
@@ -213,6 +240,7 @@ class S3Driver(StorageDriver):
         return found
 
     async def put_small_blob(self, data: bytes, digest: Digest) -> None:
+        await self._before_reference_write()
         await self.bucket.put(self._blob_key(digest), data)
         self._small_blobs.put(digest, data)
 
@@ -231,6 +259,7 @@ class S3Driver(StorageDriver):
             if info is None:
                 raise BlobNotFound(str(digest))
             size = info.size
+        await self._before_reference_write()
         await self.bucket.put(self._layer_key(repository, digest), f"{digest} {size}".encode())
 
     async def stat_linked_blob(self, repository: str, digest: Digest) -> BlobContent | None:
@@ -259,6 +288,7 @@ class S3Driver(StorageDriver):
         return [name for name, yes in zip(names, linked) if yes]
 
     async def link_manifest(self, repository: str, digest: Digest, media_type: str) -> None:
+        await self._before_reference_write()
         record = json.dumps({"digest": str(digest), "mediaType": media_type}).encode()
         await self.bucket.put(self._revision_key(repository, digest), record)
 
@@ -283,6 +313,7 @@ class S3Driver(StorageDriver):
 
     # -- tags -------------------------------------------------------------------------
     async def set_tag(self, repository: str, tag: str, digest: Digest) -> None:
+        await self._before_reference_write()
         await self.bucket.put(self._tag_key(repository, tag), str(digest).encode())
 
     async def resolve_tag(self, repository: str, tag: str) -> Digest | None:
@@ -303,6 +334,7 @@ class S3Driver(StorageDriver):
 
     # -- referrers --------------------------------------------------------------------
     async def add_referrer(self, repository: str, subject: Digest, descriptor: dict) -> None:
+        await self._before_reference_write()
         referrer = Digest.parse(descriptor["digest"])
         key = self._referrers_prefix(repository, subject) + f"{referrer.algorithm}-{referrer.encoded}"
         await self.bucket.put(key, json.dumps(descriptor).encode())
@@ -338,8 +370,18 @@ class S3Driver(StorageDriver):
     async def repository_lock(self, repository: str):
         key = f"locks/repository/{hashlib.sha256(repository.encode()).hexdigest()}"
         self._repo(repository)
-        async with self._lease(key).held(LOCK_WAIT_SECONDS, RepositoryBusy(repository)):
-            yield
+        async with self._lease(key).held(LOCK_WAIT_SECONDS, RepositoryBusy(repository)) as lease:
+            # The wait may have been long: a guard held around it looks again for a collection.
+            guard = _current_guard.get()
+            if guard is not None and not guard.registered \
+                    and time.monotonic() - guard.looked_at > self.guard_recheck_seconds \
+                    and await self._running_now(guard):
+                await self._register(guard)
+            token = _held_leases.set(_held_leases.get() + (lease,))
+            try:
+                yield
+            finally:
+                _held_leases.reset(token)
 
     async def repository_exists(self, repository: str) -> bool:
         folders, _ = await self.bucket.folders(self._repo(repository))
@@ -432,7 +474,7 @@ class S3Driver(StorageDriver):
         start = session["size"]
         if offset is not None and offset != start:
             raise RangeMismatch(start)
-        hasher = ResumableHash.resume(session["hash"]) if session.get("hash") else None
+        hasher = ResumableHash.resume(session["hash"], start) if session.get("hash") else None
         counter = _Counter(length, max_size, start, hasher)
         source = counter.wrap(chunks)
         first = await _first(source)
@@ -447,9 +489,17 @@ class S3Driver(StorageDriver):
         try:
             await self.bucket.put(self._session_key(uuid), _json(session), if_match=etag)
         except BaseException as exc:
+            # The write may have landed after all (a time-out after the store applied it):
+            # the chunk goes only if the session does not name it.
+            try:
+                current = await asyncio.shield(self.bucket.get(self._session_key(uuid)))
+            except StoreUnavailable:
+                raise exc from None  # the chunk stays for the purge, which knows what is named
+            if current is not None and chunk_key in json.loads(current[0]).get("chunks", []):
+                return _upload_info(uuid, session)
             await asyncio.shield(self.bucket.delete([chunk_key]))
             if isinstance(exc, Conflict):
-                if await self.bucket.head(self._session_key(uuid)) is None:
+                if current is None:
                     raise UploadNotFound(uuid) from None
                 raise UploadBusy(uuid) from None
             raise
@@ -469,36 +519,37 @@ class S3Driver(StorageDriver):
         try:
             if size is not None and size != actual_size:
                 raise SizeMismatch(size, actual_size)
-            hasher = ResumableHash.resume(session["hash"]) if session.get("hash") else None
+            hasher = ResumableHash.resume(session["hash"], actual_size) if session.get("hash") else None
             target = self._blob_key(digest)
             if hasher is not None and hasher.name == digest.algorithm and len(session["chunks"]) <= 1:
                 # Verified from the carried-forward digest: no byte read back.
                 if hasher.hexdigest() != digest.encoded:
                     raise DigestMismatch(str(digest), f"{digest.algorithm}:{hasher.hexdigest()}")
                 if session["chunks"]:
-                    await self.bucket.copy(session["chunks"][0], target)
+                    if not await self.bucket.copy(session["chunks"][0], target):
+                        raise UploadNotFound(uuid)  # cancelled or purged by another instance meanwhile
                 else:
                     await self.bucket.put(target, b"")
             else:
                 # Several chunks (or a digest not carried forward): streamed into place,
                 # hashed on the way; a mismatch aborts before anything appears at `target`.
                 counter = _Counter(None, None, 0, new_hasher(digest.algorithm), expected=digest)
-                await self.bucket.put_stream(target, counter.wrap(self._read_chunks(session["chunks"]),
+                await self.bucket.put_stream(target, counter.wrap(self._read_chunks(uuid, session["chunks"]),
                                                                   verify_at_end=True))
             await self._link_stored(session["repository"], digest, actual_size)
-        except RepositoryBusy:
-            raise  # a collection held the store too long: the session stays, to be committed again
+        except (RepositoryBusy, StoreUnavailable):
+            raise  # busy or unreachable for now: the session stays, to be committed again
         except BaseException:
             await asyncio.shield(self._remove_session(uuid, session))
             raise
         await self._remove_session(uuid, session)
         return BlobContent(digest, actual_size)
 
-    async def _read_chunks(self, keys: list[str]) -> AsyncIterator[bytes]:
+    async def _read_chunks(self, uuid: str, keys: list[str]) -> AsyncIterator[bytes]:
         for key in keys:
             stream = await self.bucket.stream(key)
             if stream is None:
-                raise StoreUnavailable(f"the upload's chunk {key} is missing from the object store")
+                raise UploadNotFound(uuid)  # cancelled or purged by another instance meanwhile
             async for chunk in stream:
                 yield chunk
 
@@ -595,9 +646,14 @@ class S3Driver(StorageDriver):
         await self.bucket.delete([self._cache_key(repository, key)])
 
     # -- garbage collection -----------------------------------------------------------
-    # No collection running (the common case): a guard costs one GET of gc/running. While
-    # one runs, a guard registers (gc/guards/<id>), stays out while the collector deletes
-    # (gc/exclusive), and journals what it references (gc/journal/<id>-<n>).
+    # No collection running (the common case): a guard costs one GET of gc/running (shared
+    # by a process's guards for half a second). While one runs, a guard registers (a renewed
+    # lease at gc/guards/<id>), stays out while the collector deletes (gc/exclusive), and
+    # journals what it references (gc/journal/<id>-<n>). A collection waits GUARD_SETTLE_SECONDS
+    # after it starts, and an unregistered guard looks again before any write that refers
+    # to content once GUARD_RECHECK_SECONDS have passed since it looked: each such write
+    # starts within the recheck time and ends within SMALL_REQUEST_SECONDS x 2 (retries
+    # included), so it lands before the collection reads the store.
     @contextlib.asynccontextmanager
     async def reference_guard(self):
         guard = _Guard()
@@ -612,44 +668,59 @@ class S3Driver(StorageDriver):
 
     async def _collection_running(self, guard: _Guard | None = None) -> bool:
         """Whether a collection runs. "No" is remembered for RUNNING_CACHE_SECONDS: a guard
-        then counts as having looked when it was read (see GUARD_SETTLE_SECONDS)."""
+        then counts as having looked when it was read."""
         now = time.monotonic()
-        if now - self._not_running_at < min(RUNNING_CACHE_SECONDS, self.guard_settle_seconds / 4):
+        if now - self._not_running_at < min(RUNNING_CACHE_SECONDS, self.guard_recheck_seconds / 4):
             if guard is not None:
                 guard.looked_at = self._not_running_at
             return False
+        if guard is not None:
+            guard.looked_at = now
         found = await self.bucket.get("gc/running")
         running = found is not None and is_live(found[0])
         if not running:
             self._not_running_at = now
         return running
 
-    async def _running_now(self) -> bool:
+    async def _running_now(self, guard: _Guard | None = None) -> bool:
         self._not_running_at = float("-inf")
-        return await self._collection_running()
+        return await self._collection_running(guard)
 
     async def _register(self, guard: _Guard) -> None:
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        key = f"gc/guards/{guard.id}"
         while True:
-            await self.bucket.put(key, _json({"expires": time.time() + LOCK_WAIT_SECONDS * 2}))
+            lease = Lease(self.bucket, f"gc/guards/{guard.id}", self.collector_lease_seconds)
+            await lease.take(LOCK_WAIT_SECONDS)
             exclusive = await self.bucket.get("gc/exclusive")
             if exclusive is None or not is_live(exclusive[0]):
+                guard.lease = lease
                 guard.registered = True
                 return
-            await self.bucket.delete([key])
+            await lease.release()
             if time.monotonic() > deadline:
                 raise RepositoryBusy("the store (a garbage collection is deleting)")
             await asyncio.sleep(0.05)
 
-    async def _leave(self, guard: _Guard) -> None:
-        if not guard.registered and time.monotonic() - guard.looked_at > self.guard_settle_seconds / 2 \
-                and (guard.noted_manifests or guard.noted_blobs) and await self._running_now():
-            # Slower than a starting collection waits for: journal what was referenced anyway.
-            log.warning("references made slowly while a garbage collection started; journaling them late")
+    async def _before_reference_write(self) -> None:
+        """Called before every write that makes something refer to content."""
+        for lease in _held_leases.get():
+            lease.check()
+        guard = _current_guard.get()
+        if guard is not None and guard.registered:
+            guard.lease.check()  # a lapsed guard may not have been waited for by the collector
+            return
+        if guard is None or time.monotonic() - guard.looked_at <= self.guard_recheck_seconds:
+            return
+        if await self._running_now(guard):
+            await self._register(guard)
             await self._journal(guard, guard.noted_manifests, guard.noted_blobs)
+
+    async def _leave(self, guard: _Guard) -> None:
         if guard.registered:
-            await self.bucket.delete([f"gc/guards/{guard.id}"])
+            try:
+                await guard.lease.release()
+            except StoreUnavailable as exc:  # it expires by itself
+                log.warning("could not release a reference guard: %s", exc)
 
     async def note_references(self, *, manifests=(), blobs=()) -> None:
         manifests, blobs = list(manifests), list(blobs)
@@ -660,11 +731,8 @@ class S3Driver(StorageDriver):
             return
         guard.noted_manifests += manifests
         guard.noted_blobs += blobs
-        if not guard.registered and \
-                time.monotonic() - guard.looked_at > min(GUARD_RECHECK_SECONDS, self.guard_settle_seconds / 3):
-            self._not_running_at = float("-inf")  # look at the store itself
-            guard.looked_at = time.monotonic()
-            if await self._collection_running(guard):
+        if not guard.registered and time.monotonic() - guard.looked_at > self.guard_recheck_seconds:
+            if await self._running_now(guard):
                 await self._register(guard)
         if guard.registered:
             await self._journal(guard, manifests, blobs)
@@ -678,7 +746,7 @@ class S3Driver(StorageDriver):
 
     @contextlib.asynccontextmanager
     async def collection(self):
-        lease = Lease(self.bucket, "gc/running", self.lease_seconds)
+        lease = Lease(self.bucket, "gc/running", self.collector_lease_seconds)
         if not await lease.take(0):
             yield None
             return
@@ -687,21 +755,27 @@ class S3Driver(StorageDriver):
             await self.bucket.delete([info.key for info in await self.bucket.list_all("gc/journal/")]
                                      + [info.key for info in await self.bucket.list_all("gc/guards/")]
                                      + ["gc/exclusive"])
-            # Operations that looked before gc/running existed finish their links meanwhile.
+            # Operations that looked before gc/running existed finish their writes meanwhile.
             await asyncio.sleep(self.guard_settle_seconds)
-            yield _S3Collection(self)
+            lease.check()
+            yield _S3Collection(self, lease)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._end_collection(lease))
 
     async def _end_collection(self, lease: Lease) -> None:
+        if lease.lost:
+            return  # another collector has taken over: its journal and flags are its own
         await self.bucket.delete([info.key for info in await self.bucket.list_all("gc/journal/")] + ["gc/exclusive"])
         await self.bucket.put("gc/last", repr(time.time()).encode())
         await lease.release()
 
     @contextlib.asynccontextmanager
-    async def _exclusive(self):
-        await self.bucket.put("gc/exclusive", _json({"expires": time.time() + COLLECTOR_LOCK_WAIT_SECONDS * 2}))
+    async def _exclusive(self, collection_lease: Lease):
+        flag = Lease(self.bucket, "gc/exclusive", self.collector_lease_seconds)
+        await self.bucket.delete(["gc/exclusive"])  # ours from an earlier phase, if its release failed
+        if not await flag.take(COLLECTOR_LOCK_WAIT_SECONDS):
+            raise RepositoryBusy("the store (another collector's delete flag)")
         try:
             deadline = time.monotonic() + COLLECTOR_LOCK_WAIT_SECONDS
             while True:
@@ -712,9 +786,18 @@ class S3Driver(StorageDriver):
                 if time.monotonic() > deadline:
                     raise RepositoryBusy("the store (references were being made for too long)")
                 await asyncio.sleep(0.05)
-            yield
+            # Still the collector? (One that stalled past its lease has been replaced.)
+            running = await self.bucket.get("gc/running")
+            if running is None or _owner(running[0]) != collection_lease.owner:
+                raise RepositoryBusy("the store (this collection lost its lease to another collector)")
+            collection_lease.check()
+            token = _held_leases.set(_held_leases.get() + (collection_lease, flag))
+            try:
+                yield
+            finally:
+                _held_leases.reset(token)
         finally:
-            await asyncio.shield(self.bucket.delete(["gc/exclusive"]))
+            await asyncio.shield(flag.release())
 
     async def last_collection(self) -> float | None:
         found = await self.bucket.get("gc/last")
@@ -748,9 +831,13 @@ class S3Driver(StorageDriver):
                                   _stamped_under(layers, f"{top}_layers/"))
 
     async def unlink_blobs(self, links: list[tuple[str, Digest]]) -> None:
+        for lease in _held_leases.get():
+            lease.check()
         await self.bucket.delete([self._layer_key(name, digest) for name, digest in links])
 
     async def delete_blobs(self, digests: list[Digest]) -> None:
+        for lease in _held_leases.get():
+            lease.check()
         for digest in digests:
             self._small_blobs.drop(digest)
         await self.bucket.delete([self._blob_key(digest) for digest in digests])
@@ -771,12 +858,13 @@ class S3Driver(StorageDriver):
 
 
 class _S3Collection(Collection):
-    def __init__(self, driver: S3Driver):
+    def __init__(self, driver: S3Driver, lease: Lease):
         self._driver = driver
+        self._lease = lease
         self._read: set[str] = set()
 
     def exclusive(self):
-        return self._driver._exclusive()
+        return self._driver._exclusive(self._lease)
 
     async def read_journal(self) -> tuple[set[Digest], set[Digest]]:
         bucket = self._driver.bucket
@@ -882,6 +970,13 @@ async def _gather_limited(awaitables: list) -> list:
             return await awaitable
 
     return await asyncio.gather(*(one(a) for a in awaitables))
+
+
+def _owner(data: bytes) -> str | None:
+    try:
+        return json.loads(data).get("owner")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _json(value) -> bytes:

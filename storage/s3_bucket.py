@@ -10,14 +10,14 @@ import datetime
 import hashlib
 import hmac
 import os
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
 from .errors import StoreUnavailable
 from .s3_objects import S3Location
 
-ALREADY_THERE = ("BucketAlreadyOwnedByYou", "BucketAlreadyExists")
+ALREADY_OURS = "BucketAlreadyOwnedByYou"
 
 
 async def ensure_bucket(location: S3Location) -> bool:
@@ -45,21 +45,30 @@ async def ensure_bucket(location: S3Location) -> bool:
         raise StoreUnavailable(f"object store at {endpoint} cannot be reached: {exc}") from None
     if response.status == 200:
         return True
-    if any(code in text for code in ALREADY_THERE):
-        return False
+    if ALREADY_OURS in text:
+        return False  # created meanwhile (another instance starting)
     raise StoreUnavailable(f"object store refused to create bucket {location.bucket!r}: "
                            f"HTTP {response.status} {_error_code(text)}")
 
 
+def object_url(location: S3Location, key: str) -> str:
+    """Path-style URL of `key` under the location's prefix."""
+    endpoint = (location.endpoint or f"https://s3.{location.region}.amazonaws.com").rstrip("/")
+    prefix = location.prefix.strip("/")
+    return f"{endpoint}/{location.bucket}/{quote(prefix + '/' if prefix else '')}{quote(key)}"
+
+
 def sign_v4(method: str, url: str, body: bytes, *, region: str, access_key: str, secret_key: str,
-            session_token: str | None = None, now: datetime.datetime | None = None) -> dict[str, str]:
-    """The headers that sign this request for the `s3` service (path-style, no query)."""
+            session_token: str | None = None, now: datetime.datetime | None = None,
+            extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The headers that sign this request for the `s3` service (path-style, no query);
+    `extra` headers (lower-case names) are sent and signed too."""
     parts = urlsplit(url)
     now = now or datetime.datetime.now(datetime.timezone.utc)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     day = stamp[:8]
     payload_hash = hashlib.sha256(body).hexdigest()
-    headers = {"host": parts.netloc, "x-amz-content-sha256": payload_hash, "x-amz-date": stamp}
+    headers = {"host": parts.netloc, "x-amz-content-sha256": payload_hash, "x-amz-date": stamp, **(extra or {})}
     if session_token:
         headers["x-amz-security-token"] = session_token
     names = sorted(headers)

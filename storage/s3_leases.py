@@ -19,6 +19,7 @@ import random
 import time
 import uuid
 
+from .errors import RepositoryBusy
 from .s3_objects import Bucket, Conflict
 
 LEASE_SECONDS = 10.0  # a dead holder blocks others at most this long
@@ -39,6 +40,8 @@ class Lease:
         self.took_over = False
         """The last take replaced an expired lease (its holder died)."""
         self._renewal: asyncio.Task | None = None
+        self._lost = False
+        self._valid_until = 0.0
 
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "expires": time.time() + self.seconds}).encode()
@@ -46,6 +49,9 @@ class Lease:
     async def try_take(self) -> bool:
         """One attempt: True when held now."""
         self.took_over = False
+        self._lost = False
+        started = time.monotonic()
+        self._valid_until = started + self.seconds
         try:
             self.etag = await self.bucket.put(self.key, self._body(), create=True)
             return True
@@ -76,13 +82,26 @@ class Lease:
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
+    @property
+    def lost(self) -> bool:
+        """Held no longer: another may have taken it (renewal failed past its expiry)."""
+        return self._lost or (self.etag is not None and time.monotonic() > self._valid_until)
+
+    def check(self) -> None:
+        """Raise RepositoryBusy once the lease is lost: whatever it guarded must stop."""
+        if self.lost:
+            raise RepositoryBusy(f"lost the lease {self.key} (the store was too slow to renew it)")
+
     async def _renew_forever(self) -> None:
         while True:
-            await asyncio.sleep(RENEW_EVERY_SECONDS if self.seconds == LEASE_SECONDS else self.seconds / 3)
+            await asyncio.sleep(self.seconds / 3)
             try:
+                started = time.monotonic()
                 self.etag = await self.bucket.put(self.key, self._body(), if_match=self.etag)
+                self._valid_until = started + self.seconds
             except Conflict:
-                log.error("lost the lease %s (expired while held: the store was too slow)", self.key)
+                log.error("lost the lease %s (it expired while held: the store was too slow)", self.key)
+                self._lost = True
                 return
             except Exception as exc:  # the store is failing: try again at the next turn
                 log.warning("could not renew the lease %s: %s", self.key, exc)
@@ -93,10 +112,10 @@ class Lease:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewal
             self._renewal = None
-        # Unconditional: obstore has no conditional DELETE. Renewal keeps the lease ours
-        # while held, so what is deleted here is ours unless the store stalled for longer
-        # than the lease (logged above).
-        await self.bucket.delete([self.key])
+        if not self._lost:
+            # Only while it is still ours (If-Match): never a successor's lease.
+            await self.bucket.delete_if(self.key, self.etag)
+        self.etag = None
 
     @contextlib.asynccontextmanager
     async def held(self, wait: float, busy: Exception):

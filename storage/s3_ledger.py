@@ -4,7 +4,9 @@ count without a lock: a writer that lost the race reads again and redoes its cha
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 
 from ocispec.digest import Digest
 
@@ -34,6 +36,7 @@ class S3Ledger(UsageLedger):
     async def _update(self, change):
         """Apply `change(state)` (it edits the state in place and returns the result, or
         returns NO_WRITE with its result to leave the ledger as it is) until it sticks."""
+        backoff = 0.005
         for _ in range(ATTEMPTS):
             state, etag = await self._read()
             fresh = state is None
@@ -47,7 +50,8 @@ class S3Ledger(UsageLedger):
                 await self.bucket.put(self.key, data, create=fresh, if_match=None if fresh else etag)
                 return result
             except Conflict:
-                continue
+                await asyncio.sleep(backoff * (0.5 + random.random()))  # many writers: spread them out
+                backoff = min(backoff * 2, 0.5)
         raise RepositoryBusy("usage ledger")
 
     async def charge(self, digest: Digest, size: int, limit: int) -> int | None:

@@ -9,12 +9,16 @@ If-Match) and presigns URLs; creating a bucket it does not, see s3_bucket.py.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
+import os
 from dataclasses import dataclass
 from typing import AsyncIterable, AsyncIterator
 
+import aiohttp
 import obstore
-from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError, PreconditionError
+from obstore.exceptions import AlreadyExistsError, BaseError, GenericError, NotFoundError, PreconditionError
 from obstore.store import S3Store
 
 from .errors import StoreUnavailable
@@ -22,6 +26,11 @@ from .errors import StoreUnavailable
 # Bytes per part of a multipart upload; also what obstore holds in memory per part.
 PART_BYTES = 8 << 20
 PARTS_IN_FLIGHT = 2
+# Request bodies sent to the store at once (more wait): at most about 16 x 16 MiB in memory.
+BODIES_IN_FLIGHT = 16
+# The longest a request without a body may take, retries included (about twice this).
+SMALL_REQUEST_SECONDS = 10
+CONDITIONAL_REQUEST_SECONDS = 30
 READ_CHUNK = 1 << 20
 
 
@@ -53,31 +62,48 @@ class ObjectInfo:
 class Bucket:
     def __init__(self, location: S3Location):
         self.location = location
-        options = {
-            "connect_timeout": "5s",
-            "read_timeout": "60s",  # a stalled connection, not a long body
-            "timeout": "3600s",
-            "allow_http": bool(location.endpoint and location.endpoint.startswith("http://")),
-        }
+        plain = bool(location.endpoint and location.endpoint.startswith("http://"))
+        # Bodies (blobs, parts) may take long; everything else is bounded, so that the GC's
+        # settle period (s3.py) can be longer than any small request can take.
+        self.store = self._store({"connect_timeout": "5s", "read_timeout": "60s", "timeout": "3600s",
+                                  "allow_http": plain}, retry_seconds=15)
+        self.small = self._store({"connect_timeout": "5s", "timeout": f"{SMALL_REQUEST_SECONDS}s",
+                                  "allow_http": plain}, retry_seconds=SMALL_REQUEST_SECONDS)
+        # Conditional writes (leases, ledgers, sessions) may queue behind each other on one key
+        # (SeaweedFS answers the losers only after the winner, seen up to 15 s): given longer.
+        self.conditional = self._store({"connect_timeout": "5s", "timeout": f"{CONDITIONAL_REQUEST_SECONDS}s",
+                                        "allow_http": plain}, retry_seconds=CONDITIONAL_REQUEST_SECONDS)
+        self._bodies: asyncio.Semaphore | None = None
+
+    def _store(self, options: dict, retry_seconds: int) -> S3Store:
+        location = self.location
         keys = {}
         if location.access_key:
             keys = {"access_key_id": location.access_key, "secret_access_key": location.secret_key}
-        self.store = S3Store(
+        return S3Store(
             location.bucket,
             prefix=location.prefix.strip("/") or None,
             region=location.region,
             **({"endpoint": location.endpoint} if location.endpoint else {}),
             virtual_hosted_style_request=False,
             client_options=options,
-            retry_config={"max_retries": 3, "retry_timeout": datetime.timedelta(seconds=15)},
+            retry_config={"max_retries": 3, "retry_timeout": datetime.timedelta(seconds=retry_seconds)},
             **keys,
         )
+
+    @contextlib.asynccontextmanager
+    async def _body_slot(self):
+        """Bodies in flight at once are capped: each may hold up to two parts in memory."""
+        if self._bodies is None:
+            self._bodies = asyncio.Semaphore(BODIES_IN_FLIGHT)
+        async with self._bodies:
+            yield
 
     async def get(self, key: str) -> tuple[bytes, str | None] | None:
         """Content and etag; None when there is no such object."""
         with _unavailable(key):
             try:
-                result = await obstore.get_async(self.store, key)
+                result = await obstore.get_async(self.small, key)
                 data = await result.bytes_async()
             except (NotFoundError, FileNotFoundError):
                 return None
@@ -111,7 +137,7 @@ class Bucket:
     async def head(self, key: str) -> ObjectInfo | None:
         with _unavailable(key):
             try:
-                meta = await obstore.head_async(self.store, key)
+                meta = await obstore.head_async(self.small, key)
             except (NotFoundError, FileNotFoundError):
                 return None
         return _info(meta)
@@ -122,19 +148,27 @@ class Bucket:
         mode = "create" if create else ({"e_tag": if_match} if if_match is not None else "overwrite")
         with _unavailable(key):
             try:
-                result = await obstore.put_async(self.store, key, data, mode=mode, use_multipart=False)
+                store = self.small if mode == "overwrite" else self.conditional
+                result = await obstore.put_async(store, key, data, mode=mode, use_multipart=False)
             except (AlreadyExistsError, PreconditionError):
                 raise Conflict(key) from None
-            except (NotFoundError, FileNotFoundError):
+            except GenericError as exc:
+                if mode != "overwrite" and "ConditionalRequestConflict" in str(exc):
+                    raise Conflict(key) from None  # AWS: another conditional write of the key is in progress
+                raise
+            except (NotFoundError, FileNotFoundError) as exc:
+                if mode == "overwrite" or "NoSuchBucket" in str(exc):
+                    raise StoreUnavailable(f"object store: {_first_line(exc)}") from exc
                 raise Conflict(key) from None  # If-Match on an object that is gone
         return result.get("e_tag")
 
     async def put_stream(self, key: str, chunks: AsyncIterable[bytes]) -> None:
         """Write what `chunks` yields, in parts of PART_BYTES (multipart beyond one part). If
         `chunks` raises, nothing appears at `key` and the exception comes through as it was."""
-        with _unavailable(key):
-            await obstore.put_async(self.store, key, chunks, chunk_size=PART_BYTES,
-                                    max_concurrency=PARTS_IN_FLIGHT)
+        async with self._body_slot():
+            with _unavailable(key):
+                await obstore.put_async(self.store, key, chunks, chunk_size=PART_BYTES,
+                                        max_concurrency=PARTS_IN_FLIGHT)
 
     async def put_body(self, key: str, chunks: AsyncIterable[bytes], length: int | None) -> None:
         """put_stream, but a body known to fit in one part is sent as one PUT (one request
@@ -142,13 +176,19 @@ class Bucket:
         if length is None or length > PART_BYTES:
             await self.put_stream(key, chunks)
             return
-        data = b"".join([chunk async for chunk in chunks])  # raises before anything is written
-        with _unavailable(key):
-            await obstore.put_async(self.store, key, data, use_multipart=False)
+        async with self._body_slot():
+            data = b"".join([chunk async for chunk in chunks])  # raises before anything is written
+            with _unavailable(key):
+                await obstore.put_async(self.store, key, data, use_multipart=False)
 
-    async def copy(self, source: str, target: str) -> None:
+    async def copy(self, source: str, target: str) -> bool:
+        """Server-side copy; False when `source` does not exist."""
         with _unavailable(source):
-            await obstore.copy_async(self.store, source, target, overwrite=True)
+            try:
+                await obstore.copy_async(self.store, source, target, overwrite=True)
+            except (NotFoundError, FileNotFoundError):
+                return False
+        return True
 
     async def delete(self, keys: list[str]) -> None:
         """Delete these objects (missing ones are no error), in batches of 1,000."""
@@ -156,9 +196,36 @@ class Bucket:
             batch = keys[start:start + 1000]
             with _unavailable(batch[0]):
                 try:
-                    await obstore.delete_async(self.store, batch)
+                    await obstore.delete_async(self.small, batch)
                 except (NotFoundError, FileNotFoundError):
                     pass
+
+    async def delete_if(self, key: str, etag: str | None) -> bool:
+        """Delete `key` only while it still has `etag` (DELETE with If-Match, signed here: obstore
+        has no conditional delete); False when it changed. Without static or environment keys
+        to sign with, an unconditional delete."""
+        access_key = self.location.access_key or os.environ.get("AWS_ACCESS_KEY_ID")
+        secret_key = self.location.secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if etag is None or not (access_key and secret_key):
+            await self.delete([key])
+            return True
+        from .s3_bucket import object_url, sign_v4
+
+        url = object_url(self.location, key)
+        headers = sign_v4("DELETE", url, b"", region=self.location.region, access_key=access_key,
+                          secret_key=secret_key, extra={"if-match": etag},
+                          session_token=None if self.location.access_key else os.environ.get("AWS_SESSION_TOKEN"))
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CONDITIONAL_REQUEST_SECONDS)) as session:
+                async with session.delete(url, headers=headers) as response:
+                    await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise StoreUnavailable(f"object store: {exc}") from None
+        if response.status == 412:
+            return False
+        if response.status not in (200, 204, 404):
+            raise StoreUnavailable(f"object store: DELETE answered HTTP {response.status}")
+        return True
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         """Every object under `prefix` (a folder: it ends with '/'), recursively."""
@@ -203,8 +270,12 @@ class _unavailable:
             return False
         if isinstance(exc, (AlreadyExistsError, PreconditionError, NotFoundError)):
             return False
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StoreUnavailable(f"object store: {first_line[:300]}") from exc
+        raise StoreUnavailable(f"object store: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 async def _chunks(stream, key: str) -> AsyncIterator[bytes]:

@@ -22,7 +22,7 @@ def test_resumed_state_continues_exactly_where_it_stopped(algorithm):
     start = 0
     for cut in cuts + [len(data)]:
         saved = json.loads(json.dumps(hasher.state()))  # as stored in the session object
-        hasher = ResumableHash.resume(saved)
+        hasher = ResumableHash.resume(saved, start)
         hasher.update(memoryview(data)[start:cut])
         start = cut
     assert hasher.hexdigest() == hashlib.new(algorithm, data).hexdigest()
@@ -45,4 +45,17 @@ def test_hexdigest_does_not_end_the_hash():
 def test_a_state_this_process_cannot_use_is_refused(saved):
     if saved and "openssl" in saved and saved["openssl"] is None:
         saved = dict(saved, openssl=ResumableHash("sha256").state()["openssl"])
-    assert ResumableHash.resume(saved) is None
+    assert ResumableHash.resume(saved, 0) is None
+
+
+@pytest.mark.parametrize("algorithm, field_offset", [("sha256", 104), ("sha512", 208)])
+def test_a_damaged_or_forged_context_is_refused_before_libcrypto_sees_it(algorithm, field_offset):
+    hasher = ResumableHash(algorithm)
+    hasher.update(b"x" * 1000)
+    saved = hasher.state()
+    assert ResumableHash.resume(saved, 1000) is not None
+    assert ResumableHash.resume(saved, 999) is None  # not the session's size
+    context = bytearray.fromhex(saved["context"])
+    context[field_offset:field_offset + 4] = (0x7FFFFF00).to_bytes(4, "little")  # `num`: a memcpy length
+    assert ResumableHash.resume(dict(saved, context=context.hex()), 1000) is None
+    assert ResumableHash.resume(dict(saved, byteorder="big" if saved["byteorder"] == "little" else "little"), 1000) is None

@@ -108,5 +108,5 @@ def test_serve_creates_a_missing_bucket_and_says_so(s3_bucket, tmp_path, config)
     driver, notes = open_store(s3_config)  # the second start finds it
     assert not any("created the bucket" in text for _, text in notes)
     wrong = replace(s3_config, s3=replace(settings, secret_key="not-the-secret"))
-    with pytest.raises(StartupError, match="SignatureDoesNotMatch|AccessDenied"):
+    with pytest.raises(StartupError, match="403 Forbidden|SignatureDoesNotMatch|AccessDenied"):
         open_store(wrong)

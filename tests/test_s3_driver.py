@@ -10,6 +10,7 @@ import json
 import os
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -74,7 +75,7 @@ async def test_the_running_digest_lives_in_the_store_not_in_a_process(two, locat
     await b.append_upload(upload.uuid, body(data[70_000:]))
     found = await a.bucket.get(f"uploads/{upload.uuid}")
     session = json.loads(found[0])
-    assert ResumableHash.resume(session["hash"]).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert ResumableHash.resume(session["hash"], len(data)).hexdigest() == hashlib.sha256(data).hexdigest()
     # A third instance, started after the bytes arrived, commits from that state alone.
     third = S3Driver(location)
     await third.commit_upload(upload.uuid, digest_of(data))
@@ -251,3 +252,85 @@ async def test_manifest_pushes_and_deletes_from_two_instances_leave_a_consistent
         assert await a.resolve_tag("team/app", tag) in linked  # no tag names a missing manifest
     assert {str(d) for d in linked} == {str(d) for i, d in enumerate(pushed) if i % 2} | \
         {str(digest_of(manifest(n))) for n in range(8, 12)}
+
+
+async def test_a_push_that_waited_for_the_lock_through_a_collection_never_references_deleted_blobs(location):
+    """The guard looked before the collection started; the push then waited on the repository
+    lock while the collection marked and deleted its (old, unreferenced) blobs. After the
+    wait it must look and check again: the push fails (the client uploads the blobs again)
+    rather than tagging a manifest whose layers are gone."""
+    from storage import ManifestReferenceUnknown
+    from storage.gc import GcSettings, collect
+    from storage.manifests import put_manifest
+
+    pusher, collector, holder = (S3Driver(location, guard_settle_seconds=1.0) for _ in range(3))
+    await pusher.open()
+    layer, config = os.urandom(1000), b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    for data in (layer, config):
+        await pusher.put_blob("team/app", digest_of(data), body(data), length=len(data))
+    await asyncio.sleep(2.5)  # older than the grace period below, and referenced by no manifest
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": str(digest_of(config)),
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": str(digest_of(layer)),
+                    "size": len(layer)}]}).encode()
+    locked = asyncio.Event()
+
+    async def hold_the_lock():
+        async with holder.repository_lock("team/app"):
+            locked.set()
+            await asyncio.sleep(4)
+
+    holding = asyncio.create_task(hold_the_lock())
+    await locked.wait()
+    push = asyncio.create_task(put_manifest(pusher, "team/app", manifest, "application/vnd.oci.image.manifest.v1+json",
+                                            tags=("v1",)))
+    await asyncio.sleep(0.2)
+    report = await collect(collector, GcSettings(grace_seconds=2))
+    await holding
+    assert str(digest_of(layer)) in {str(d) for d, _ in report.blobs}  # the collection did delete it
+    with pytest.raises(ManifestReferenceUnknown):
+        await push
+    assert await pusher.resolve_tag("team/app", "v1") is None
+
+
+async def test_a_collector_that_lost_its_lease_leaves_its_successor_alone(location):
+    """A collector whose store stalls longer than its lease is replaced; when it ends it must
+    not remove the successor's lease or journal, so a mount made during the successor's run
+    is still held off and journaled."""
+    from urllib.parse import urlsplit
+
+    from storage.gc import Collector, GcSettings
+    from tests.support.tcp_relay import TcpRelay
+
+    endpoint = urlsplit(location.endpoint)
+    relay = await TcpRelay(endpoint.hostname, endpoint.port).start()
+    stalling = S3Driver(replace(location, endpoint=f"http://{relay.address}"), guard_settle_seconds=0.2,
+                        lease_seconds=1.0, collector_lease_seconds=1.0)
+    successor, mounter = S3Driver(location, guard_settle_seconds=0.2), S3Driver(location, guard_settle_seconds=0.2)
+    await successor.open()
+    data = os.urandom(500)
+    await mounter.put_blob("src/app", digest_of(data), body(data), length=len(data))
+    await asyncio.sleep(1.2)
+    try:
+        async with stalling.collection() as first:
+            assert first is not None
+            await relay.cut()
+            await asyncio.sleep(1.5)  # the store unreachable for longer than the lease
+            await relay.start()
+            second_context = successor.collection()
+            second = await second_context.__aenter__()
+            assert second is not None  # it took over the expired lease
+        assert await successor.bucket.get("gc/running") is not None  # the first left it alone
+        collector = Collector(successor, GcSettings(grace_seconds=1), second, time.time())
+        await collector.mark()
+        async with mounter.reference_guard():
+            assert await mounter.stat_blob(digest_of(data)) is not None
+            await mounter.note_references(blobs=[digest_of(data)])
+            await mounter.link_blob("dst/app", digest_of(data))
+        await collector.sweep()
+        await second_context.__aexit__(None, None, None)
+        assert await mounter.stat_blob(digest_of(data)) is not None
+    finally:
+        await relay.cut()
