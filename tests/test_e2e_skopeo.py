@@ -9,18 +9,16 @@ that repository's pushes so that any later test pushes it again, whatever the or
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import subprocess
 import urllib.request
-from pathlib import Path
 from typing import Callable
 
 import aiohttp
 import pytest
 
 from tests.support.client import RegistryClient
-from tests.support.layouts import blob_path, reachable_blobs, tag_digest
+from tests.support.layouts import assert_layout_matches, blob_path, file_sha256, tag_digest
 from tests.support.paths import IMAGES, require_shared
 from tests.support.servers import Server, start_distribution, start_kura, stop, stop_distribution
 
@@ -36,33 +34,6 @@ OCI_IMAGES = [
     pytest.param("redis", "7", False, id="redis-7"),
     pytest.param("busybox-multiarch", "latest", True, id="busybox-multiarch-latest"),
 ]
-
-
-# ---------------------------------------------------------------- helpers: layouts
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def assert_layout_matches(source: Path, copy: Path, tag: str) -> None:
-    """`copy` (written by skopeo) holds exactly the blobs reachable from `tag` in `source`, byte for byte."""
-    want = tag_digest(source, tag)
-    got = tag_digest(copy, tag)
-    assert got == want, f"skopeo wrote {got} for {tag!r} into {copy}/index.json, source has {want}"
-    copied = {p.name: file_sha256(p) for p in (copy / "blobs" / "sha256").iterdir()}
-    for name, actual in copied.items():
-        assert actual == name, f"{copy}: blob {name} hashes to {actual}"
-        original = source / "blobs" / "sha256" / name
-        assert original.is_file(), f"{copy}: blob {name} is not in the source layout {source}"
-        assert file_sha256(original) == actual
-    expected = reachable_blobs(source, want)
-    assert set(copied) == expected, (f"missing: {sorted(expected - set(copied))}, "
-                                     f"extra: {sorted(set(copied) - expected)}")
 
 
 # ---------------------------------------------------------------- helpers: skopeo and HTTP
