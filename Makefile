@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PEERS := skopeo docker-registry umoci runc curl apache2-utils podman docker.io
+APT_PEERS := skopeo docker-registry umoci runc curl apache2-utils podman docker.io haproxy nginx
 
 .PHONY: run test stress bench bench-gc bench-proxy install install-test peers clean
 
