@@ -12,13 +12,16 @@ STORE_FLAVOURS below, the one place to add another kind of shared store (S3)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import io
 import json
 import os
 import random
+import re
 import subprocess
+import sys
 import tarfile
 import time
 import urllib.error
@@ -36,7 +39,7 @@ from tests.support.balancer import BACKEND_HEADER, Balancer, start as start_bala
 from tests.support.client import RegistryClient, sha256
 from tests.support.instances import Instances, start_instances
 from tests.support.layouts import assert_layout_matches, blob_path, tag_digest, write_layout
-from tests.support.paths import IMAGES, require_shared
+from tests.support.paths import IMAGES, REPO, require_shared
 
 pytestmark = pytest.mark.e2e
 
@@ -128,8 +131,9 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(folder: Path, storage_toml: str, balancers=("haproxy", "nginx")) -> Iterator[Cluster]:
-    cluster = Cluster(start_instances(folder / "instances", storage_toml, INSTANCES))
+def running_cluster(folder: Path, storage_toml: str, balancers=("haproxy", "nginx"),
+                    extra_toml: str = "") -> Iterator[Cluster]:
+    cluster = Cluster(start_instances(folder / "instances", storage_toml, INSTANCES, extra_toml))
     try:
         for kind in balancers:
             cluster.balancers[kind] = start_balancer(kind, folder / kind, cluster.instances.ports)
@@ -364,6 +368,80 @@ async def test_resume_after_instance_killed_during_patch(alive):
         done = await call(session, "PUT", f"{bases[2]}{answer.headers['Location']}?digest={sha256(data)}")
         assert done.status == 201, done.body
         await assert_blob_everywhere(session, bases[1:], repo, data)
+
+
+# ---------------------------------------------------------------- token auth behind a balancer
+
+AUTH_TOML = """
+[auth]
+mode = "token"
+# The balancers run on loopback: believe their X-Forwarded-* headers.
+trusted_proxies = ["127.0.0.1"]
+"""
+PASSWORD = "scale-out-password"
+
+
+@pytest.fixture(scope="module")
+def auth_cluster(shared_store, tmp_path_factory) -> Iterator[Cluster]:
+    """Three instances with token auth, started at once on a fresh store (so they race to
+    create its signing key), behind both balancers."""
+    folder = tmp_path_factory.mktemp("auth-cluster")
+    with running_cluster(folder, shared_store("auth"), extra_toml=AUTH_TOML) as cluster:
+        added = subprocess.run([sys.executable, "-m", "kura", "user", "add", "alice", "--config",
+                                str(cluster.instances.config_file)], cwd=REPO, input=PASSWORD + "\n",
+                               capture_output=True, text=True, timeout=60)
+        assert added.returncode == 0, added.stderr
+        yield cluster
+
+
+def bearer_challenge(header: str) -> dict[str, str]:
+    assert header.startswith("Bearer "), header
+    return dict(re.findall(r'(\w+)="([^"]*)"', header))
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "nginx"])
+async def test_token_auth_through_balancer(auth_cluster, kind):
+    """The realm names the balancer (its forwarded headers reach Kura), and a token that one
+    instance issued is accepted by every instance a chunked upload then lands on."""
+    cluster = auth_cluster
+    balancer = cluster.balancers[kind]
+    repo = f"scale/auth-{kind}"
+    async with aiohttp.ClientSession() as session:
+        challenge = await call(session, "GET", f"{balancer.url}/v2/")
+        assert challenge.status == 401
+        fields = bearer_challenge(challenge.headers["WWW-Authenticate"])
+        assert fields["realm"] == f"{balancer.url}/auth/token", fields
+        # Asked directly, an instance names itself: the realm above came from the balancer's headers.
+        direct = await call(session, "GET", f"{cluster.bases[0]}/v2/")
+        assert bearer_challenge(direct.headers["WWW-Authenticate"])["realm"] == f"{cluster.bases[0]}/auth/token"
+
+        issued = await call(session, "GET", fields["realm"], params={
+            "service": fields["service"], "scope": f"repository:{repo}:pull,push"},
+            headers={"Authorization": "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()})
+        assert issued.status == 200, issued.body
+        issuer = balancer.backend_index(issued.headers[BACKEND_HEADER])
+        token = json.loads(issued.body)["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+
+        data = random.Random(5).randbytes(2 * 1024 * 1024 + 3)
+        served_by = []
+        started = await call(session, "POST", f"{balancer.url}/v2/{repo}/blobs/uploads/", headers=auth)
+        assert started.status == 202, started.body
+        served_by.append(balancer.backend_index(started.headers[BACKEND_HEADER]))
+        location, offset = started.headers["Location"], 0
+        for chunk in chunks_of(data, 2):
+            answer = await call(session, "PATCH", balancer.url + location, data=chunk, headers={
+                **auth, "Content-Range": f"{offset}-{offset + len(chunk) - 1}"})
+            assert answer.status == 202, answer.body
+            served_by.append(balancer.backend_index(answer.headers[BACKEND_HEADER]))
+            location, offset = answer.headers["Location"], offset + len(chunk)
+        done = await call(session, "PUT", f"{balancer.url}{location}?digest={sha256(data)}", headers=auth)
+        assert done.status == 201, done.body
+        served_by.append(balancer.backend_index(done.headers[BACKEND_HEADER]))
+        for base in cluster.bases:
+            got = await call(session, "GET", f"{base}/v2/{repo}/blobs/{sha256(data)}", headers=auth)
+            assert got.status == 200 and got.body == data, base
+    assert set(served_by) == set(range(INSTANCES)) and issuer in served_by, (issuer, served_by)
 
 
 # ---------------------------------------------------------------- skopeo through the balancers
