@@ -671,7 +671,8 @@ async def killer(cluster: Cluster, rng: random.Random, stop_at: float, tally: Ta
         cluster.kill(victim)
         tally.kills.append(time.monotonic())
         await asyncio.sleep(rng.uniform(0.1, 0.5))
-        await asyncio.to_thread(cluster.instances.restart, victim)
+        cluster.instances.spawn(victim)  # in this (the main) thread: see tests/support/lifetime.py
+        await asyncio.to_thread(cluster.instances.wait_serving, victim)
         await asyncio.sleep(rng.uniform(0.2, 1.0))
 
 

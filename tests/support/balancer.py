@@ -32,6 +32,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .lifetime import assert_main_thread, die_with_parent
 from .servers import free_port
 
 BACKEND_HEADER = "X-Kura-Backend"
@@ -255,9 +256,12 @@ def start_haproxy(folder: Path, backends: list[int]) -> Balancer:
     check = subprocess.run(["haproxy", "-c", "-q", "-f", str(config)], capture_output=True, text=True)
     assert check.returncode == 0, f"haproxy refuses {config}:\n{check.stdout}{check.stderr}"
     log = folder / "haproxy.log"
+    assert_main_thread("haproxy")
     with open(log, "ab") as out:
+        # SIGTERM, also when the test run dies: haproxy's master stops its workers.
         process = subprocess.Popen(["haproxy", "-W", "-db", "-f", str(config)], stdout=out,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                   preexec_fn=die_with_parent)
     return _wait_up(Balancer("haproxy", port, folder, process, log, list(backends)))
 
 
@@ -276,9 +280,11 @@ def start_nginx(folder: Path, backends: list[int]) -> Balancer:
     check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True)
     assert check.returncode == 0, f"nginx refuses {config}:\n{check.stdout}{check.stderr}"
     log = folder / "nginx.out"
+    assert_main_thread("nginx")
     with open(log, "ab") as out:
+        # SIGTERM, also when the test run dies: nginx's master stops its workers.
         process = subprocess.Popen(base, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=die_with_parent)
     return _wait_up(Balancer("nginx", port, folder, process, log, list(backends)))
 
 

@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .lifetime import assert_main_thread, die_with_parent
 from .paths import REPO
 from .servers import free_port
 
@@ -77,6 +78,7 @@ class Instances:
         return next(instance for instance in self.instances if instance.host == host)
 
     def _spawn(self, instance: Instance) -> None:
+        assert_main_thread("kura serve")
         with open(instance.log, "ab") as log:
             log.write(f"--- start {instance.starts + 1} of instance {instance.index}\n".encode())
             log.flush()
@@ -84,7 +86,7 @@ class Instances:
                 [sys.executable, "-m", "kura", "serve", "--config", str(self.config_file),
                  "--listen", instance.host],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=die_with_parent)
         instance.starts += 1
 
     def start_all(self) -> None:
@@ -101,10 +103,18 @@ class Instances:
         assert instance.process.wait(timeout=10) == -signal.SIGKILL
 
     def restart(self, index: int) -> None:
+        self.spawn(index)
+        self.wait_serving(index)
+
+    def spawn(self, index: int) -> None:
+        """Start instance `index` again (from the main thread) without waiting for it."""
         instance = self.instances[index]
         assert not instance.alive, f"instance {index} is still running"
         self._spawn(instance)
-        self._wait_serving(instance)
+
+    def wait_serving(self, index: int) -> None:
+        """Until instance `index` answers (may run in another thread)."""
+        self._wait_serving(self.instances[index])
 
     def stop_all(self) -> None:
         for instance in self.instances:
