@@ -35,6 +35,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
+from tests.support import kura_s3
 from tests.support.balancer import BACKEND_HEADER, Balancer, start as start_balancer
 from tests.support.client import RegistryClient, sha256
 from tests.support.instances import Instances, start_instances
@@ -67,18 +68,26 @@ def toml_string(text: str) -> str:
 
 
 @contextlib.contextmanager
-def filesystem_store(folder: Path) -> Iterator[Callable[[str], str]]:
+def filesystem_store(folder: Path, request) -> Iterator[Callable[[str], str]]:
     yield lambda name: f"[storage]\nroot = {toml_string(str(folder / name))}\n"
 
 
-STORE_FLAVOURS: dict[str, Callable[[Path], contextlib.AbstractContextManager[Callable[[str], str]]]] = {
+@contextlib.contextmanager
+def s3_store(folder: Path, request) -> Iterator[Callable[[str], str]]:
+    """A prefix per store in this module's bucket on the session's SeaweedFS (tests/conftest.py)."""
+    bucket = request.getfixturevalue("s3_bucket")
+    yield lambda name: kura_s3.storage_toml(bucket, root=folder / name, prefix=name)
+
+
+STORE_FLAVOURS: dict[str, Callable[..., contextlib.AbstractContextManager[Callable[[str], str]]]] = {
     "filesystem": filesystem_store,
+    "s3": s3_store,
 }
 
 
 @pytest.fixture(scope="module", params=sorted(STORE_FLAVOURS))
 def shared_store(request, tmp_path_factory) -> Iterator[Callable[[str], str]]:
-    with STORE_FLAVOURS[request.param](tmp_path_factory.mktemp(f"store-{request.param}")) as new_store:
+    with STORE_FLAVOURS[request.param](tmp_path_factory.mktemp(f"store-{request.param}"), request) as new_store:
         yield new_store
 
 
