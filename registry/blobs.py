@@ -12,7 +12,7 @@ from .proxy.service import PROXY
 async def get_blob(request: web.Request) -> web.StreamResponse:
     digest = parse_digest(request.match_info["digest"])
     store = storage(request)
-    blob = await store.stat_linked_blob(repository(request), digest)
+    blob = await store.stat_linked_blob(repository(request), digest, recent_ok=True)
     if blob is None:
         route = proxy_route(request)
         if route is not None:

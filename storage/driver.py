@@ -167,9 +167,10 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def is_blob_linked(self, repository: str, digest: Digest) -> bool: ...
 
-    async def stat_linked_blob(self, repository: str, digest: Digest) -> BlobContent | None:
+    async def stat_linked_blob(self, repository: str, digest: Digest, *, recent_ok: bool = False) -> BlobContent | None:
         """The blob, if it is stored and linked into `repository` (a driver may answer both
-        with one request)."""
+        with one request). `recent_ok`: an answer a few seconds old will do (a pull's HEAD or
+        GET, never the checks of a push), which a driver may serve from memory."""
         if not await self.is_blob_linked(repository, digest):
             return None
         return await self.stat_blob(digest)

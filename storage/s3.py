@@ -86,6 +86,10 @@ RUNNING_CACHE_SECONDS = 0.5
 PARALLEL_READS = 16
 # Manifests (and other small blobs) kept in memory by digest, per process.
 SMALL_BLOB_CACHE_BYTES = 64 << 20
+# A pull's blob HEAD or GET may be answered from what this process saw of a blob link this
+# recently (a delete by another instance shows after at most this long; a push never uses it).
+RECENT_LINK_SECONDS = 5.0
+RECENT_LINK_ENTRIES = 100_000
 REPOSITORY_DELETE_STEPS = ("tags", "referrers", "revisions", "layers", "uploads", "cache")
 
 log = logging.getLogger("kura.storage")
@@ -125,6 +129,7 @@ class S3Driver(StorageDriver):
         self._resumable = resumable_hash_available()
         self._not_running_at = float("-inf")
         self._small_blobs = _ContentCache(SMALL_BLOB_CACHE_BYTES)
+        self._links = _RecentLinks(RECENT_LINK_SECONDS, RECENT_LINK_ENTRIES)
 
     def __repr__(self) -> str:
         return f"S3Driver({self.location!r})"
@@ -261,18 +266,25 @@ class S3Driver(StorageDriver):
             size = info.size
         await self._before_reference_write()
         await self.bucket.put(self._layer_key(repository, digest), f"{digest} {size}".encode())
+        self._links.put(repository, digest, size)
 
-    async def stat_linked_blob(self, repository: str, digest: Digest) -> BlobContent | None:
+    async def stat_linked_blob(self, repository: str, digest: Digest, *, recent_ok: bool = False) -> BlobContent | None:
+        if recent_ok:
+            size = self._links.get(repository, digest)
+            if size is not None:
+                return BlobContent(digest, size)
         # A collection removes links before the blobs they name, so a link means the blob.
         found = await self.bucket.get(self._layer_key(repository, digest))
         if found is None:
             return None
         _, _, size = found[0].decode(errors="replace").partition(" ")
-        if size.isdigit():
-            return BlobContent(digest, int(size))
-        return await self.stat_blob(digest)
+        blob = BlobContent(digest, int(size)) if size.isdigit() else await self.stat_blob(digest)
+        if blob is not None:
+            self._links.put(repository, digest, blob.size)
+        return blob
 
     async def unlink_blob(self, repository: str, digest: Digest) -> bool:
+        self._links.drop(repository, digest)
         key = self._layer_key(repository, digest)
         if await self.bucket.head(key) is None:
             return False
@@ -611,6 +623,7 @@ class S3Driver(StorageDriver):
     async def delete_repository(self, repository: str) -> bool:
         if not await self.repository_exists(repository):
             return False
+        self._links.clear()
         top = self._repo(repository)
         parts = {"tags": f"{top}_manifests/tags/", "referrers": f"{top}_referrers/",
                  "revisions": f"{top}_manifests/revisions/", "layers": f"{top}_layers/", "cache": f"{top}_cache/"}
@@ -833,6 +846,8 @@ class S3Driver(StorageDriver):
     async def unlink_blobs(self, links: list[tuple[str, Digest]]) -> None:
         for lease in _held_leases.get():
             lease.check()
+        for name, digest in links:
+            self._links.drop(name, digest)
         await self.bucket.delete([self._layer_key(name, digest) for name, digest in links])
 
     async def delete_blobs(self, digests: list[Digest]) -> None:
@@ -881,6 +896,34 @@ class _S3Collection(Collection):
                 with contextlib.suppress(InvalidDigest):
                     (manifests if kind == "m" else blobs).add(Digest.parse(text))
         return manifests, blobs
+
+
+class _RecentLinks:
+    """(repository, digest) -> blob size, for RECENT_LINK_SECONDS after it was last seen."""
+
+    def __init__(self, seconds: float, entries: int):
+        self.seconds = seconds
+        self.entries = entries
+        self._seen: collections.OrderedDict[tuple[str, str], tuple[int, float]] = collections.OrderedDict()
+
+    def get(self, repository: str, digest: Digest) -> int | None:
+        found = self._seen.get((repository, str(digest)))
+        if found is None or time.monotonic() - found[1] > self.seconds:
+            return None
+        return found[0]
+
+    def put(self, repository: str, digest: Digest, size: int) -> None:
+        key = (repository, str(digest))
+        self._seen.pop(key, None)
+        self._seen[key] = (size, time.monotonic())
+        while len(self._seen) > self.entries:
+            self._seen.popitem(last=False)
+
+    def drop(self, repository: str, digest: Digest) -> None:
+        self._seen.pop((repository, str(digest)), None)
+
+    def clear(self) -> None:
+        self._seen.clear()
 
 
 class _ContentCache:

@@ -334,3 +334,22 @@ async def test_a_collector_that_lost_its_lease_leaves_its_successor_alone(locati
         assert await mounter.stat_blob(digest_of(data)) is not None
     finally:
         await relay.cut()
+
+
+async def test_a_pulls_blob_lookup_may_be_a_few_seconds_old_a_pushs_never(two, monkeypatch):
+    a, b = two
+    monkeypatch.setattr(a._links, "seconds", 0.5)
+    data = os.urandom(1000)
+    await a.put_blob("team/app", digest_of(data), body(data), length=len(data))
+    assert (await a.stat_linked_blob("team/app", digest_of(data), recent_ok=True)).size == len(data)
+    assert await b.unlink_blob("team/app", digest_of(data))  # another instance deletes the link
+    # A pull on the first instance may still see it for a moment; a push's check never does.
+    assert await a.stat_linked_blob("team/app", digest_of(data), recent_ok=True) is not None
+    assert await a.stat_linked_blob("team/app", digest_of(data)) is None
+    await asyncio.sleep(0.6)
+    assert await a.stat_linked_blob("team/app", digest_of(data), recent_ok=True) is None
+    # Its own deletes it sees at once.
+    await a.link_blob("team/app", digest_of(data))
+    assert await a.stat_linked_blob("team/app", digest_of(data), recent_ok=True) is not None
+    await a.unlink_blob("team/app", digest_of(data))
+    assert await a.stat_linked_blob("team/app", digest_of(data), recent_ok=True) is None
