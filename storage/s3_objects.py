@@ -31,7 +31,9 @@ BODIES_IN_FLIGHT = 16
 # The longest a request without a body may take, retries included (about twice this).
 SMALL_REQUEST_SECONDS = 10
 CONDITIONAL_REQUEST_SECONDS = 30
-READ_CHUNK = 1 << 20
+# Bytes per chunk of a streamed read (measured on SeaweedFS, 256 MiB: 1 MiB chunks copied
+# into bytes 0.41 s, 4 MiB handed on as views of obstore's buffers 0.29 s).
+READ_CHUNK = 4 << 20
 
 
 class Conflict(Exception):
@@ -281,7 +283,7 @@ def _first_line(exc: BaseException) -> str:
 async def _chunks(stream, key: str) -> AsyncIterator[bytes]:
     with _unavailable(key):
         async for chunk in stream:
-            yield bytes(chunk) if not isinstance(chunk, bytes) else chunk
+            yield memoryview(chunk)  # obstore's own buffer, not copied
 
 
 async def _nothing() -> AsyncIterator[bytes]:
