@@ -382,18 +382,32 @@ class S3Driver(StorageDriver):
     async def repository_lock(self, repository: str):
         key = f"locks/repository/{hashlib.sha256(repository.encode()).hexdigest()}"
         self._repo(repository)
-        async with self._lease(key).held(LOCK_WAIT_SECONDS, RepositoryBusy(repository)) as lease:
+        guard = _current_guard.get()
+        while True:
+            lease = self._lease(key)
+            if not await lease.take(LOCK_WAIT_SECONDS):
+                raise RepositoryBusy(repository)
             # The wait may have been long: a guard held around it looks again for a collection.
-            guard = _current_guard.get()
-            if guard is not None and not guard.registered \
-                    and time.monotonic() - guard.looked_at > self.guard_recheck_seconds \
-                    and await self._running_now(guard):
-                await self._register(guard)
-            token = _held_leases.set(_held_leases.get() + (lease,))
-            try:
-                yield
-            finally:
-                _held_leases.reset(token)
+            # If one runs, the guard registers without holding the lock (the collector may
+            # need it while it deletes), then the lock is taken again.
+            if guard is None or guard.registered or time.monotonic() - guard.looked_at <= self.guard_recheck_seconds \
+                    or not await self._running_now(guard):
+                break
+            await self._release(lease)
+            await self._register(guard)
+            await self._journal(guard, guard.noted_manifests, guard.noted_blobs)
+        token = _held_leases.set(_held_leases.get() + (lease,))
+        try:
+            yield
+        finally:
+            _held_leases.reset(token)
+            await asyncio.shield(self._release(lease))
+
+    async def _release(self, lease: Lease) -> None:
+        try:
+            await lease.release()
+        except StoreUnavailable as exc:  # it expires by itself
+            log.warning("could not release the lease %s: %s", lease.key, exc)
 
     async def repository_exists(self, repository: str) -> bool:
         folders, _ = await self.bucket.folders(self._repo(repository))
@@ -700,6 +714,10 @@ class S3Driver(StorageDriver):
         return await self._collection_running(guard)
 
     async def _register(self, guard: _Guard) -> None:
+        """Register `guard` with the running collection, waiting while it deletes; but never
+        while this task holds a repository lock (the collector may be waiting for it): then
+        RepositoryBusy at once, and the client retries."""
+        may_wait = not _held_leases.get()
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         while True:
             lease = Lease(self.bucket, f"gc/guards/{guard.id}", self.collector_lease_seconds)
@@ -710,7 +728,7 @@ class S3Driver(StorageDriver):
                 guard.registered = True
                 return
             await lease.release()
-            if time.monotonic() > deadline:
+            if not may_wait or time.monotonic() > deadline:
                 raise RepositoryBusy("the store (a garbage collection is deleting)")
             await asyncio.sleep(0.05)
 

@@ -117,18 +117,6 @@ class Lease:
             await self.bucket.delete_if(self.key, self.etag)
         self.etag = None
 
-    @contextlib.asynccontextmanager
-    async def held(self, wait: float, busy: Exception):
-        if not await self.take(wait):
-            raise busy
-        try:
-            yield self
-        finally:
-            try:
-                await asyncio.shield(self.release())
-            except Exception as exc:  # it expires by itself; the work itself is done
-                log.warning("could not release the lease %s: %s", self.key, exc)
-
 
 def _expired(data: bytes) -> bool:
     try:

@@ -180,14 +180,16 @@ async def test_references_made_during_a_collection_are_journaled_and_deletes_wai
         manifests, _ = await asyncio.wait_for(deleting, 10)
         assert manifests == {referenced}
         # A guard cannot enter while the collector deletes.
-        inside = asyncio.Event()
+        inside, go = asyncio.Event(), asyncio.Event()
 
-        async def later_push():
+        async def later_push():  # a request of its own, not a task of the collector's
+            await go.wait()
             async with b.reference_guard():
                 inside.set()
 
+        later = asyncio.create_task(later_push())
         async with collection.exclusive():
-            later = asyncio.create_task(later_push())
+            go.set()
             await asyncio.sleep(0.3)
             assert not inside.is_set()
         await asyncio.wait_for(later, 10)
