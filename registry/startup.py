@@ -124,12 +124,8 @@ def open_store(config: Config) -> tuple[StorageDriver, list[tuple[int, str]]]:
     driver, notes = open_local_store(config.root)
     if config.storage_driver != "s3":
         return driver, notes
-    from storage.s3 import S3Driver
-    from storage.s3_objects import S3Location
-
+    remote = s3_driver(config)
     s3 = config.s3
-    location = S3Location(s3.endpoint, s3.region, s3.bucket, s3.prefix, s3.access_key, s3.secret_key)
-    remote = S3Driver(location, redirect=s3.redirect, redirect_seconds=s3.redirect_seconds)
     try:
         created = asyncio.run(_open_remote(remote))
     except StorageError as exc:
@@ -137,6 +133,16 @@ def open_store(config: Config) -> tuple[StorageDriver, list[tuple[int, str]]]:
     if created:
         notes.append((logging.INFO, f"created the bucket {s3.bucket}"))
     return remote, notes
+
+
+def s3_driver(config: Config):
+    """The S3 driver for [storage.s3] (the bucket is not touched yet)."""
+    from storage.s3 import S3Driver
+    from storage.s3_objects import S3Location
+
+    s3 = config.s3
+    location = S3Location(s3.endpoint, s3.region, s3.bucket, s3.prefix, s3.access_key, s3.secret_key)
+    return S3Driver(location, redirect=s3.redirect, redirect_seconds=s3.redirect_seconds)
 
 
 async def _open_remote(driver) -> bool:

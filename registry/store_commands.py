@@ -50,11 +50,9 @@ def open_command_store(config: Config) -> StorageDriver:
     """The store a command works on, with or without a server on it: the filesystem one must
     exist already (a typo must not create a store), an S3 one is the configured bucket."""
     if config.storage_driver == "s3":
-        from storage.s3 import S3Driver
-        from storage.s3_objects import S3Location
+        from .startup import s3_driver
 
-        s3 = config.s3
-        driver = S3Driver(S3Location(s3.endpoint, s3.region, s3.bucket, s3.prefix, s3.access_key, s3.secret_key))
+        driver = s3_driver(config)
     else:
         if not (config.root / "blobs").is_dir():
             raise CommandError(f"{config.root} is not a Kura store (no blobs/ directory)")

@@ -318,8 +318,8 @@ class S3Driver(StorageDriver):
         return True
 
     async def list_manifests(self, repository: str) -> list[ManifestLink]:
-        digests = sorted(_digests_under(await self.bucket.list_all(f"{self._repo(repository)}_manifests/revisions/"),
-                                        f"{self._repo(repository)}_manifests/revisions/"), key=str)
+        prefix = f"{self._repo(repository)}_manifests/revisions/"
+        digests = sorted(_stamped_under(await self.bucket.list_all(prefix), prefix), key=str)
         links = await _gather_limited([self.get_manifest_link(repository, digest) for digest in digests])
         return [link for link in links if link is not None]
 
@@ -1058,10 +1058,6 @@ def _json(value) -> bytes:
 
 def _upload_info(uuid: str, session: dict) -> UploadInfo:
     return UploadInfo(uuid, session["repository"], session["size"], session["started_at"], session.get("owner"))
-
-
-def _digests_under(infos, prefix: str) -> list[Digest]:
-    return list(_stamped_under(infos, prefix))
 
 
 def _stamped_under(infos, prefix: str) -> dict[Digest, float]:

@@ -15,17 +15,13 @@ from dataclasses import replace
 import pytest
 
 import storage.s3 as s3module
-from ocispec.digest import Digest
 from storage import DigestMismatch, RangeMismatch, RepositoryBusy, StoreUnavailable, TooManyUploads, UploadBusy, UploadQuota
 from storage.resumable_hash import ResumableHash
 from storage.s3 import S3Driver
 from storage.s3_objects import S3Location
+from tests.contract.helpers import digest_of, read_all
 
 pytestmark = pytest.mark.e2e
-
-
-def digest_of(data: bytes) -> Digest:
-    return Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
 
 
 async def body(*parts: bytes):
@@ -47,10 +43,6 @@ async def two(location):
     await first.open()
     yield first, second
     await first.close()
-
-
-async def read_all(driver, digest) -> bytes:
-    return b"".join([chunk async for chunk in driver.read_blob(digest)])
 
 
 async def test_a_chunked_upload_spread_over_instances_completes_verified(two):
