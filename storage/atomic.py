@@ -23,8 +23,8 @@ def write_durably(fd: int, data: bytes) -> None:
     os.fsync(fd)
 
 
-def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new file."""
+def write_temp(data: bytes, tmp_dir: Path) -> Path:
+    """A new fsynced file in `tmp_dir` holding `data`, to be installed with a rename."""
     tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -32,9 +32,19 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
             write_durably(fd, data)
         finally:
             os.close(fd)
-        install(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file
+        raise
+    return tmp
+
+
+def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new file."""
+    tmp = write_temp(data, tmp_dir)
+    try:
+        install(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -190,6 +190,23 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def list_manifests(self, repository: str) -> list[ManifestLink]: ...
 
+    @contextlib.asynccontextmanager
+    async def staged_manifest_links(self, repository: str, digest: Digest, media_type: str,
+                                    referrer: tuple[Digest, dict] | None, tags: tuple[str, ...]):
+        """The writes that make a pushed manifest visible: its revision link, then its referrer
+        entry (`referrer`: subject and descriptor), then its tags. Entered before the
+        repository's lock is taken (a driver may prepare the writes there), it yields the
+        coroutine function that makes them, called under the lock; the writes are durable
+        when the context is left, after the lock (a driver may finish them there)."""
+        async def install() -> None:
+            await self.link_manifest(repository, digest, media_type)
+            if referrer is not None:
+                await self.add_referrer(repository, referrer[0], referrer[1])
+            for tag in tags:
+                await self.set_tag(repository, tag, digest)
+
+        yield install
+
     # -- tags -----------------------------------------------------------------------
     @abc.abstractmethod
     async def set_tag(self, repository: str, tag: str, digest: Digest) -> None: ...

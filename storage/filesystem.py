@@ -19,6 +19,7 @@ from ocispec.digest import Digest, InvalidDigest, is_supported_algorithm, new_ha
 from ocispec.names import is_valid_tag
 
 from . import atomic
+from .content_cache import ContentCache
 from .driver import (
     BlobContent,
     BlobLink,
@@ -62,6 +63,10 @@ COLLECTOR_LOCK_WAIT_SECONDS = 60.0
 # note_references writes a journal this large or larger from a worker thread.
 JOURNAL_LINES_INLINE = 1000
 MAX_CACHED_HASHES = 1024
+# Manifests read or written lately, kept in memory (per process: each worker has its own).
+SMALL_BLOB_CACHE_BYTES = 8 << 20
+# Tag and link files are a few hundred bytes; one read of this size takes all of one.
+LINK_READ_BYTES = 4096
 # delete_repository's steps, in an order that keeps the store consistent after any of them.
 REPOSITORY_DELETE_STEPS = ("tags", "referrers", "revisions", "layers", "uploads", "cache", "directory")
 
@@ -80,9 +85,11 @@ class _HashState:
 class FilesystemDriver(StorageDriver):
     def __init__(self, root: Path | str):
         self.layout = Layout(Path(root).resolve())
+        self._small_blobs = ContentCache(SMALL_BLOB_CACHE_BYTES)
         for directory in (self.layout.blobs, self.layout.repositories, self.layout.uploads, self.layout.tmp):
             atomic.make_dirs(directory)
         self._hash_states: dict[str, _HashState] = {}
+        self._local_turns = _Turns()
 
     @property
     def root(self) -> Path:
@@ -117,6 +124,11 @@ class FilesystemDriver(StorageDriver):
             os.close(fd)
 
     async def read_small_blob(self, digest: Digest, limit: int) -> bytes:
+        cached = self._small_blobs.get(digest)
+        if cached is not None:
+            if len(cached) > limit:
+                raise TooLarge(limit)
+            return cached
         path = self.layout.blob(digest)
 
         def read() -> bytes:
@@ -129,13 +141,14 @@ class FilesystemDriver(StorageDriver):
             raise BlobNotFound(str(digest)) from None
         if len(data) > limit:
             raise TooLarge(limit)
+        self._small_blobs.put(digest, data)
         return data
 
     async def put_small_blob(self, data: bytes, digest: Digest) -> None:
         path = self.layout.blob(digest)
-        if path.exists():
-            return
-        await _finish_in_thread(atomic.atomic_write, path, data, self.layout.tmp)
+        if not path.exists():
+            await _finish_in_thread(atomic.atomic_write, path, data, self.layout.tmp)
+        self._small_blobs.put(digest, data)
 
     # -- repository membership ------------------------------------------------------
     async def link_blob(self, repository: str, digest: Digest) -> None:
@@ -166,7 +179,7 @@ class FilesystemDriver(StorageDriver):
 
     async def get_manifest_link(self, repository: str, digest: Digest) -> ManifestLink | None:
         try:
-            record = json.loads(self.layout.revision_link(repository, digest).read_bytes())
+            record = json.loads(_read_link_file(self.layout.revision_link(repository, digest)))
         except FileNotFoundError:
             return None
         return ManifestLink(digest, record["mediaType"])
@@ -185,6 +198,45 @@ class FilesystemDriver(StorageDriver):
                         links.append(link)
         return links
 
+    @contextlib.asynccontextmanager
+    async def staged_manifest_links(self, repository: str, digest: Digest, media_type: str,
+                                    referrer: tuple[Digest, dict] | None, tags: tuple[str, ...]):
+        # Written and fsynced to temp files before the lock (pushes to one repository do that
+        # side by side); under it only renamed into place, a file whose content is there
+        # already left alone; the directories of what was renamed fsynced after it. The
+        # revision link and referrer entry are made durable before any tag is renamed, so a
+        # crash never leaves a tag naming a manifest the repository does not hold.
+        first = [(self.layout.revision_link(repository, digest),
+                  json.dumps({"digest": str(digest), "mediaType": media_type}).encode())]
+        if referrer is not None:
+            subject, descriptor = referrer
+            first.append((self.layout.referrer(repository, subject, Digest.parse(descriptor["digest"])),
+                          json.dumps(descriptor).encode()))
+        then = [(self.layout.tag(repository, tag), str(digest).encode()) for tag in tags]
+        # A file that holds its content already (a manifest pushed again) is not staged; should
+        # it be gone by the time the lock is held, it is written there.
+        staged = await _finish_in_thread(_stage_files, first + then, self.layout.tmp)
+        renamed: set[Path] = set()
+
+        async def install() -> None:
+            for (path, data), tmp in zip(first, staged):
+                await _install_if_changed(tmp, path, data, renamed, self.layout.tmp)
+            if renamed:
+                await _finish_in_thread(_fsync_dirs, renamed)
+                renamed.clear()
+            for (path, data), tmp in zip(then, staged[len(first):]):
+                await _install_if_changed(tmp, path, data, renamed, self.layout.tmp)
+
+        try:
+            yield install
+            if renamed:
+                await _finish_in_thread(_fsync_dirs, renamed)
+        finally:
+            for tmp in staged:
+                if tmp is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+
     # -- tags -----------------------------------------------------------------------
     async def set_tag(self, repository: str, tag: str, digest: Digest) -> None:
         path = self.layout.tag(repository, tag)
@@ -192,7 +244,7 @@ class FilesystemDriver(StorageDriver):
 
     async def resolve_tag(self, repository: str, tag: str) -> Digest | None:
         try:
-            return Digest.parse(self.layout.tag(repository, tag).read_text())
+            return Digest.parse(_read_link_file(self.layout.tag(repository, tag)).decode())
         except FileNotFoundError:
             return None
 
@@ -239,15 +291,20 @@ class FilesystemDriver(StorageDriver):
     @contextlib.asynccontextmanager
     async def repository_lock(self, repository: str):
         path = self.layout.repository_lock(repository)
-        with _no_space_as_storage_full():
-            atomic.make_dirs(path.parent)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if not await _flock(fd):
-                raise RepositoryBusy(repository)
-            yield
-        finally:
-            os.close(fd)
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        # The pushes of this process wait their turn in order (flock has no queue: polled by
+        # every waiter, it goes to whichever looks first, and the unlucky wait for seconds);
+        # only the first in line polls the flock, which other processes may hold.
+        async with self._local_turns.turn(repository, deadline):
+            with _no_space_as_storage_full():
+                atomic.make_dirs(path.parent)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if not await _flock(fd, wait=max(0.0, deadline - time.monotonic())):
+                    raise RepositoryBusy(repository)
+                yield
+            finally:
+                os.close(fd)
 
     async def repository_exists(self, repository: str) -> bool:
         return is_repository_dir(self.layout.repository(repository))
@@ -763,6 +820,8 @@ class FilesystemDriver(StorageDriver):
         await asyncio.to_thread(_remove_all, [self.layout.layer_link(name, digest) for name, digest in links])
 
     async def delete_blobs(self, digests: list[Digest]) -> None:
+        for digest in digests:
+            self._small_blobs.drop(digest)
         await asyncio.to_thread(_remove_all, [self.layout.blob(digest) for digest in digests])
 
     async def remove_repository_if_empty(self, repository: str) -> bool:
@@ -824,6 +883,37 @@ class _FilesystemCollection(Collection):
                 elif kind == "b":
                     blobs.add(Digest.parse(text))
         return manifests, blobs
+
+
+class _Turns:
+    """First come, first served among this process's waiters for one key (a lock per key while
+    anybody holds or waits for it)."""
+
+    def __init__(self):
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: str, deadline: float):
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            try:
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + deadline - time.monotonic()):
+                    await lock.acquire()
+            except TimeoutError:
+                raise RepositoryBusy(key) from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
 
 async def _flock(fd: int, mode: int = fcntl.LOCK_EX, wait: float | None = None) -> bool:
@@ -1078,3 +1168,52 @@ def _listdir(path: Path) -> list[str]:
         return os.listdir(path)
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def _read_link_file(path: Path) -> bytes:
+    """A tag or link file's content, read on the event loop: a few hundred bytes the page cache
+    holds cost less to read here (open, read, close) than a hop to a worker thread."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, LINK_READ_BYTES)
+    finally:
+        os.close(fd)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return _read_link_file(path) == data
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _stage_files(files: list[tuple[Path, bytes]], tmp_dir: Path) -> list[Path | None]:
+    """For each file that does not hold its content yet, that content in an fsynced temp
+    file, to be renamed into place (None for the others)."""
+    staged: list[Path | None] = []
+    try:
+        for path, data in files:
+            staged.append(None if _holds(path, data) else atomic.write_temp(data, tmp_dir))
+    except BaseException:
+        for tmp in staged:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        raise
+    return staged
+
+
+async def _install_if_changed(tmp: Path | None, path: Path, data: bytes, renamed: set[Path], tmp_dir: Path) -> None:
+    """Put `data` in `path` unless it is there already (from `tmp`, or a temp file written
+    now if none was staged); note the directory changed."""
+    if _holds(path, data):
+        return
+    if tmp is None:
+        tmp = await _finish_in_thread(atomic.write_temp, data, tmp_dir)
+    atomic.make_dirs(path.parent)
+    os.replace(tmp, path)
+    renamed.add(path.parent)
+
+
+def _fsync_dirs(directories) -> None:
+    for directory in directories:
+        atomic.fsync_dir(directory)

@@ -49,6 +49,7 @@ from ocispec.names import is_valid_name, is_valid_tag
 
 _LEDGER_KEY = re.compile(r"[0-9a-f]{64}")
 _CACHE_RECORD_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+REPOSITORY_PATHS_KEPT = 4096
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -81,15 +82,23 @@ class Layout:
         self.gc_marker = self.gc / "marking"
         self.gc_journal = self.gc / "journal"
         self.gc_last = self.gc / "last"
+        # Names checked and joined already (validating and joining cost more than the read
+        # of a tag file that follows).
+        self._repository_paths: dict[str, Path] = {}
 
     def blob(self, digest: Digest) -> Path:
         _check_digest(digest)
         return self.blobs / digest.algorithm / digest.encoded[:2] / digest.encoded
 
     def repository(self, name: str) -> Path:
-        if not is_valid_name(name):
-            raise ValueError(f"invalid repository name {name!r}")
-        return self.repositories.joinpath(*name.split("/"))
+        path = self._repository_paths.get(name)
+        if path is None:
+            if not is_valid_name(name):
+                raise ValueError(f"invalid repository name {name!r}")
+            if len(self._repository_paths) >= REPOSITORY_PATHS_KEPT:
+                self._repository_paths.clear()
+            path = self._repository_paths[name] = self.repositories.joinpath(*name.split("/"))
+        return path
 
     def repository_lock(self, name: str) -> Path:
         self.repository(name)  # validates

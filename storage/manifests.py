@@ -30,6 +30,9 @@ READ_LIMIT = 64 << 20
 # Reference checks between two yields to the event loop: a 64 MiB manifest names ~500k
 # blobs, and a driver whose checks never suspend (the filesystem's) would stall the loop.
 CHECKS_PER_YIELD = 64
+# Manifests up to this size are parsed and hashed on the event loop (well under a millisecond:
+# less than the hop to a worker thread costs); larger ones in a thread.
+PARSE_INLINE_BYTES = 64 << 10
 
 FOREIGN_LAYER_TYPES = frozenset({mt.DOCKER_FOREIGN_LAYER, "application/vnd.oci.image.layer.nondistributable.v1.tar",
                                  "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
@@ -47,7 +50,7 @@ async def put_manifest(driver: StorageDriver, repository: str, data: bytes, cont
                        *, digest: Digest | None = None, tags: tuple[str, ...] = ()) -> tuple[Digest, Manifest]:
     """Validate and store a manifest; `digest` when pushed by digest, `tags` to point at it."""
     algorithm = digest.algorithm if digest is not None else CANONICAL_ALGORITHM
-    manifest, actual = await asyncio.to_thread(_parse_and_hash, data, content_type, algorithm)
+    manifest, actual = await _parsed_and_hashed(data, content_type, algorithm)
     if digest is not None and actual != digest:
         raise DigestMismatch(str(digest), str(actual))
     digest = actual
@@ -55,23 +58,30 @@ async def put_manifest(driver: StorageDriver, repository: str, data: bytes, cont
     # the checks found; one that is running keeps what is noted here. The checks come after
     # the wait for the lock, so that they see the store as it is when the links are written
     # (a driver whose guard is timed, S3's, looks again for a collection after that wait).
+    referrer = None
+    if manifest.subject is not None:
+        referrer = (manifest.subject.digest, referrer_descriptor(manifest, digest, len(data)))
     async with driver.reference_guard():
-        async with driver.repository_lock(repository):
-            await _check_blobs(driver, repository, manifest)
-            await driver.note_references(
-                manifests=[digest, *(child.digest for child in manifest.children),
-                           *([manifest.subject.digest] if manifest.subject is not None else [])],
-                blobs=[descriptor.digest for descriptor in manifest.blobs])
-            # Children are checked under the lock that deletes hold (a client's, or a
-            # collection's of untagged manifests), so none goes between check and link.
-            await _check_children(driver, repository, manifest)
-            await driver.put_small_blob(data, digest)
-            await driver.link_manifest(repository, digest, manifest.media_type)
-            if manifest.subject is not None:
-                await driver.add_referrer(repository, manifest.subject.digest,
-                                          referrer_descriptor(manifest, digest, len(data)))
-            for tag in tags:
-                await driver.set_tag(repository, tag, digest)
+        # The content is stored before the lock is taken, and the links are prepared there
+        # too: pushes to one repository queue for its lock, so what they do under it is kept
+        # to the checks and the links themselves. The checks run first outside it as well, so
+        # that a manifest naming what is not here stores nothing (should the second checks
+        # fail, the content is left for a collection: it is nobody's until linked).
+        await _check_blobs(driver, repository, manifest)
+        await _check_children(driver, repository, manifest)
+        await driver.put_small_blob(data, digest)
+        async with driver.staged_manifest_links(repository, digest, manifest.media_type,
+                                                referrer, tags) as install_links:
+            async with driver.repository_lock(repository):
+                await _check_blobs(driver, repository, manifest)
+                await driver.note_references(
+                    manifests=[digest, *(child.digest for child in manifest.children),
+                               *([manifest.subject.digest] if manifest.subject is not None else [])],
+                    blobs=[descriptor.digest for descriptor in manifest.blobs])
+                # Children are checked under the lock that deletes hold (a client's, or a
+                # collection's of untagged manifests), so none goes between check and link.
+                await _check_children(driver, repository, manifest)
+                await install_links()
     return digest, manifest
 
 
@@ -79,7 +89,7 @@ async def put_cached_manifest(driver: StorageDriver, repository: str, data: byte
                               digest: Digest, *, tags: tuple[str, ...] = ()) -> Manifest:
     """Store a manifest a pull-through cache verified against `digest`, before the blobs and
     child manifests it references are here: a cache fetches those when they are asked for."""
-    manifest, actual = await asyncio.to_thread(_parse_and_hash, data, media_type, digest.algorithm)
+    manifest, actual = await _parsed_and_hashed(data, media_type, digest.algorithm)
     if actual != digest:
         raise DigestMismatch(str(digest), str(actual))
     async with driver.reference_guard():
@@ -93,6 +103,12 @@ async def put_cached_manifest(driver: StorageDriver, repository: str, data: byte
             for tag in tags:
                 await driver.set_tag(repository, tag, digest)
     return manifest
+
+
+async def _parsed_and_hashed(data: bytes, content_type: str | None, algorithm: str) -> tuple[Manifest, Digest]:
+    if len(data) <= PARSE_INLINE_BYTES:
+        return _parse_and_hash(data, content_type, algorithm)
+    return await asyncio.to_thread(_parse_and_hash, data, content_type, algorithm)
 
 
 def _parse_and_hash(data: bytes, content_type: str | None, algorithm: str) -> tuple[Manifest, Digest]:

@@ -38,6 +38,7 @@ from typing import AsyncIterable, AsyncIterator
 from ocispec.digest import Digest, InvalidDigest, is_supported_algorithm, new_hasher
 from ocispec.names import is_valid_name, is_valid_tag
 
+from .content_cache import ContentCache
 from .driver import (
     BlobContent,
     BlobLink,
@@ -128,7 +129,7 @@ class S3Driver(StorageDriver):
         self.collector_lease_seconds = collector_lease_seconds
         self._resumable = resumable_hash_available()
         self._not_running_at = float("-inf")
-        self._small_blobs = _ContentCache(SMALL_BLOB_CACHE_BYTES)
+        self._small_blobs = ContentCache(SMALL_BLOB_CACHE_BYTES)
         self._links = _RecentLinks(RECENT_LINK_SECONDS, RECENT_LINK_ENTRIES)
 
     def __repr__(self) -> str:
@@ -954,36 +955,6 @@ class _RecentLinks:
 
     def clear(self) -> None:
         self._seen.clear()
-
-
-class _ContentCache:
-    """Blob content by digest, least recently used first out, within a byte budget."""
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.used = 0
-        self._items: collections.OrderedDict[Digest, bytes] = collections.OrderedDict()
-
-    def get(self, digest: Digest) -> bytes | None:
-        data = self._items.get(digest)
-        if data is not None:
-            self._items.move_to_end(digest)
-        return data
-
-    def put(self, digest: Digest, data: bytes) -> None:
-        if len(data) > self.budget // 16:
-            return
-        self.drop(digest)
-        self._items[digest] = data
-        self.used += len(data)
-        while self.used > self.budget:
-            _, evicted = self._items.popitem(last=False)
-            self.used -= len(evicted)
-
-    def drop(self, digest: Digest) -> None:
-        data = self._items.pop(digest, None)
-        if data is not None:
-            self.used -= len(data)
 
 
 class _Counter:

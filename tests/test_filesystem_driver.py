@@ -4,6 +4,7 @@ contract suite in tests/contract/."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from storage import FilesystemDriver, TooManyUploads, UploadNotFound, UploadQuota
+from storage import BlobNotFound, FilesystemDriver, TooManyUploads, UploadNotFound, UploadQuota
 
 from .contract.helpers import chunks, digest_of, upload
 
@@ -128,3 +129,67 @@ async def test_purge_temp(driver):
     assert await driver.purge_temp(time.time() - 3600) == 1
     assert not old.exists() and new.exists()
     assert (await driver.check_layout())[1] == ["1 unfinished temp file(s) in tmp/ (harmless; purged with old uploads)"]
+
+
+async def test_a_manifest_read_once_is_served_from_memory_until_deleted(driver):
+    data = b'{"schemaVersion": 2}'
+    digest = digest_of(data)
+    await driver.put_small_blob(data, digest)
+    os.unlink(driver.layout.blob(digest))  # behind the driver's back
+    assert await driver.read_small_blob(digest, 1024) == data
+    await driver.delete_blobs([digest])
+    with pytest.raises(BlobNotFound):
+        await driver.read_small_blob(digest, 1024)
+
+
+async def test_waiters_for_a_repository_lock_take_their_turns_in_order(driver):
+    order = []
+    holder_in = asyncio.Event()
+    release = asyncio.Event()
+
+    async def holder():
+        async with driver.repository_lock("app"):
+            holder_in.set()
+            await release.wait()
+
+    async def waiter(n):
+        async with driver.repository_lock("app"):
+            order.append(n)
+            await asyncio.sleep(0.002)  # long enough for a poller behind to look in between
+
+    first = asyncio.create_task(holder())
+    await holder_in.wait()
+    waiters = []
+    for n in range(8):
+        waiters.append(asyncio.create_task(waiter(n)))
+        await asyncio.sleep(0.001)  # arrive one after another
+    release.set()
+    await asyncio.gather(first, *waiters)
+    assert order == list(range(8))
+    assert driver._local_turns._locks == {}  # nothing kept once nobody waits
+
+
+async def test_a_repush_leaves_the_links_it_would_write_alone(driver):
+    digest = digest_of(b"manifest")
+    async with driver.staged_manifest_links("app", digest, "application/x", None, ("v1",)) as install:
+        await install()
+    link, tag = driver.layout.revision_link("app", digest), driver.layout.tag("app", "v1")
+    before = (os.stat(link).st_ino, os.stat(tag).st_ino)
+    async with driver.staged_manifest_links("app", digest, "application/x", None, ("v1",)) as install:
+        await install()
+    assert (os.stat(link).st_ino, os.stat(tag).st_ino) == before
+    assert not list(driver.layout.tmp.iterdir())  # no staged file left behind
+
+
+async def test_a_link_removed_while_a_push_waits_for_the_lock_is_written_again(driver):
+    digest = digest_of(b"manifest")
+    async with driver.staged_manifest_links("app", digest, "application/x", None, ("v1",)) as install:
+        await install()
+    async with driver.staged_manifest_links("app", digest, "application/x", None, ("v1", "v2")) as install:
+        await driver.unlink_manifest("app", digest)  # a delete that went first
+        await driver.delete_tag("app", "v1")
+        await install()
+    assert (await driver.get_manifest_link("app", digest)).media_type == "application/x"
+    assert await driver.resolve_tag("app", "v1") == digest
+    assert await driver.resolve_tag("app", "v2") == digest
+    assert not list(driver.layout.tmp.iterdir())
