@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PEERS := skopeo docker-registry umoci runc curl apache2-utils podman docker.io haproxy nginx
+BENCH_PEERS := wrk
 
-.PHONY: run test stress bench bench-gc bench-proxy install install-test peers clean
+.PHONY: run test stress bench bench-quick bench-gc bench-proxy install install-test install-bench peers bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +17,9 @@ install: $(BIN)/python
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 
+install-bench: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+
 # Real peers the end-to-end tests run against (Debian packages; needs root).
 peers:
 	@missing=""; for p in $(APT_PEERS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -23,6 +27,9 @@ peers:
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+bench-peers: peers
+	@dpkg -s $(BENCH_PEERS) >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_PEERS) >/dev/null; }
 
 run: install
 	$(BIN)/kura serve
@@ -33,8 +40,12 @@ test: install-test peers
 stress: install-test peers
 	$(BIN)/python -m pytest -q -ra -m stress
 
-bench: install-test peers
-	$(BIN)/python -m tests.bench
+# The benchmark against the reference registry and skopeo (bench/; results in bench/results/).
+bench: install-bench bench-peers
+	$(BIN)/python -m bench
+
+bench-quick: install-bench bench-peers
+	$(BIN)/python -m bench --quick
 
 bench-gc: install-test
 	$(BIN)/python -m tests.bench_gc
