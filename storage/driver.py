@@ -253,6 +253,13 @@ class StorageDriver(abc.ABC):
     async def list_repositories(self) -> list[str]:
         """Sorted names of every repository with at least one blob or manifest link."""
 
+    async def iter_repositories(self, after: str | None = None) -> AsyncIterator[str]:
+        """list_repositories' names after `after`, in order; a driver may find them as they
+        are asked for (a catalog's page needs the first few of many)."""
+        for name in await self.list_repositories():
+            if after is None or name > after:
+                yield name
+
     # -- upload sessions ------------------------------------------------------------
     @abc.abstractmethod
     async def create_upload(self, repository: str, owner: str | None = None,

@@ -46,7 +46,7 @@ from .errors import (
     UploadBusy,
     UploadNotFound,
 )
-from .layout import Layout, is_repository_dir, is_valid_upload_id, walk_repositories
+from .layout import Layout, RepositoryWalk, is_repository_dir, is_valid_upload_id, walk_repositories
 from .ledger import FilesystemLedger
 
 # Received bytes are handed to a worker thread (write + hash) in batches of this size:
@@ -67,6 +67,9 @@ MAX_CACHED_HASHES = 1024
 SMALL_BLOB_CACHE_BYTES = 8 << 20
 # Tag and link files are a few hundred bytes; one read of this size takes all of one.
 LINK_READ_BYTES = 4096
+# iter_repositories finds this many names in its first thread hop, four times more in each next.
+REPOSITORIES_FIRST_BATCH = 128
+REPOSITORIES_MAX_BATCH = 8192
 # delete_repository's steps, in an order that keeps the store consistent after any of them.
 REPOSITORY_DELETE_STEPS = ("tags", "referrers", "revisions", "layers", "uploads", "cache", "directory")
 
@@ -311,6 +314,17 @@ class FilesystemDriver(StorageDriver):
 
     async def list_repositories(self) -> list[str]:
         return await asyncio.to_thread(walk_repositories, self.layout)
+
+    async def iter_repositories(self, after: str | None = None) -> AsyncIterator[str]:
+        walk = RepositoryWalk(self.layout, after)
+        batch = REPOSITORIES_FIRST_BATCH
+        while True:
+            names = await asyncio.to_thread(walk.next_batch, batch)
+            for name in names:
+                yield name
+            if len(names) < batch:
+                return
+            batch = min(batch * 4, REPOSITORIES_MAX_BATCH)
 
     # -- upload sessions ------------------------------------------------------------
     async def create_upload(self, repository: str, owner: str | None = None,

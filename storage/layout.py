@@ -40,6 +40,7 @@ a request can become a path without matching the spec's grammar first.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import os
 import re
 from pathlib import Path
@@ -177,3 +178,44 @@ def walk_repositories(layout: Layout) -> list[str]:
             names.append(path.relative_to(top).as_posix())
         dirs[:] = [d for d in dirs if not d.startswith("_")]
     return sorted(names)
+
+
+class RepositoryWalk:
+    """Repository names in sorted order, found a few at a time: directories are opened as
+    the walk reaches them. (Sorted name order is not a depth-first order: `a-b` sorts between
+    `a` and `a/c`. A heap of the names seen but not yet expanded gives the order, since every
+    name under a directory sorts after the directory's own.)"""
+
+    def __init__(self, layout: Layout, after: str | None = None):
+        self.layout = layout
+        self.after = after
+        self._pending: list[str] = []
+        self._expand("")
+
+    def _expand(self, prefix: str) -> None:
+        directory = self.layout.repositories / prefix if prefix else self.layout.repositories
+        try:
+            entries = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            if entry.startswith("_"):
+                continue
+            name = f"{prefix}/{entry}" if prefix else entry
+            # Skip what sorts wholly before `after`: the name and every name under it.
+            if self.after is not None and name <= self.after and not self.after.startswith(name + "/"):
+                if name + "/" < self.after:
+                    continue
+            heapq.heappush(self._pending, name)
+
+    def next_batch(self, count: int) -> list[str]:
+        found: list[str] = []
+        while self._pending and len(found) < count:
+            name = heapq.heappop(self._pending)
+            path = self.layout.repositories / name
+            if not path.is_dir():
+                continue
+            if (self.after is None or name > self.after) and is_repository_dir(path):
+                found.append(name)
+            self._expand(name)
+        return found

@@ -197,3 +197,17 @@ async def test_invalid_names(client, config, name):
         assert json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
     assert list((config.root / "repositories").iterdir()) == []
     assert list((config.root / "uploads").iterdir()) == []
+
+
+async def test_catalog_pages_follow_name_order_through_nested_repositories(client):
+    names = ["a", "a/c", "a-b", "a.b", "a/c/d", "b"]
+    for name in names:
+        await upload_blob(client, name, b"x")
+    url, seen = "/v2/_catalog?n=2", []
+    while url:
+        r = await client.get(url)
+        seen += (await r.json())["repositories"]
+        url = r.headers.get("Link", "").partition(">")[0][1:]
+    assert seen == sorted(names)
+    assert (await (await client.get("/v2/_catalog?n=0")).json())["repositories"] == []
+    assert (await client.get("/v2/_catalog?n=x")).status == 400

@@ -290,3 +290,15 @@ async def test_a_blob_read_from_another_process_while_it_is_stored(driver, other
             assert await read_all(other, digest) == data
 
     assert await watch_while(put(driver, "a", data), check) >= 3
+
+
+async def test_repositories_are_found_in_name_order_from_any_name(driver):
+    # Sorted names are not a depth-first order: `a-b` and `a.b` sort between `a` and `a/c`.
+    names = ["a", "a/c", "a-b", "a.b", "a/c/d", "a__b", "b", "b/a-x", "b/a/y", "c/only/deep"]
+    for name in names:
+        await upload(driver, name, b"x")
+    assert await driver.list_repositories() == sorted(names)
+    assert [name async for name in driver.iter_repositories()] == sorted(names)
+    for after in ["", "a", "a-b", "a/c", "a/c/d", "a/b", "b/a", "b/a-x", "c", "c/only", "zzz"]:
+        assert [name async for name in driver.iter_repositories(after or None)] == \
+            [name for name in sorted(names) if name > after], after
