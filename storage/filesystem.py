@@ -996,16 +996,25 @@ async def _receive(fd: int, start: int, chunks: AsyncIterable[bytes], hasher, le
     position = start
     batch: list[bytes] = []  # kept as received (no copy), written with one pwritev
     batch_size = 0
+    # One batch is written and hashed in a thread while the next is received: at most one at
+    # a time, so the writes and the hash go in order.
+    writing: asyncio.Future | None = None
 
-    async def flush() -> None:
-        nonlocal position, batch, batch_size
+    async def write(chunks: list[bytes], at: int, size: int) -> None:
         global _batched
-        written, size = batch, batch_size
-        batch, batch_size = [], 0
         try:
-            await _finish_in_thread(_write_and_hash, fd, written, position, hasher)
+            await _finish_in_thread(_write_and_hash, fd, chunks, at, hasher)
         finally:
             _batched -= size
+
+    async def flush() -> None:
+        nonlocal position, batch, batch_size, writing
+        if writing is not None:
+            await writing
+            writing = None
+        chunks, size = batch, batch_size
+        batch, batch_size = [], 0
+        writing = asyncio.ensure_future(write(chunks, position, size))
         position += size
 
     try:
@@ -1026,8 +1035,14 @@ async def _receive(fd: int, start: int, chunks: AsyncIterable[bytes], hasher, le
                 await flush()
         if batch:
             await flush()
+        if writing is not None:
+            await writing
     finally:
         _batched -= batch_size
+        if writing is not None and not writing.done():
+            await asyncio.wait({writing})  # the caller's clean-up must not race a write
+        if writing is not None and not writing.cancelled():
+            writing.exception()  # retrieved: an error raised already, or superseded by the one raising
     if length is not None and position - start != length:
         raise SizeMismatch(length, position - start)
     return position
