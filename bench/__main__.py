@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "machine": platform.platform(), "load_average": os.getloadavg()})
     chart = RESULTS / f"{stamp}.png"
     drawn = write_chart(rows, chart, title)
-    print(f"\nresults: {json_path}" + (f", chart: {chart}" if drawn else " (no chart: matplotlib missing)"))
+    print(f"\nresults: {json_path}" + (f", chart: {chart}" if drawn else f" (no chart: {drawn.reason})"))
     missed = [row for row in rows if row.met == "MISSED"]
     print(f"targets: {sum(1 for row in rows if row.met == 'met')} met, {len(missed)} missed", file=sys.stderr)
     return 0

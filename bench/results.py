@@ -4,7 +4,6 @@ printed as a table, written as JSON, drawn as a chart of speed-ups."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,18 +78,26 @@ def write_json(rows: list[Row], path: Path, context: dict) -> None:
     path.write_text(json.dumps({"context": context, "rows": records}, indent=1) + "\n")
 
 
-def write_chart(rows: list[Row], path: Path, title: str) -> bool:
+class NoChart:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def write_chart(rows: list[Row], path: Path, title: str) -> bool | NoChart:
     """A bar per compared row: Kura's speed-up over the reference (log scale), the target as a
-    tick. False (and no file) when matplotlib is not installed."""
+    tick. A false NoChart saying why when there is nothing to draw or no matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return NoChart("matplotlib is not installed: make install-bench")
     compared = [row for row in rows if row.speedup]
     if not compared:
-        return False
+        return NoChart("no row compares Kura with a reference")
     height = max(3.0, 0.32 * len(compared) + 1.2)
     figure, axes = plt.subplots(figsize=(10, height))
     names = [f"{row.section}: {row.metric}" for row in compared]
@@ -113,4 +120,4 @@ def write_chart(rows: list[Row], path: Path, title: str) -> bool:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    return math.isfinite(high)
+    return True
