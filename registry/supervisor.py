@@ -14,7 +14,9 @@ ones; once all of them accept connections, the old ones are sent SIGTERM: they s
 accepting and finish the requests they have (server.shutdown_timeout_seconds at most).
 
 All state that matters lives in the store, which several processes may share (README
-"Scale out"); what each worker keeps for itself is listed in README "Workers".
+"Scale out"), except the failed-login counts, which the supervisor keeps for its workers in
+a file of their own (auth/shared_limits.py); what each worker keeps for itself is listed in
+README "Workers and reloads".
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ import os
 import selectors
 import signal
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .auth.shared_limits import LoginTable
+from .auth.shared_limits import share as share_logins
 from .config import Config, ConfigError
 from .startup import Ready, StartupError, reason
 
@@ -141,6 +146,8 @@ class Supervisor:
         self.reload_config = reload
         self.prepare = prepare
         self.current = Generation(1, config, prepared, self._sockets_for(config, worker_count(config), None))
+        self.logins = LoginTable()  # failed logins, counted across the workers
+        share_logins(prepared.app, self.logins)
         self.incoming: Generation | None = None  # a reload whose workers are starting
         self.retiring: list[Generation] = []  # told to stop; their sockets close after them
         self.children: dict[int, Worker] = {}
@@ -183,6 +190,17 @@ class Supervisor:
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> int:
+        try:
+            self._run()
+        finally:
+            signal.set_wakeup_fd(-1)
+            for generation in (self.current, self.incoming, *self.retiring):
+                if generation is not None:
+                    self._release_sockets(generation)
+            self.logins.remove()
+        return self.exit_code
+
+    def _run(self) -> None:
         os.set_blocking(self.wake_w, False)
         os.set_blocking(self.wake_r, False)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
@@ -200,11 +218,6 @@ class Supervisor:
                     del self.restarts[slot]
                     self._start(self.current, slot)
             self._advance()
-        signal.set_wakeup_fd(-1)
-        for generation in (self.current, self.incoming, *self.retiring):
-            if generation is not None:
-                self._release_sockets(generation)
-        return self.exit_code
 
     def _wait(self) -> None:
         deadlines = list(self.restarts.values())
@@ -277,7 +290,15 @@ class Supervisor:
             worker = self.children.pop(pid, None)
             if worker is not None:
                 self._close_ready_pipe(worker)
+                self._forget_logins(pid, status)
                 self._exited(worker, status)
+
+    def _forget_logins(self, pid: int, status: int) -> None:
+        if os.WIFSIGNALED(status) or os.waitstatus_to_exitcode(status) != 0:
+            try:
+                self.logins.forget(pid)
+            except sqlite3.Error as exc:
+                log.error("cannot release the login checks of worker pid %d: %s", pid, exc)
 
     def _exited(self, worker: Worker, status: int | None) -> None:
         generation = worker.generation
@@ -324,6 +345,7 @@ class Supervisor:
             log.error("SIGHUP: not reloaded, still serving with the previous configuration: %s", exc)
             return
         logging.getLogger().setLevel(config.log_level.upper())
+        share_logins(prepared.app, self.logins)
         self.incoming = generation = Generation(self.current.number + 1, config, prepared, sockets)
         log.info("SIGHUP: configuration read; starting %d new worker(s)", generation.size)
         for slot in range(generation.size):

@@ -12,8 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -265,3 +267,58 @@ def test_workers_that_cannot_start_make_it_give_up(tmp_path):
     assert re.search(r" ERROR kura.server: worker \d exited with status 1 before it was ready, 5 times in a row: "
                      r"giving up, stopping the other workers", result.stderr), result.stderr
     assert "NotADirectoryError" in result.stderr  # the cause, in the worker's own words
+
+
+def test_failed_logins_count_across_the_workers(tmp_path):
+    from registry.auth import htpasswd
+
+    root = tmp_path / "data"
+    htpasswd.set_user(root / "auth" / "htpasswd", "alice", "the right password", cost=4)
+    config = tmp_path / "kura.toml"
+    config.write_text('[auth]\nmode = "htpasswd"\nlogin_attempts = 3\nlogin_window_seconds = 600\n')
+    tables = set(Path(tempfile.gettempdir()).glob("kura-logins-*"))
+    server, log = start(tmp_path, "--config", str(config))
+    try:
+        assert len(set(Path(tempfile.gettempdir()).glob("kura-logins-*")) - tables) == 1
+        guess = urllib.request.Request(f"{server.url}/v2/", headers={"Authorization": "Basic YWxpY2U6Z3Vlc3M="})
+        statuses = []
+        while len(statuses) < 12 or (len(access_pids(log)) < 2 and len(statuses) < 400):
+            try:
+                urllib.request.urlopen(guess, timeout=30)
+                statuses.append(200)
+            except urllib.error.HTTPError as exc:
+                statuses.append(exc.code)
+        assert len(access_pids(log)) == 2, "every guess went to one worker: this proved nothing"
+        # Three wrong passwords in all, whichever worker saw them; then every worker says 429.
+        assert statuses[:3] == [401] * 3 and set(statuses[3:]) == {429}, statuses
+    finally:
+        stop(server)
+    assert set(Path(tempfile.gettempdir()).glob("kura-logins-*")) <= tables  # the supervisor removed it
+
+
+async def test_the_shared_login_table_counts_for_every_worker():
+    import asyncio
+
+    from registry.auth.ratelimit import Client
+    from registry.auth.shared_limits import LoginTable, SharedLoginLimiter
+
+    table = LoginTable()
+    try:
+        one, two = (SharedLoginLimiter(3, 600, table) for _ in range(2))  # as in two workers
+        client = Client("192.0.2.7")
+        for limiter in (one, one, two):
+            assert await limiter.begin(client, "alice") == 0
+        for limiter in (one, one, two):
+            limiter.end(client, "alice", False)
+        assert await one.begin(client, "alice") > 0 and await two.begin(client, "alice") > 0
+        assert await two.begin(client, "bob") == 0  # another name from that address still may try
+        two.end(client, "bob", True)
+
+        other = Client("192.0.2.8")
+        for limiter in (one, two, one):  # three checks in progress hold all the tries...
+            assert await limiter.begin(other, "carol") == 0
+        table.forget(os.getpid())  # ...until the worker running them is gone
+        assert await asyncio.wait_for(two.begin(other, "carol"), 30) == 0
+    finally:
+        table.remove()
+    assert not table.path.exists()
