@@ -136,7 +136,7 @@ class Connections:
         # A connection accepted just before is admitted a few loop turns later (after its
         # TLS handshake, with TLS): let those arrive first.
         await asyncio.sleep(min(grace, ADMISSION_WAIT))
-        while any(c.untouched for c in self._live) and self.loop.time() < deadline:
+        while any(c.before_first_request for c in self._live) and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
 
     async def await_gone(self, timeout: float) -> None:
@@ -194,9 +194,9 @@ class GuardedRequestHandler(web.RequestHandler):
         super().connection_lost(exc)
 
     @property
-    def untouched(self) -> bool:
-        """Accepted, and not a byte received yet: a client that has just connected."""
-        return self._request_count == 0 and self._head_started is None
+    def before_first_request(self) -> bool:
+        """Accepted, and no request head complete yet: a client that has just connected."""
+        return self._request_count == 0
 
     @property
     def idle(self) -> bool:

@@ -289,7 +289,8 @@ class Supervisor:
                 return
             worker = self.children.pop(pid, None)
             if worker is not None:
-                self._close_ready_pipe(worker)
+                if worker.ready_fd >= 0:  # what it wrote before it died (the write end is closed)
+                    self._ready_pipe(worker)
                 self._forget_logins(pid, status)
                 self._exited(worker, status)
 
@@ -374,8 +375,9 @@ class Supervisor:
             self.current.announced = True
             for level, message in self.current.prepared.notes:
                 log.log(level, "%s", message)
-            log.info("%d workers (pids %s)", self.current.size,
-                     ", ".join(str(self.current.workers[slot].pid) for slot in range(self.current.size)))
+            pids = [str(self.current.workers[slot].pid) for slot in range(self.current.size)]
+            log.info("%d worker%s (pid%s %s)", len(pids), "s" if len(pids) > 1 else "", "s" if len(pids) > 1 else "",
+                     ", ".join(pids))
         incoming = self.incoming
         if incoming is None or self.stopping:
             return
@@ -447,8 +449,10 @@ class Supervisor:
             os.write(ready_w, READY)
             os.close(ready_w)
 
+        from .quota import RECOUNT_AT_START
         from .serve import run
         prepared = generation.prepared
+        prepared.app[RECOUNT_AT_START] = slot == 0  # one recount of the shared ledgers is enough
         run(prepared.app, generation.config, prepared.ssl_context, socks=mine, ready=ready)
 
 

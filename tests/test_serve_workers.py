@@ -253,8 +253,8 @@ def test_a_second_server_with_workers_does_not_share_the_port(tmp_path):
 
 
 def test_workers_that_cannot_start_make_it_give_up(tmp_path):
-    # The supervisor's checks pass; each worker's start-up recount of the quota finds a file
-    # where the usage ledgers' directory should be, and dies.
+    # The supervisor's checks pass; the first worker's start-up recount of the quota finds a
+    # file where the usage ledgers' directory should be, and dies.
     root = tmp_path / "data"
     root.mkdir()
     (root / "usage").write_text("not a directory\n")
@@ -267,6 +267,19 @@ def test_workers_that_cannot_start_make_it_give_up(tmp_path):
     assert re.search(r" ERROR kura.server: worker \d exited with status 1 before it was ready, 5 times in a row: "
                      r"giving up, stopping the other workers", result.stderr), result.stderr
     assert "NotADirectoryError" in result.stderr  # the cause, in the worker's own words
+
+
+def test_one_worker_recounts_the_quotas(tmp_path):
+    config = tmp_path / "kura.toml"
+    config.write_text('[[quota]]\nrepositories = ["team/*"]\nmax_bytes = 1000000\n')
+    server, log = start(tmp_path, "--config", str(config), count=3)
+    try:
+        assert get(server) == 200
+    finally:
+        stop(server)
+    counts = re.findall(r" worker (\d) \(pid \d+\) INFO kura.registry: quota on team/\*: 0 of 1000000 bytes used",
+                        log.read_text())
+    assert counts == ["1"], log.read_text()
 
 
 def test_failed_logins_count_across_the_workers(tmp_path):
