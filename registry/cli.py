@@ -16,10 +16,19 @@ SERVE_HELP = """Run the registry server. Flags override the config file, which o
 It refuses to start (one line naming the path or address) when it cannot listen, read
 its TLS files, or create or write its storage root.
 
+Workers: by default one server process per CPU core answers on the address (--workers,
+[server] workers; the kernel spreads connections over them). A supervisor process restarts
+a worker that dies. SIGHUP to it reloads: the config file is read again, new workers start
+beside the old ones, which finish their requests in progress and exit; no connection is
+refused meanwhile, and a config that is wrong is logged and the old workers go on.
+With --workers 1 there is one process and no supervisor (SIGHUP then stops it).
+
 Examples:
   kura serve
   kura serve --config kura.toml
   kura serve --listen 127.0.0.1:5001 --root ./other-data
+  kura serve --config kura.toml --workers 4
+  kill -HUP <pid of kura serve>      (reload the config, with more than one worker)
 """
 
 FSCK_HELP = """Verify a store: re-hash every blob, check every link, re-validate every manifest.
@@ -63,6 +72,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argpa
     serve.add_argument("--config", type=Path, help="TOML configuration file")
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:5000)")
     serve.add_argument("--root", type=Path, help="storage root directory (default ./data)")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="server processes on the address (default: [server] workers, else one per CPU core)")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="allow auth mode 'none' on an address other than loopback")
 
@@ -141,8 +152,13 @@ def _run(argv: list[str]) -> int:
         # Reported by the subcommand's own parser: `usage: kura serve ...`, not the top level's.
         words = (args.command, getattr(args, "action", None))
         own.get(words, own[args.command,]).error(f"unrecognized arguments: {' '.join(unknown)}")
+    flags = {"listen": args.listen, "workers": args.workers} if args.command == "serve" else {}
+
+    def read_config():
+        return load(args.config, root=args.root, **flags)
+
     try:
-        config = load(args.config, root=args.root, **({"listen": args.listen} if args.command == "serve" else {}))
+        config = read_config()
     except ConfigError as exc:
         print(f"kura: {exc}", file=sys.stderr)
         return 2
@@ -153,7 +169,7 @@ def _run(argv: list[str]) -> int:
             print(f"kura: refusing to serve {config.listen} without authentication: anyone who can reach it "
                   "could push and delete. Set [auth] mode, or pass --insecure-no-auth.", file=sys.stderr)
             return 2
-        return _serve(config)
+        return _serve(config, read_config)
     if args.command == "user":
         return _user(args, config)
     if args.command == "gc":
@@ -213,13 +229,18 @@ def _mismatch():
     return HtpasswdError("the passwords do not match")
 
 
-def _serve(config) -> int:
+def _serve(config, read_config) -> int:
+    """One process (--workers 1), or workers under a supervisor that reloads on SIGHUP
+    (`read_config` reads the config file again, with the same flags)."""
     from .serve import run
     from .startup import StartupError, prepare
+    from .supervisor import LOG_FORMAT, supervise, worker_count
 
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
     try:
         ready = prepare(config)
+        if worker_count(config) > 1:
+            return supervise(config, ready, read_config, prepare)
         run(ready.app, config, ready.ssl_context, ready.notes)
     except StartupError as exc:
         print(f"kura: {exc}", file=sys.stderr)

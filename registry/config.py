@@ -62,6 +62,8 @@ class Config:
     header_timeout_seconds: int = 30
     body_timeout_seconds: int = 60
     idle_timeout_seconds: int = 60
+    shutdown_timeout_seconds: int = 60
+    workers: int = 0  # 0: one per CPU core (registry/supervisor.py)
     max_header_bytes: int = 64 * 1024
     max_unauthenticated_body_bytes: int = 16 * 1024
     max_upload_sessions_per_user: int = 100  # 0: no limit
@@ -99,6 +101,8 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("server", "header_timeout_seconds"): ("header_timeout_seconds", int),
     ("server", "body_timeout_seconds"): ("body_timeout_seconds", int),
     ("server", "idle_timeout_seconds"): ("idle_timeout_seconds", int),
+    ("server", "shutdown_timeout_seconds"): ("shutdown_timeout_seconds", int),
+    ("server", "workers"): ("workers", int),
     ("storage", "root"): ("root", str),
     ("storage", "driver"): ("storage_driver", str),
     ("storage", "delete_enabled"): ("delete_enabled", bool),
@@ -285,7 +289,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("limits.max_manifest_bytes must be between 4 MiB (the spec's minimum) "
                           f"and {MAX_MANIFEST_LIMIT >> 20} MiB")
     for name in ("upload_expiry_seconds", "upload_purge_interval_seconds", "max_connections",
-                 "header_timeout_seconds", "body_timeout_seconds", "idle_timeout_seconds"):
+                 "header_timeout_seconds", "body_timeout_seconds", "idle_timeout_seconds",
+                 "shutdown_timeout_seconds"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
     for name in ("chunk_min_length", "max_blob_bytes", "max_connections_per_client",
@@ -293,6 +298,8 @@ def _validate(config: Config) -> None:
                  "gc_interval_seconds", "gc_grace_seconds"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must not be negative")
+    if config.workers < 0:
+        raise ConfigError("server.workers (--workers) must not be negative (0: one per CPU core)")
     if config.max_header_bytes < 8 * 1024:
         raise ConfigError("limits.max_header_bytes must be at least 8 KiB")
     if config.max_unauthenticated_body_bytes < 1024:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -32,6 +33,7 @@ PLAIN_HTTP_ONLY = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Ty
                    b"Content-Length: %d\r\n\r\n%s" % (len(_PLAIN_ONLY), _PLAIN_ONLY))
 TLS_HANDSHAKE_RECORD = 0x16  # the first byte of a TLS ClientHello; no HTTP method starts with it
 REPORT_INTERVAL = 10.0
+ADMISSION_WAIT = 0.2
 RECV_SIZE = 64 * 1024
 
 
@@ -126,6 +128,23 @@ class Connections:
         if not mine:
             del self._by_client[client]
 
+    async def await_first_bytes(self, grace: float) -> None:
+        """Until no connection is still waiting for its first request (or `grace` seconds
+        passed): a worker that stops accepting answers what it accepted, rather than close
+        connections whose clients have not had the time to send anything yet."""
+        deadline = self.loop.time() + grace
+        # A connection accepted just before is admitted a few loop turns later (after its
+        # TLS handshake, with TLS): let those arrive first.
+        await asyncio.sleep(min(grace, ADMISSION_WAIT))
+        while any(c.before_first_request for c in self._live) and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def await_gone(self, timeout: float) -> None:
+        """Until every connection is closed (a closing transport first sends what it buffers)."""
+        deadline = self.loop.time() + timeout
+        while self._live and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
     def _sweep(self) -> None:
         now = self.loop.time()
         for connection in list(self._live):
@@ -173,6 +192,11 @@ class GuardedRequestHandler(web.RequestHandler):
             return
         self.connections.release(self)
         super().connection_lost(exc)
+
+    @property
+    def before_first_request(self) -> bool:
+        """Accepted, and no request head complete yet: a client that has just connected."""
+        return self._request_count == 0
 
     @property
     def idle(self) -> bool:
@@ -256,15 +280,19 @@ class GuardedRequestHandler(web.RequestHandler):
 
 
 class GuardedSite(web.BaseSite):
-    """A TCP site whose connections are GuardedRequestHandlers sharing one Connections."""
+    """A TCP site whose connections are GuardedRequestHandlers sharing one Connections. It
+    binds host:port itself, or serves `socks`: listening sockets bound by someone else (a
+    worker of `kura serve --workers N`, registry/supervisor.py)."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, limits: ConnectionLimits,
-                 handler_settings: dict, *, ssl_context=None, backlog: int = 128):
+                 handler_settings: dict, *, ssl_context=None, backlog: int = 128,
+                 socks: list[socket.socket] | None = None):
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host = host
         self._port = port
         self.limits = limits
         self.handler_settings = handler_settings
+        self.socks = socks
         self.connections: Connections | None = None
 
     @property
@@ -281,14 +309,29 @@ class GuardedSite(web.BaseSite):
         def protocol() -> GuardedRequestHandler:
             return GuardedRequestHandler(manager, connections, **self.handler_settings)
 
-        self._server = await loop.create_server(
-            protocol, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            ssl_handshake_timeout=self.limits.header_timeout if self._ssl_context else None)
+        options = dict(ssl=self._ssl_context, backlog=self._backlog,
+                       ssl_handshake_timeout=self.limits.header_timeout if self._ssl_context else None)
+        if self.socks is None:
+            self._server = await loop.create_server(protocol, self._host, self._port, **options)
+        else:
+            self._server = _Servers([await loop.create_server(protocol, sock=sock, **options)
+                                     for sock in self.socks])
 
     async def stop(self) -> None:
         if self.connections is not None:
             self.connections.close()
         await super().stop()
+
+
+class _Servers:
+    """asyncio servers on several sockets, closed together (asyncio takes one `sock` each)."""
+
+    def __init__(self, servers: list[asyncio.AbstractServer]):
+        self.servers = servers
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
 
 
 ACCEPT_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)

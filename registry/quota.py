@@ -144,10 +144,14 @@ def _denied(quota: Quota, used: int, needed: int | None) -> Denied:
                           "used_bytes": used, "needed_bytes": needed})
 
 
+# False in all workers of `kura serve --workers N` but the first: the ledgers are shared.
+RECOUNT_AT_START = web.AppKey("recount_at_start", bool)
+
+
 async def recount_at_start(app: web.Application) -> None:
     """Make every quota's count exact before serving (content may have changed meanwhile)."""
     quotas = app[CONFIG].quotas
-    if quotas:
+    if quotas and app.get(RECOUNT_AT_START, True):
         totals = await usage.recount(app[STORAGE], quotas)
         for quota in quotas:
             log.info("quota on %s: %d of %d bytes used", quota.label, totals[quota.ledger], quota.max_bytes)

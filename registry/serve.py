@@ -1,4 +1,5 @@
-"""Run the application: one guarded TCP site (registry/connections.py) until SIGINT or SIGTERM."""
+"""Run the application: one guarded TCP site (registry/connections.py) until SIGINT or SIGTERM
+(in one process, or in each worker of registry/supervisor.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import logging
 import resource
 import signal
+import socket
+from typing import Callable
 
 from aiohttp import web
 
@@ -18,6 +21,8 @@ log = logging.getLogger("kura.server")
 # Descriptors kept for everything but connections (listening socket, logs, store files of
 # requests in progress); each connection may need a second one for the file it streams.
 RESERVED_DESCRIPTORS = 64
+# A worker that stops waits at most this long for the requests of connections it accepted.
+FIRST_BYTES_GRACE = 2.0
 DESCRIPTORS_PER_CONNECTION = 2
 
 
@@ -59,13 +64,17 @@ def connection_limits(config: Config, open_files: int) -> ConnectionLimits:
                             max_header_bytes=config.max_header_bytes)
 
 
-def run(app: web.Application, config: Config, ssl_context=None, notes: list[tuple[int, str]] = ()) -> None:
+def run(app: web.Application, config: Config, ssl_context=None, notes: list[tuple[int, str]] = (), *,
+        socks: list[socket.socket] | None = None, ready: Callable[[], None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM; `notes` are logged once the address is bound (so
-    "serving on" is never printed by a server that then fails to listen)."""
-    asyncio.run(_serve(app, config, ssl_context, notes))
+    "serving on" is never printed by a server that then fails to listen).
+
+    A worker of `kura serve --workers N` serves `socks` (its supervisor bound them and keeps
+    them open) and calls `ready` once it accepts connections."""
+    asyncio.run(_serve(app, config, ssl_context, notes, socks, ready))
 
 
-async def _serve(app: web.Application, config: Config, ssl_context, notes) -> None:
+async def _serve(app: web.Application, config: Config, ssl_context, notes, socks, ready) -> None:
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
     stop = asyncio.Event()
@@ -74,16 +83,26 @@ async def _serve(app: web.Application, config: Config, ssl_context, notes) -> No
     settings = dict(handler_settings(config),
                     access_log=logging.getLogger("aiohttp.access") if config.access_log else None)
     limits = connection_limits(config, raise_open_file_limit())
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout_seconds)
     await runner.setup()
+    site = GuardedSite(runner, config.host, config.port, limits, settings, ssl_context=ssl_context, socks=socks)
     try:
-        site = GuardedSite(runner, config.host, config.port, limits, settings, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {config.listen}: {reason(exc)}") from None
         for level, message in notes:
             log.log(level, "%s", message)
+        if ready is not None:
+            ready()
         await stop.wait()
+        if socks is not None:
+            # The sockets stay open (other workers serve them): stop accepting, then give
+            # whom this worker accepted a moment to send their request, which is answered.
+            await site.stop()
+            await site.connections.await_first_bytes(FIRST_BYTES_GRACE)
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # answers the requests in progress (server.shutdown_timeout_seconds)
+        if socks is not None and site.connections is not None:
+            # What asyncio still buffers for slow readers is lost if the worker exits now.
+            await site.connections.await_gone(config.shutdown_timeout_seconds)

@@ -48,6 +48,8 @@ def test_example_config_is_complete_and_loads():
     ('[uploads]\nexpiry_seconds = 0\n', "positive"),
     ('[server]\nbody_timeout_seconds = 0\n', "positive"),
     ('[server]\nmax_connections_per_client = -1\n', "must not be negative"),
+    ('[server]\nworkers = -1\n', r"server.workers \(--workers\) must not be negative"),
+    ('[server]\nshutdown_timeout_seconds = 0\n', "positive"),
     ('[uploads]\nmax_sessions_per_user = -1\n', "must not be negative"),
     ('[limits]\nmax_header_bytes = 100\n', "at least 8 KiB"),
     ('[limits]\nmax_unauthenticated_body_bytes = 10\n', "at least 1 KiB"),
@@ -209,3 +211,15 @@ def test_bad_s3_settings_are_refused(tmp_path, text, message):
     f.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(f)
+
+
+def test_workers_from_the_file_then_the_flag(tmp_path):
+    import os
+
+    from registry.supervisor import worker_count
+
+    f = tmp_path / "kura.toml"
+    f.write_text("[server]\nworkers = 3\n")
+    assert load(f, workers=None).workers == 3 and worker_count(load(f)) == 3
+    assert load(f, workers=1).workers == 1
+    assert load().workers == 0 and worker_count(load()) == len(os.sched_getaffinity(0))

@@ -84,7 +84,7 @@ class Instances:
             log.flush()
             instance.process = subprocess.Popen(
                 [sys.executable, "-m", "kura", "serve", "--config", str(self.config_file),
-                 "--listen", instance.host],
+                 "--listen", instance.host, "--workers", "1"],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, preexec_fn=die_with_parent)
         instance.starts += 1

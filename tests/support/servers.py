@@ -50,8 +50,13 @@ class Server:
         return f"http://{self.host}"
 
 
-def start_kura(root: Path, port: int | None = None, *args: str, log: Path | None = None) -> Server:
+def start_kura(root: Path, port: int | None = None, *args: str, log: Path | None = None,
+               workers: int | None = 1) -> Server:
+    """`kura serve` on loopback: one process unless `workers` says otherwise (None: as the
+    config file or the default, one per CPU core, decides)."""
     port = port or free_port()
+    if workers is not None:
+        args = ("--workers", str(workers), *args)
     root.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log or (root.parent / f"kura-{port}.log"), "ab")
     process = subprocess.Popen(
