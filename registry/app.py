@@ -13,7 +13,6 @@ from aiohttp import web
 from storage import FilesystemDriver, StorageDriver
 
 from . import quota
-from .auth import issuer
 from .auth.controller import AUTH, auth_middleware
 from .auth.controller import build as build_auth
 from .config import Config
@@ -46,6 +45,8 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
         app.router.add_get("/proxy/status", proxy_status)
     setup_routes(app)
     if auth.signing_key is not None:
+        from .auth import issuer  # cryptography: only for the token issuer
+
         issuer.setup_routes(app)
     return app
 

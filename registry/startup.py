@@ -16,9 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 
 from storage import FilesystemDriver, StorageDriver, StorageError
 from storage.atomic import make_dirs
@@ -86,6 +83,10 @@ def _read(path: Path, what: str) -> bytes:
 
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     """A server context for server.tls_cert/tls_key; which file is wrong, and how, if one is."""
+    from cryptography import x509  # several MiB a process: only when TLS is configured
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     cert_pem = _read(cert, "the TLS certificate")
     key_pem = _read(key, "the TLS key")
     try:

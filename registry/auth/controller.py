@@ -1,4 +1,7 @@
-"""Access control for registry requests: none, htpasswd (Basic) or token (Bearer)."""
+"""Access control for registry requests: none, htpasswd (Basic) or token (Bearer).
+
+Token mode (registry/auth/token.py, keys.py, jwt.py) needs `cryptography`, which costs a
+server several MiB of memory: it is imported only when that mode is configured."""
 
 from __future__ import annotations
 
@@ -10,17 +13,19 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from ..errors import Denied, TooManyRequests, Unauthorized
-from . import jwt
 from .config import AuthConfig
 from .htpasswd import Htpasswd, LoginsBusy
-from .keys import SigningKey, load_or_create, load_trusted_keys
 from .ratelimit import Client, LoginLimiter
 from .rules import AccessRules
-from .scopes import Access, mount_source, required_access
+from .scopes import Access, required_access
+
+if TYPE_CHECKING:
+    from .keys import SigningKey
 
 log = logging.getLogger("kura.auth")
 
@@ -56,38 +61,11 @@ class RulesGrant(Grant):
         return bool(self.rules.allowed(self.user, resource_type, name, {action}))
 
 
-@dataclass
-class TokenGrant(Grant):
-    access: list[dict]
-    rules: AccessRules | None  # our own issuer's rules, to filter the catalog by identity
-    user: str | None
-
-    def can(self, resource_type: str, name: str, action: str) -> bool:
-        for entry in self.access:
-            if entry.get("type") == resource_type and entry.get("name") == name:
-                actions = entry.get("actions") or []
-                if action in actions or "*" in actions:
-                    return True
-        return False
-
-    def may_list(self, repository: str) -> bool:
-        if self.rules is None:
-            return True  # an external issuer granted the catalog; we know no finer rules
-        return bool(self.rules.allowed(self.user, "repository", repository, {"pull"}))
-
-    def may_pull_alias(self, repository: str) -> bool:
-        # The client's token names what it asked for; our own issuer's rules decide the alias
-        # for the same identity. An external issuer's tokens grant only what they name.
-        if self.can("repository", repository, "pull"):
-            return True
-        return self.rules is not None and bool(self.rules.allowed(self.user, "repository", repository, {"pull"}))
-
-
-def _covers(grant: Grant, needed: list[Access]) -> bool:
+def covers(grant: Grant, needed: list[Access]) -> bool:
     return all(grant.can(a.type, a.name, action) for a in needed for action in a.actions)
 
 
-def _detail(needed: list[Access]) -> list[dict]:
+def access_detail(needed: list[Access]) -> list[dict]:
     return [{"Type": a.type, "Name": a.name, "Action": action} for a in needed for action in sorted(a.actions)]
 
 
@@ -218,46 +196,10 @@ class BasicAuth(Controller):
         if header[:6].lower() == "basic ":
             user = await self.credentials.check_basic(request, header, self.challenge)
         grant = RulesGrant(self.rules, user)
-        if user is None and (not needed or not _covers(grant, needed)):
-            raise Unauthorized(detail=_detail(needed), headers=self.challenge)
-        if not _covers(grant, needed):
-            raise Denied(detail=_detail(needed))
-        return grant
-
-
-class TokenAuth(Controller):
-    def __init__(self, public_keys: dict, service: str, issuer: str, realm: str | None,
-                 rules: AccessRules | None, trusted_proxies: frozenset[str] = frozenset()):
-        self.public_keys = public_keys
-        self.service = service
-        self.issuer = issuer
-        self.realm = realm
-        self.rules = rules
-        self.trusted_proxies = trusted_proxies
-
-    def challenge(self, request: web.Request, needed: list[Access], error: str | None = None) -> dict[str, str]:
-        realm = self.realm or f"{public_base(request, self.trusted_proxies)}/auth/token"
-        value = f'Bearer realm="{realm}",service="{self.service}"'
-        if needed:
-            value += f',scope="{" ".join(a.scope() for a in needed + mount_source(request))}"'
-        if error:
-            value += f',error="{error}"'
-        return {"WWW-Authenticate": value}
-
-    async def authorize(self, request: web.Request, needed: list[Access]) -> Grant:
-        header = request.headers.get("Authorization", "")
-        if header[:7].lower() != "bearer ":
-            raise Unauthorized(detail=_detail(needed), headers=self.challenge(request, needed))
-        try:
-            claims = jwt.verify(header[7:].strip(), self.public_keys, audience=self.service, issuer=self.issuer)
-        except jwt.TokenError as exc:
-            raise Unauthorized(f"invalid token: {exc}",
-                               headers=self.challenge(request, needed, "invalid_token")) from None
-        access = claims.get("access") if isinstance(claims.get("access"), list) else []
-        grant = TokenGrant([a for a in access if isinstance(a, dict)], self.rules, claims.get("sub") or None)
-        if not _covers(grant, needed):
-            raise Unauthorized("the token does not grant this access", detail=_detail(needed),
-                               headers=self.challenge(request, needed, "insufficient_scope"))
+        if user is None and (not needed or not covers(grant, needed)):
+            raise Unauthorized(detail=access_detail(needed), headers=self.challenge)
+        if not covers(grant, needed):
+            raise Denied(detail=access_detail(needed))
         return grant
 
 
@@ -303,6 +245,9 @@ def _build(config: AuthConfig, root: Path) -> AuthState:
     credentials = Credentials(Htpasswd(config.htpasswd_path(root)), limiter, config.trusted_proxies)
     if config.mode == "htpasswd":
         return AuthState(BasicAuth(credentials, config.rules), credentials, config=config)
+    from .keys import load_or_create, load_trusted_keys
+    from .token import TokenAuth
+
     if config.external is not None:
         ext = config.external
         keys = load_trusted_keys(ext.certificate, ext.jwks)
