@@ -18,8 +18,8 @@ from .auth.controller import build as build_auth
 from .config import Config
 from .context import CONFIG, STORAGE
 from .middlewares import add_api_version, error_middleware, head_size_limit, unauthenticated_body_limit
-from .proxy.service import PROXY, ProxyService, proxy_middleware
-from .proxy.service import status as proxy_status
+from .proxy.front import PROXY, proxy_middleware
+from .proxy.front import status as proxy_status
 from .routes import setup_routes
 
 log = logging.getLogger("kura.registry")
@@ -39,6 +39,8 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
     app.cleanup_ctx.append(_upload_purger)
     app.cleanup_ctx.append(_garbage_collector)
     if config.proxies:
+        from .proxy.service import ProxyService  # the upstream client (puller/): only for a proxy
+
         app[PROXY] = ProxyService(config.proxies, app[STORAGE], _spool_dir(config),
                                   collect=lambda: quota.collect_garbage(app[STORAGE], config))
         app.cleanup_ctx.append(_proxy)

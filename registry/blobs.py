@@ -6,7 +6,7 @@ from .blob_response import serve_blob
 from .context import config, parse_digest, repository, storage
 from .errors import BlobUnknown, Unsupported
 from .proxy.routing import proxy_route
-from .proxy.service import PROXY
+from .proxy.front import PROXY
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:

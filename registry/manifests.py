@@ -13,7 +13,7 @@ from storage import ManifestNotFound, ManifestReferenceUnknown, manifests
 from . import quota
 from .context import config, parse_reference, repository, storage
 from .proxy.routing import proxy_route
-from .proxy.service import PROXY
+from .proxy.front import PROXY
 from .errors import (
     ManifestBlobUnknown,
     ManifestInvalid,

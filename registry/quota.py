@@ -21,8 +21,6 @@ from storage.usage import Quota
 
 from .context import CONFIG, STORAGE, config, storage
 from .errors import Denied
-from .proxy import eviction
-from .proxy.routing import Router
 
 log = logging.getLogger("kura.registry")
 
@@ -165,6 +163,9 @@ async def collect_garbage(driver, settings, *, dry_run: bool = False):
 
     evicted: dict[str, set[str]] = {}
     if settings.proxies and not dry_run:
+        from .proxy import eviction  # the proxy's modules (puller/) only when one is configured
+        from .proxy.routing import Router
+
         # Caches above their max_bytes lose their least recently pulled images first; this
         # collection deletes at once what that leaves unreferenced.
         for done in await eviction.evict(driver, Router(settings.proxies)):

@@ -6,7 +6,7 @@ from .context import repository, storage
 from .errors import NameUnknown
 from .pagination import paginate
 from .proxy.routing import proxy_route
-from .proxy.service import PROXY
+from .proxy.front import PROXY
 
 
 async def list_tags(request: web.Request) -> web.Response:

@@ -20,7 +20,7 @@ from ocispec import mediatypes as mt
 from ocispec.digest import Digest
 from registry.config import Config
 from registry.proxy.config import parse as parse_proxies
-from registry.proxy.service import PROXY
+from registry.proxy.front import PROXY
 from tests.support.cli import kura
 from tests.support.fake_hub import PASSWORD, USERNAME, emulated_hub
 from tests.support.mirror_clients import registries_conf

@@ -13,7 +13,7 @@ import pytest
 from registry.app import make_app
 from registry.config import Config
 from registry.proxy.config import parse as parse_proxies
-from registry.proxy.service import PROXY
+from registry.proxy.front import PROXY
 from tests.support.fake_hub import emulated_hub
 from tests.support.mirror_clients import Podman, Skopeo, hosts_dir, registries_conf
 from tests.support.mirror_daemons import containerd_daemon_async, docker_daemon_async, listed_digest

@@ -29,7 +29,7 @@ from storage.fsck import fsck
 from registry.proxy import manifests as proxy_manifests
 from registry.proxy import service as proxy_service
 from registry.proxy.config import parse as parse_proxies
-from registry.proxy.service import PROXY
+from registry.proxy.front import PROXY
 
 from .conftest import error_code, push_image, serve_app
 
