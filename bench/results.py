@@ -99,7 +99,7 @@ def write_chart(rows: list[Row], path: Path, title: str) -> bool | NoChart:
     if not compared:
         return NoChart("no row compares Kura with a reference")
     height = max(3.0, 0.32 * len(compared) + 1.2)
-    figure, axes = plt.subplots(figsize=(10, height))
+    figure, axes = plt.subplots(figsize=(12, height))
     names = [f"{row.section}: {row.metric}" for row in compared]
     values = [row.speedup for row in compared]
     colours = ["#2a7" if row.met != "MISSED" else "#d54" for row in compared]
@@ -118,6 +118,7 @@ def write_chart(rows: list[Row], path: Path, title: str) -> bool | NoChart:
     axes.set_xlabel("times better than the reference (log scale; black tick: target; red: target missed)")
     axes.set_title(title, fontsize=9)
     figure.tight_layout()
+    figure.subplots_adjust(left=0.42)  # room for the longest metric name
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
