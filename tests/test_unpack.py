@@ -508,3 +508,60 @@ def test_memory_for_what_a_layer_made_grows_with_entries_not_with_their_depth(tm
 
     shallow, deep = peak_per_directory(10), peak_per_directory(100)
     assert deep < 1.5 * shallow, f"{shallow:.0f} bytes a directory at depth 10, {deep:.0f} at depth 100"
+
+
+# ---------------------------------------------------------------- directories kept open between entries
+
+def test_directory_replaced_by_symlink_later_in_the_layer_is_not_written_into(world):
+    """The walk keeps the last entry's directories open; one replaced by a symlink (out of the
+    root) must be walked again, as a link inside the root, not written into where it was."""
+    world.apply(layer(entry("a", "dir"), entry("a/b", "dir"), entry("a/b/f", data=b"1"),
+                      entry("a", "symlink", target=str(world.out)), entry("a/secret", data=b"pwned"),
+                      entry("a/dir/file", data=b"pwned too")))
+    world.untouched()
+    inside = world.root / str(world.out).lstrip("/")
+    assert (inside / "secret").read_bytes() == b"pwned" and (inside / "dir" / "file").read_bytes() == b"pwned too"
+    assert os.readlink(world.root / "a") == str(world.out)
+
+
+def test_directory_replaced_by_symlink_in_a_later_layer_is_not_written_into(world):
+    world.apply(layer(entry("a", "dir"), entry("a/b", "dir"), entry("a/b/c", "dir"), entry("a/b/c/f", data=b"1")),
+                layer(entry("a/b", "symlink", target="../../../" + str(world.out)), entry("a/b/secret", data=b"pwned"),
+                      entry("a/b/c/evil", data=b"x")))
+    world.untouched()
+    inside = world.root / str(world.out).lstrip("/")
+    assert (inside / "secret").read_bytes() == b"pwned" and (inside / "c" / "evil").read_bytes() == b"x"
+
+
+def test_whiteout_then_symlink_where_a_kept_directory_was(world):
+    world.apply(layer(entry("d", "dir"), entry("d/sub", "dir"), entry("d/sub/f", data=b"1")),
+                layer(entry("d/.wh.sub"), entry("d/sub", "symlink", target=str(world.out)),
+                      entry("d/sub/secret", data=b"pwned")))
+    world.untouched()
+    assert (world.root / str(world.out).lstrip("/") / "secret").read_bytes() == b"pwned"
+
+
+def test_opaque_then_symlink_where_a_kept_directory_was(world):
+    world.apply(layer(entry("d", "dir"), entry("d/sub", "dir"), entry("d/sub/deeper", "dir"),
+                      entry("d/sub/deeper/f", data=b"1")),
+                layer(entry("d", "dir"), entry("d/.wh..wh..opq"), entry("d/sub", "symlink", target=str(world.out)),
+                      entry("d/sub/deeper/secret", data=b"pwned"), entry("d/sub/secret", data=b"pwned")))
+    world.untouched()
+    inside = world.root / str(world.out).lstrip("/")
+    assert (inside / "secret").read_bytes() == b"pwned" and (inside / "deeper" / "secret").read_bytes() == b"pwned"
+
+
+def test_file_where_a_kept_directory_was_is_a_path_error(world):
+    world.apply(layer(entry("a", "dir"), entry("a/b", "dir"), entry("a/b/f", data=b"1")))
+    with pytest.raises(UnsafeLayer, match="not a directory"):
+        world.apply(layer(entry("a/b", data=b"now a file"), entry("a/b/f2", data=b"2")))
+    assert (world.root / "a" / "b").read_bytes() == b"now a file"
+    world.untouched()
+
+
+def test_hardlink_source_through_a_replaced_directory_stays_inside(world):
+    """The old `o` (kept open by the walk) held a `secret`; the link must look through the new `o`."""
+    world.apply(layer(entry("o", "dir"), entry("o/secret", data=b"old")))
+    with pytest.raises(UnsafeLayer, match="does not exist"):
+        world.apply(layer(entry("o", "symlink", target=str(world.out)), entry("h", "hardlink", target="o/secret")))
+    world.untouched()
