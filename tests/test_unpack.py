@@ -73,8 +73,9 @@ def world(tmp_path):
             root = Root(str(rootfs))
             options = options or UnpackOptions()
             try:
-                for data in layers:
-                    apply_layer(root, DecompressedLayer(io.BytesIO(data), media_type, limit), options)
+                for data in layers:  # read ahead in a thread, as `kura unpack` reads
+                    with DecompressedLayer(io.BytesIO(data), media_type, limit, read_ahead=True) as stream:
+                        apply_layer(root, stream, options)
             finally:
                 root.close()
             return options
@@ -379,9 +380,10 @@ def test_xattrs_where_the_filesystem_allows(world, tmp_path):
     assert os.getxattr(world.root / "z", "user.kura") == b"value"
 
 
+@pytest.mark.parametrize("read_ahead", [False, True])
 @pytest.mark.parametrize("media_type", [GZIP, ZSTD, TAR])
-def test_compressions_and_diff_id(world, media_type):
-    tar = layer(entry("f", data=b"hello"))
+def test_compressions_and_diff_id(world, media_type, read_ahead):
+    tar = layer(entry("f", data=b"hello"), entry("big", data=os.urandom(3 << 20)))
     if media_type == GZIP:
         data = gzip.compress(tar) + gzip.compress(b"")  # concatenated members are allowed
     elif media_type == ZSTD:
@@ -389,9 +391,10 @@ def test_compressions_and_diff_id(world, media_type):
         data = zstandard.ZstdCompressor().compress(tar)
     else:
         data = tar
-    stream = DecompressedLayer(io.BytesIO(data), media_type)
+    stream = DecompressedLayer(io.BytesIO(data), media_type, read_ahead=read_ahead)
     root = Root(str(world.root))
-    apply_layer(root, stream, UnpackOptions())
+    with stream:
+        apply_layer(root, stream, UnpackOptions())
     root.close()
     assert (world.root / "f").read_bytes() == b"hello"
     assert stream.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
@@ -452,6 +455,34 @@ def test_small_reads_do_not_reinflate_the_compressed_input(monkeypatch):
     assert out == plain + b"second member"
     bound = len(compressed) + len(out)
     assert handed <= bound, f"{handed} bytes handed to the inflater for {len(compressed)} compressed"
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "bomb"])
+def test_read_ahead_hands_over_errors_in_order_and_stops(damage):
+    """What the inflating thread meets is raised at the read that reaches it, not before; a
+    layer abandoned early stops the thread."""
+    import threading
+    plain = os.urandom(3 << 20) + bytes(20 << 20)
+    compressed = gzip.compress(plain, compresslevel=1)
+    if damage == "corrupt":
+        compressed = compressed[:len(compressed) // 2] + bytes(64) + compressed[len(compressed) // 2 + 64:]
+    elif damage == "truncated":
+        compressed = compressed[:-1000]
+    threads = threading.active_count()
+    with DecompressedLayer(io.BytesIO(compressed), GZIP, limit=10 << 20, read_ahead=True) as stream:
+        out = bytearray()
+        with pytest.raises(LayerError, match="not valid gzip|truncated|limit") as raised:
+            while chunk := stream.read(1 << 20):
+                out += chunk
+        assert damage == "corrupt" or plain.startswith(out)  # corrupt data inflates to garbage first
+        if damage == "bomb":
+            assert "limit" in str(raised.value) and len(out) <= 10 << 20
+        with pytest.raises(LayerError):
+            stream.read(1)  # and again: never an end of file
+    assert threading.active_count() == threads
+    with DecompressedLayer(io.BytesIO(gzip.compress(plain)), GZIP, read_ahead=True) as stream:
+        stream.read(10)  # closed with the thread blocked on a full queue
+    assert threading.active_count() == threads
 
 
 def test_unknown_media_type():
