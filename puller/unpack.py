@@ -22,9 +22,9 @@ from typing import NamedTuple
 
 from .dirchain import DIR_FLAGS as _DIR_FLAGS
 from .dirchain import DirectoryChain
-from .layers import CHUNK, DecompressedLayer
+from .layers import DecompressedLayer
 from .pathtree import PathTree
-from .tarreader import UnsafeLayer, open_layer_tar, tar_members
+from .tarreader import UnsafeLayer, member_data, open_layer_tar, tar_members
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -255,9 +255,8 @@ def _apply_member(root: Root, archive: tarfile.TarFile, member: tarfile.TarInfo,
             fd = _replacing(root, parent, name, lambda: os.open(
                 name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent))
             try:
-                source = archive.extractfile(member)
-                while chunk := source.read(CHUNK):
-                    os.write(fd, chunk)
+                for chunk in member_data(archive, member):
+                    _write_all(fd, chunk)
                 _set_file_metadata(fd, member, options)
             finally:
                 os.close(fd)
@@ -286,6 +285,14 @@ def _apply_member(root: Root, archive: tarfile.TarFile, member: tarfile.TarInfo,
         return None
     finally:
         os.close(parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)
+    if written < len(data):
+        view = memoryview(data)
+        while written < len(data):
+            written += os.write(fd, view[written:])
 
 
 def _replacing(root: Root, parent: int, name: str, make):
