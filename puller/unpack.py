@@ -4,10 +4,13 @@ Every path is resolved component by component from an open descriptor of the roo
 O_NOFOLLOW, so nothing outside the rootfs is ever created, changed or removed: a symlink met
 as a parent is followed *inside* the root (an absolute target starts again at the root and
 `..` stops there, as under chroot), and the entry's own final component is never followed.
-Entry names with `..` or absolute paths are refused with an error naming the entry. Changes
-follow the image-spec: `.wh.NAME` removes NAME from lower layers, `.wh..wh..opq` empties a
-directory of what lower layers put there, hardlinks point inside the root, modes (with
-setuid/setgid/sticky), mtimes, owners (as root) and xattrs (where allowed) are kept.
+The directories of the last path walked stay open for the next entry (dirchain.py: real
+directories only, forgotten whenever a directory is removed); a path through a symlink is
+walked in full each time. Entry names with `..` or absolute paths are refused with an error
+naming the entry. Changes follow the image-spec: `.wh.NAME` removes NAME from lower layers,
+`.wh..wh..opq` empties a directory of what lower layers put there, hardlinks point inside the
+root, modes (with setuid/setgid/sticky), mtimes, owners (as root) and xattrs (where allowed)
+are kept.
 """
 
 from __future__ import annotations
