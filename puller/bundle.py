@@ -80,8 +80,8 @@ def unpack_image(store: Store, manifest_digest: Digest, bundle: Path, *, allow_d
         for index, layer in enumerate(manifest.get("layers", [])):
             digest = Digest.parse(layer["digest"])
             verify_blob(store, digest)
-            with open(store.blob_path(digest), "rb") as raw:
-                stream = DecompressedLayer(raw, layer["mediaType"], max_layer_bytes)
+            with open(store.blob_path(digest), "rb") as raw, \
+                    DecompressedLayer(raw, layer["mediaType"], max_layer_bytes, read_ahead=True) as stream:
                 try:
                     apply_layer(root, stream, options)
                 except UnsafeLayer as exc:

@@ -1,10 +1,12 @@
 """Streaming decompression of layer blobs, in bounded memory, with a cap against decompression
-bombs: at most one chunk (1 MiB) is inflated ahead of what was read, so a layer that expands
-a thousandfold is refused at the limit without ever being held."""
+bombs: at most one chunk (1 MiB) is inflated ahead of what was read (a few with read_ahead), so
+a layer that expands a thousandfold is refused at the limit without ever being held."""
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import zlib
 
 from ocispec import mediatypes as mt
@@ -107,22 +109,91 @@ class _Plain:
         return self.raw.read(n)
 
 
+class _ReadAhead:
+    """A source read in a thread of its own, at most DEPTH chunks ahead of the caller, each
+    chunk hashed there too: inflating and hashing (both let go of the GIL) go on while the
+    caller parses the tar and writes files. What the source raises is raised to the caller,
+    in order, at the read that would have met it."""
+
+    DEPTH = 4
+
+    def __init__(self, source, hasher):
+        self.kind, self.errors = source.kind, source.errors
+        self._source, self._hasher = source, hasher
+        self._queue: queue.Queue = queue.Queue(self.DEPTH)
+        self._stop = threading.Event()
+        self._chunk, self._served = b"", 0
+        self._end: BaseException | None = None  # once met: what the source raised, or EOFError
+        self._thread = threading.Thread(target=self._run, name="layer-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._source.read(CHUNK)
+                self._hasher.update(data)
+                self._queue.put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # noqa: B036 - handed to the reading thread
+            self._queue.put(exc)
+
+    def read(self, n: int) -> bytes:
+        if self._served == len(self._chunk):
+            if self._end is None:
+                item = self._queue.get()
+                if isinstance(item, bytes) and item:
+                    self._chunk, self._served = item, 0
+                else:
+                    self._end = item or EOFError()
+            if self._end is not None:
+                if isinstance(self._end, EOFError):
+                    return b""
+                raise self._end
+        out = self._chunk[self._served:self._served + n]
+        self._served += len(out)
+        return out
+
+    def close(self) -> None:
+        """Stop the thread (before the raw file it reads is closed)."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)  # a put waiting for room ends
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+
 class DecompressedLayer:
     """A file-like reader of a layer's uncompressed tar stream. Counts and hashes what it
-    yields (the diff_id) and refuses to go past `limit` bytes."""
+    yields (the diff_id) and refuses to go past `limit` bytes. With `read_ahead`, inflating and
+    hashing run in a thread (see _ReadAhead): close it, or use it as a context manager."""
 
-    def __init__(self, raw, media_type: str, limit: int = DEFAULT_MAX_LAYER_BYTES):
+    def __init__(self, raw, media_type: str, limit: int = DEFAULT_MAX_LAYER_BYTES, *, read_ahead: bool = False):
         self.limit = limit
         self.size = 0
         self.hasher = hashlib.sha256()
         if media_type in GZIP_TYPES:
-            self._source = _Gunzip(raw)
+            source = _Gunzip(raw)
         elif media_type in ZSTD_TYPES:
-            self._source = _Unzstd(raw)
+            source = _Unzstd(raw)
         elif media_type in TAR_TYPES:
-            self._source = _Plain(raw)
+            source = _Plain(raw)
         else:
             raise LayerError(f"unsupported layer media type {media_type!r}")
+        self._hashing = not read_ahead  # else the thread hashes each chunk as it reads it
+        self._source = _ReadAhead(source, self.hasher) if read_ahead else source
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if isinstance(self._source, _ReadAhead):
+            self._source.close()
 
     @property
     def diff_id(self) -> str:
@@ -141,11 +212,11 @@ class DecompressedLayer:
         self.size += len(out)
         if self.size > self.limit:
             raise LayerError(f"layer decompresses to more than {self.limit} bytes (limit); refusing it")
-        self.hasher.update(out)
+        if self._hashing:
+            self.hasher.update(out)
         return out
 
     def drain(self) -> None:
         """Read to the end (tar padding after the last member counts for the diff_id)."""
         while self.read(CHUNK):
             pass
-

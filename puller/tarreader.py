@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import tarfile
 
+from .layers import CHUNK
+
 MAX_SPECIAL_HEADER = 1 << 20
 MAX_HEADERS_PER_ENTRY = 8
 MAX_HEADER_BYTES_PER_ENTRY = 2 << 20
@@ -78,9 +80,63 @@ class _LayerTar(tarfile.TarFile):
             raise UnsafeLayer(f"tar extended headers of more than {MAX_HEADER_BYTES_PER_ENTRY} bytes before one entry")
 
 
+class _Forward:
+    """A layer stream as the seekable file tarfile's "r:" mode reads, though only forwards
+    (a seek back is refused, as stream mode's would be): tarfile reads each header and each
+    entry's data straight from it, where stream mode ("r|") passes every byte through a buffer
+    of its own 10 KiB at a time, and copies what is left of it on each read."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._position = 0
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int, whence: int = 0) -> int:
+        if whence != 0 or position < self._position:
+            raise tarfile.StreamError("a layer's tar is read once, forwards")
+        while position > self._position:
+            skipped = self._stream.read(min(position - self._position, CHUNK))
+            if not skipped:
+                break  # the next read finds the end
+            self._position += len(skipped)
+        return self._position
+
+    def read(self, size: int) -> bytes:
+        """`size` bytes, fewer only at the end of the stream."""
+        data = self._stream.read(size)
+        if 0 < len(data) < size:
+            parts = [data]
+            got = len(data)
+            while got < size and (more := self._stream.read(size - got)):
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+        self._position += len(data)
+        return data
+
+    def chunks(self, size: int):
+        """The next `size` bytes, a piece at a time as the stream holds them."""
+        while size > 0:
+            data = self._stream.read(min(size, CHUNK))
+            if not data:
+                raise tarfile.ReadError("unexpected end of data")
+            self._position += len(data)
+            size -= len(data)
+            yield data
+
+
 def open_layer_tar(stream) -> tarfile.TarFile:
-    """A tar read once, in order, from a file-like `stream` (see tar_members)."""
-    return _LayerTar.open(fileobj=stream, mode="r|", errorlevel=2)
+    """A tar read once, in order, from a file-like `stream` (see tar_members and member_data)."""
+    return _LayerTar.open(fileobj=_Forward(stream), mode="r:", errorlevel=2)
+
+
+def member_data(archive: tarfile.TarFile, member: tarfile.TarInfo):
+    """A regular entry's data, as pieces of at most CHUNK bytes (what tarfile's extractfile
+    returns, without its buffers: sparse entries, which need those, never get this far)."""
+    archive.fileobj.seek(member.offset_data)
+    return archive.fileobj.chunks(member.size)
 
 
 def tar_members(archive: tarfile.TarFile):

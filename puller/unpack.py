@@ -4,10 +4,13 @@ Every path is resolved component by component from an open descriptor of the roo
 O_NOFOLLOW, so nothing outside the rootfs is ever created, changed or removed: a symlink met
 as a parent is followed *inside* the root (an absolute target starts again at the root and
 `..` stops there, as under chroot), and the entry's own final component is never followed.
-Entry names with `..` or absolute paths are refused with an error naming the entry. Changes
-follow the image-spec: `.wh.NAME` removes NAME from lower layers, `.wh..wh..opq` empties a
-directory of what lower layers put there, hardlinks point inside the root, modes (with
-setuid/setgid/sticky), mtimes, owners (as root) and xattrs (where allowed) are kept.
+The directories of the last path walked stay open for the next entry (dirchain.py: real
+directories only, forgotten whenever a directory is removed); a path through a symlink is
+walked in full each time. Entry names with `..` or absolute paths are refused with an error
+naming the entry. Changes follow the image-spec: `.wh.NAME` removes NAME from lower layers,
+`.wh..wh..opq` empties a directory of what lower layers put there, hardlinks point inside the
+root, modes (with setuid/setgid/sticky), mtimes, owners (as root) and xattrs (where allowed)
+are kept.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .layers import CHUNK, DecompressedLayer
+from .dirchain import DIR_FLAGS as _DIR_FLAGS
+from .dirchain import DirectoryChain
+from .layers import DecompressedLayer
 from .pathtree import PathTree
-from .tarreader import UnsafeLayer, open_layer_tar, tar_members
+from .tarreader import UnsafeLayer, member_data, open_layer_tar, tar_members
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -32,7 +37,6 @@ MAX_LINK_HOPS = 40
 MAX_DIRECTORY_XATTR_BYTES = 16 << 20
 _XATTR_OVERHEAD = 100
 _XATTR_PREFIX = "SCHILY.xattr."
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -64,12 +68,21 @@ class Root:
     def __init__(self, path: str):
         os.makedirs(path, exist_ok=True)
         self.fd = os.open(path, _DIR_FLAGS)
+        self._chain = DirectoryChain(self.fd)
 
     def close(self) -> None:
+        self._chain.clear()
         os.close(self.fd)
 
     def walk(self, parts: list[str], create: bool, entry: str) -> int:
         """An fd of the directory at `parts`, following symlinks only inside the root."""
+        if all(p not in ("", ".", "..") for p in parts):
+            fd = self._chain.open(parts, create)
+            if fd is not None:
+                return fd
+        return self._walk_in_full(parts, create, entry)  # a symlink (or a non-directory) on the way
+
+    def _walk_in_full(self, parts: list[str], create: bool, entry: str) -> int:
         stack = [os.dup(self.fd)]
         pending = list(parts)
         hops = 0
@@ -118,6 +131,7 @@ class Root:
         except FileNotFoundError:
             return
         if stat.S_ISDIR(st.st_mode):
+            self._chain.clear()  # it may hold that directory open (or one below it)
             shutil.rmtree(name, dir_fd=parent)
         else:
             os.unlink(name, dir_fd=parent)
@@ -224,84 +238,118 @@ def _whiteout(root: Root, dir_parts: list[str], target: str, created: PathTree, 
 
 def _apply_member(root: Root, archive: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str],
                   options: UnpackOptions) -> tuple[int, int] | None:
-    """Apply one entry; for a directory, return its (device, inode) for the metadata pass."""
+    """Apply one entry; for a directory, return its (device, inode) for the metadata pass.
+
+    Each kind is made first and what a lower layer left at its name removed only when that
+    fails with EEXIST (then made again): in a layer over nothing, no name is looked at twice."""
     name = parts[-1]
     parent = root.walk(parts[:-1], create=True, entry=member.name)
     try:
         if member.isdir():
             try:
-                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-                if not stat.S_ISDIR(st.st_mode):
+                os.mkdir(name, 0o700, dir_fd=parent)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
                     root.remove(parent, name)
                     os.mkdir(name, 0o700, dir_fd=parent)
-            except FileNotFoundError:
-                os.mkdir(name, 0o700, dir_fd=parent)
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
             return st.st_dev, st.st_ino  # metadata once the layer is done
-        root.remove(parent, name)
         if member.isreg():
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=parent)
+            fd = _replacing(root, parent, name, lambda: os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent))
             try:
-                source = archive.extractfile(member)
-                while chunk := source.read(CHUNK):
-                    os.write(fd, chunk)
+                for chunk in member_data(archive, member):
+                    _write_all(fd, chunk)
+                _set_file_metadata(fd, member, options)
             finally:
                 os.close(fd)
+            return None
         elif member.issym():
-            os.symlink(member.linkname, name, dir_fd=parent)  # stored as-is, never resolved here
+            # stored as-is, never resolved here
+            _replacing(root, parent, name, lambda: os.symlink(member.linkname, name, dir_fd=parent))
         elif member.islnk():
-            try:
-                link_parts = clean_name(member.linkname)
-            except UnsafeLayer as exc:
-                raise UnsafeLayer(f"entry {member.name!r}: hardlink target {exc}") from None
-            if not link_parts:
-                raise UnsafeLayer(f"entry {member.name!r}: hardlink to the root")
-            try:
-                source_dir = root.walk(link_parts[:-1], create=False, entry=member.name)
-            except FileNotFoundError:
-                raise UnsafeLayer(f"entry {member.name!r}: hardlink target {member.linkname!r} does not exist") from None
-            try:
-                source_stat = os.stat(link_parts[-1], dir_fd=source_dir, follow_symlinks=False)
-                if stat.S_ISDIR(source_stat.st_mode):
-                    raise UnsafeLayer(f"entry {member.name!r}: hardlink to a directory")
-                os.link(link_parts[-1], name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
-            except FileNotFoundError:
-                raise UnsafeLayer(f"entry {member.name!r}: hardlink target {member.linkname!r} does not exist") from None
-            finally:
-                os.close(source_dir)
+            _hardlink(root, parent, name, member)
             return None  # a hardlink shares its target's metadata
         elif member.isfifo():
-            os.mkfifo(name, 0o600, dir_fd=parent)
+            _replacing(root, parent, name, lambda: os.mkfifo(name, 0o600, dir_fd=parent))
         elif member.ischr() or member.isblk():
             if not (options.allow_devices and options.as_root):
                 options.note_once("device nodes skipped (use --allow-devices, as root)")
+                root.remove(parent, name)  # as an entry it still replaces what was there
                 return None
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            os.mknod(name, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=parent)
+            device = os.makedev(member.devmajor, member.devminor)
+            _replacing(root, parent, name, lambda: os.mknod(name, kind | 0o600, device, dir_fd=parent))
         else:
             options.note_once(f"skipped entries of unsupported tar type {member.type!r}")
+            root.remove(parent, name)
             return None
-        _set_metadata(parent, name, member, options, is_link=member.issym())
+        _set_metadata(parent, name, member, options)
         return None
     finally:
         os.close(parent)
 
 
-def _set_metadata(parent: int, name: str, member: tarfile.TarInfo, options: UnpackOptions, is_link: bool) -> None:
+def _write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)
+    if written < len(data):
+        view = memoryview(data)
+        while written < len(data):
+            written += os.write(fd, view[written:])
+
+
+def _replacing(root: Root, parent: int, name: str, make):
+    """`make()` a new entry at `name`; if something is there already, remove it and make again."""
+    try:
+        return make()
+    except FileExistsError:
+        root.remove(parent, name)
+        return make()
+
+
+def _hardlink(root: Root, parent: int, name: str, member: tarfile.TarInfo) -> None:
+    try:
+        link_parts = clean_name(member.linkname)
+    except UnsafeLayer as exc:
+        raise UnsafeLayer(f"entry {member.name!r}: hardlink target {exc}") from None
+    if not link_parts:
+        raise UnsafeLayer(f"entry {member.name!r}: hardlink to the root")
+    missing = UnsafeLayer(f"entry {member.name!r}: hardlink target {member.linkname!r} does not exist")
+    try:
+        source_dir = root.walk(link_parts[:-1], create=False, entry=member.name)
+    except FileNotFoundError:
+        raise missing from None
+    try:
+        source_stat = os.stat(link_parts[-1], dir_fd=source_dir, follow_symlinks=False)
+        if stat.S_ISDIR(source_stat.st_mode):
+            raise UnsafeLayer(f"entry {member.name!r}: hardlink to a directory")
+        _replacing(root, parent, name, lambda: os.link(
+            link_parts[-1], name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False))
+    except FileNotFoundError:
+        raise missing from None
+    finally:
+        os.close(source_dir)
+
+
+def _set_file_metadata(fd: int, member: tarfile.TarInfo, options: UnpackOptions) -> None:
+    """Owner, mode, xattrs and mtime of a regular file just written, all through its descriptor."""
+    if options.as_root:
+        os.fchown(fd, member.uid, member.gid)
+    else:
+        options.note_once("not running as root: files are owned by the current user, not the image's owners")
+    os.fchmod(fd, member.mode & 0o7777)  # after chown, which clears setuid/setgid
+    _set_xattrs(fd, _xattrs(member), options)
+    os.utime(fd, ns=(_mtime_ns(member),) * 2)  # last: the writes set it
+
+
+def _set_metadata(parent: int, name: str, member: tarfile.TarInfo, options: UnpackOptions) -> None:
+    """Owner, mode and mtime of a symlink, FIFO or device node just made at `name`."""
     if options.as_root:
         os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
     else:
         options.note_once("not running as root: files are owned by the current user, not the image's owners")
-    if member.isfifo() or member.ischr() or member.isblk():
+    if not member.issym():
         os.chmod(name, member.mode & 0o7777, dir_fd=parent)  # just created by us: not a link; never opened
-    elif not is_link:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        try:
-            os.fchmod(fd, member.mode & 0o7777)  # after chown, which clears setuid/setgid
-            _set_xattrs(fd, _xattrs(member), options)
-        finally:
-            os.close(fd)
     os.utime(name, ns=(_mtime_ns(member),) * 2, dir_fd=parent, follow_symlinks=False)
 
 

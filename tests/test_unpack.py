@@ -73,8 +73,9 @@ def world(tmp_path):
             root = Root(str(rootfs))
             options = options or UnpackOptions()
             try:
-                for data in layers:
-                    apply_layer(root, DecompressedLayer(io.BytesIO(data), media_type, limit), options)
+                for data in layers:  # read ahead in a thread, as `kura unpack` reads
+                    with DecompressedLayer(io.BytesIO(data), media_type, limit, read_ahead=True) as stream:
+                        apply_layer(root, stream, options)
             finally:
                 root.close()
             return options
@@ -379,9 +380,10 @@ def test_xattrs_where_the_filesystem_allows(world, tmp_path):
     assert os.getxattr(world.root / "z", "user.kura") == b"value"
 
 
+@pytest.mark.parametrize("read_ahead", [False, True])
 @pytest.mark.parametrize("media_type", [GZIP, ZSTD, TAR])
-def test_compressions_and_diff_id(world, media_type):
-    tar = layer(entry("f", data=b"hello"))
+def test_compressions_and_diff_id(world, media_type, read_ahead):
+    tar = layer(entry("f", data=b"hello"), entry("big", data=os.urandom(3 << 20)))
     if media_type == GZIP:
         data = gzip.compress(tar) + gzip.compress(b"")  # concatenated members are allowed
     elif media_type == ZSTD:
@@ -389,9 +391,10 @@ def test_compressions_and_diff_id(world, media_type):
         data = zstandard.ZstdCompressor().compress(tar)
     else:
         data = tar
-    stream = DecompressedLayer(io.BytesIO(data), media_type)
+    stream = DecompressedLayer(io.BytesIO(data), media_type, read_ahead=read_ahead)
     root = Root(str(world.root))
-    apply_layer(root, stream, UnpackOptions())
+    with stream:
+        apply_layer(root, stream, UnpackOptions())
     root.close()
     assert (world.root / "f").read_bytes() == b"hello"
     assert stream.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
@@ -454,6 +457,34 @@ def test_small_reads_do_not_reinflate_the_compressed_input(monkeypatch):
     assert handed <= bound, f"{handed} bytes handed to the inflater for {len(compressed)} compressed"
 
 
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "bomb"])
+def test_read_ahead_hands_over_errors_in_order_and_stops(damage):
+    """What the inflating thread meets is raised at the read that reaches it, not before; a
+    layer abandoned early stops the thread."""
+    import threading
+    plain = os.urandom(3 << 20) + bytes(20 << 20)
+    compressed = gzip.compress(plain, compresslevel=1)
+    if damage == "corrupt":
+        compressed = compressed[:len(compressed) // 2] + bytes(64) + compressed[len(compressed) // 2 + 64:]
+    elif damage == "truncated":
+        compressed = compressed[:-1000]
+    threads = threading.active_count()
+    with DecompressedLayer(io.BytesIO(compressed), GZIP, limit=10 << 20, read_ahead=True) as stream:
+        out = bytearray()
+        with pytest.raises(LayerError, match="not valid gzip|truncated|limit") as raised:
+            while chunk := stream.read(1 << 20):
+                out += chunk
+        assert damage == "corrupt" or plain.startswith(out)  # corrupt data inflates to garbage first
+        if damage == "bomb":
+            assert "limit" in str(raised.value) and len(out) <= 10 << 20
+        with pytest.raises(LayerError):
+            stream.read(1)  # and again: never an end of file
+    assert threading.active_count() == threads
+    with DecompressedLayer(io.BytesIO(gzip.compress(plain)), GZIP, read_ahead=True) as stream:
+        stream.read(10)  # closed with the thread blocked on a full queue
+    assert threading.active_count() == threads
+
+
 def test_unknown_media_type():
     with pytest.raises(LayerError, match="unsupported"):
         DecompressedLayer(io.BytesIO(b""), "application/x-rar")
@@ -508,3 +539,60 @@ def test_memory_for_what_a_layer_made_grows_with_entries_not_with_their_depth(tm
 
     shallow, deep = peak_per_directory(10), peak_per_directory(100)
     assert deep < 1.5 * shallow, f"{shallow:.0f} bytes a directory at depth 10, {deep:.0f} at depth 100"
+
+
+# ---------------------------------------------------------------- directories kept open between entries
+
+def test_directory_replaced_by_symlink_later_in_the_layer_is_not_written_into(world):
+    """The walk keeps the last entry's directories open; one replaced by a symlink (out of the
+    root) must be walked again, as a link inside the root, not written into where it was."""
+    world.apply(layer(entry("a", "dir"), entry("a/b", "dir"), entry("a/b/f", data=b"1"),
+                      entry("a", "symlink", target=str(world.out)), entry("a/secret", data=b"pwned"),
+                      entry("a/dir/file", data=b"pwned too")))
+    world.untouched()
+    inside = world.root / str(world.out).lstrip("/")
+    assert (inside / "secret").read_bytes() == b"pwned" and (inside / "dir" / "file").read_bytes() == b"pwned too"
+    assert os.readlink(world.root / "a") == str(world.out)
+
+
+def test_directory_replaced_by_symlink_in_a_later_layer_is_not_written_into(world):
+    world.apply(layer(entry("a", "dir"), entry("a/b", "dir"), entry("a/b/c", "dir"), entry("a/b/c/f", data=b"1")),
+                layer(entry("a/b", "symlink", target="../../../" + str(world.out)), entry("a/b/secret", data=b"pwned"),
+                      entry("a/b/c/evil", data=b"x")))
+    world.untouched()
+    inside = world.root / str(world.out).lstrip("/")
+    assert (inside / "secret").read_bytes() == b"pwned" and (inside / "c" / "evil").read_bytes() == b"x"
+
+
+def test_whiteout_then_symlink_where_a_kept_directory_was(world):
+    world.apply(layer(entry("d", "dir"), entry("d/sub", "dir"), entry("d/sub/f", data=b"1")),
+                layer(entry("d/.wh.sub"), entry("d/sub", "symlink", target=str(world.out)),
+                      entry("d/sub/secret", data=b"pwned")))
+    world.untouched()
+    assert (world.root / str(world.out).lstrip("/") / "secret").read_bytes() == b"pwned"
+
+
+def test_opaque_then_symlink_where_a_kept_directory_was(world):
+    world.apply(layer(entry("d", "dir"), entry("d/sub", "dir"), entry("d/sub/deeper", "dir"),
+                      entry("d/sub/deeper/f", data=b"1")),
+                layer(entry("d", "dir"), entry("d/.wh..wh..opq"), entry("d/sub", "symlink", target=str(world.out)),
+                      entry("d/sub/deeper/secret", data=b"pwned"), entry("d/sub/secret", data=b"pwned")))
+    world.untouched()
+    inside = world.root / str(world.out).lstrip("/")
+    assert (inside / "secret").read_bytes() == b"pwned" and (inside / "deeper" / "secret").read_bytes() == b"pwned"
+
+
+def test_file_where_a_kept_directory_was_is_a_path_error(world):
+    world.apply(layer(entry("a", "dir"), entry("a/b", "dir"), entry("a/b/f", data=b"1")))
+    with pytest.raises(UnsafeLayer, match="not a directory"):
+        world.apply(layer(entry("a/b", data=b"now a file"), entry("a/b/f2", data=b"2")))
+    assert (world.root / "a" / "b").read_bytes() == b"now a file"
+    world.untouched()
+
+
+def test_hardlink_source_through_a_replaced_directory_stays_inside(world):
+    """The old `o` (kept open by the walk) held a `secret`; the link must look through the new `o`."""
+    world.apply(layer(entry("o", "dir"), entry("o/secret", data=b"old")))
+    with pytest.raises(UnsafeLayer, match="does not exist"):
+        world.apply(layer(entry("o", "symlink", target=str(world.out)), entry("h", "hardlink", target="o/secret")))
+    world.untouched()
