@@ -141,6 +141,10 @@ class Collection(abc.ABC):
 
 
 class StorageDriver(abc.ABC):
+    # Whether a manifest push stores the content (and checks what it names) before it takes the
+    # repository's lock rather than under it: worth a second round of checks where a write
+    # costs much more than a check (storage/manifests.py).
+    stores_manifests_before_locking = False
     # -- blobs (content-addressed, shared by all repositories) ------------------------
     @abc.abstractmethod
     async def stat_blob(self, digest: Digest) -> BlobContent | None: ...

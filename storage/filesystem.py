@@ -86,6 +86,7 @@ class _HashState:
 
 
 class FilesystemDriver(StorageDriver):
+    stores_manifests_before_locking = True  # a check is a stat; a write is two fsyncs
     def __init__(self, root: Path | str):
         self.layout = Layout(Path(root).resolve())
         self._small_blobs = ContentCache(SMALL_BLOB_CACHE_BYTES)

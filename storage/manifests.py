@@ -61,15 +61,18 @@ async def put_manifest(driver: StorageDriver, repository: str, data: bytes, cont
     referrer = None
     if manifest.subject is not None:
         referrer = (manifest.subject.digest, referrer_descriptor(manifest, digest, len(data)))
+    early = driver.stores_manifests_before_locking
     async with driver.reference_guard():
-        # The content is stored before the lock is taken, and the links are prepared there
-        # too: pushes to one repository queue for its lock, so what they do under it is kept
-        # to the checks and the links themselves. The checks run first outside it as well, so
-        # that a manifest naming what is not here stores nothing (should the second checks
-        # fail, the content is left for a collection: it is nobody's until linked).
-        await _check_blobs(driver, repository, manifest)
-        await _check_children(driver, repository, manifest)
-        await driver.put_small_blob(data, digest)
+        # A driver whose writes are slow next to its checks (the filesystem's fsyncs) stores
+        # the content before the lock is taken, and prepares the links there too: pushes to one
+        # repository queue for its lock, so what they do under it is kept to the checks and
+        # the links themselves. The checks then run first outside it as well, so that a
+        # manifest naming what is not here stores nothing (should the second checks fail, the
+        # content is left for a collection: it is nobody's until linked).
+        if early:
+            await _check_blobs(driver, repository, manifest)
+            await _check_children(driver, repository, manifest)
+            await driver.put_small_blob(data, digest)
         async with driver.staged_manifest_links(repository, digest, manifest.media_type,
                                                 referrer, tags) as install_links:
             async with driver.repository_lock(repository):
@@ -81,6 +84,8 @@ async def put_manifest(driver: StorageDriver, repository: str, data: bytes, cont
                 # Children are checked under the lock that deletes hold (a client's, or a
                 # collection's of untagged manifests), so none goes between check and link.
                 await _check_children(driver, repository, manifest)
+                if not early:
+                    await driver.put_small_blob(data, digest)
                 await install_links()
     return digest, manifest
 
