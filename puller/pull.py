@@ -10,13 +10,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-import aiohttp
-
 from ocispec import mediatypes as mt
 from ocispec.digest import Digest, InvalidDigest, new_hasher
 from ocispec.manifest import ManifestInvalid, ManifestUnsupported, parse_manifest
 from ocispec.reference import Reference
 
+from .aiohttp_loader import aiohttp
 from .credentials import Credentials
 from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
 from .platform import Platform, fits, matching, platforms_in, runnable_entries, well_formed

@@ -23,12 +23,11 @@ from pathlib import Path
 from urllib.parse import urljoin
 from typing import Callable, Protocol
 
-import aiohttp
-
 from ocispec import mediatypes as mt
 from ocispec.digest import Digest, new_hasher
 from ocispec.reference import Reference
 
+from .aiohttp_loader import aiohttp
 from .credentials import Credentials
 from .progress import Progress, Quiet
 from .registries import Registries

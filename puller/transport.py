@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 from urllib.parse import urljoin, urlsplit
 
-import aiohttp
-
+from .aiohttp_loader import aiohttp
 from .credentials import Credentials
 from .errors import RegistryError, printable
 from .registries import Endpoint
