@@ -97,8 +97,9 @@ def test_a_push_from_a_layout_imports_neither_tarfile_nor_the_unpacker(tmp_path)
 
 def test_the_client_imports_aiohttp_without_reading_cas_for_a_context_that_verifies_nothing(tmp_path):
     """puller/aiohttp_loader.py: aiohttp's `ssl=False` context skips the CA bundle (it never
-    consults it); its verifying context holds exactly what the system's default one does."""
-    code = ("import json, ssl, sys\n"
+    consults it); its verifying context holds exactly what the system's default one does; the
+    garbage collector runs again afterwards."""
+    code = ("import gc, json, ssl, sys\n"
             "import puller.pull, puller.push, puller.remote, puller.login\n"
             "from aiohttp import connector\n"
             "print('STATE=' + json.dumps({\n"
@@ -107,10 +108,11 @@ def test_the_client_imports_aiohttp_without_reading_cas_for_a_context_that_verif
             "    'system': ssl.create_default_context().cert_store_stats(),\n"
             "    'unverified': connector._SSL_CONTEXT_UNVERIFIED.cert_store_stats(),\n"
             "    'unverified_mode': int(connector._SSL_CONTEXT_UNVERIFIED.verify_mode),\n"
-            "    'patch_left': 'set_default_verify_paths' in ssl.SSLContext.__dict__}), file=sys.stderr)\n")
+            "    'patch_left': 'set_default_verify_paths' in ssl.SSLContext.__dict__,\n"
+            "    'collecting': gc.isenabled()}), file=sys.stderr)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=client_env(tmp_path), capture_output=True,
                             text=True, timeout=60)
     state = json.loads(next(line for line in result.stderr.splitlines() if line.startswith("STATE="))[6:])
     assert state["verifying"] == state["system"] and state["verifying_mode"] == 2  # ssl.CERT_REQUIRED
     assert state["unverified_mode"] == 0 and state["unverified"]["x509_ca"] == 0  # ssl.CERT_NONE, nothing read
-    assert not state["patch_left"]
+    assert not state["patch_left"] and state["collecting"]
