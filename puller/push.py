@@ -3,12 +3,13 @@
 Blobs first (HEAD, skip what exists; mount from `--mount-from`; else upload: one PUT for
 small blobs, PATCH chunks honouring OCI-Chunk-Min-Length for large ones, resuming from the
 server's Range after a break), every blob re-hashed from disk before anything is sent (in
-threads, see sources.BlobChecks); then
-manifests, children before the index, the top one by tag, the registry's digest checked.
+threads: sources.BlobChecks); then manifests, children before the index, the top one by tag,
+the registry's digest checked.
 
 An upload session is remembered (in the local store) until its blob is committed (one sent in
-a single PUT is not: nothing of it could be continued), so a push that was interrupted (or lost the registry: a break, a timeout, a 5xx, a 429) continues it the
-next time; a push the registry refuses for good (a 4xx, 507) cancels it. A push owns the
+a single PUT is not: nothing of it could be continued), so a push that was interrupted (or lost
+the registry: a break, a timeout, a 5xx, a 429) continues it the next time; a push the
+registry refuses for good (a 4xx, 507) cancels it. A push owns the
 session of a blob while it sends it (a flock in the store), so two pushes from one store never
 continue the same session at once: the second opens its own.
 """
