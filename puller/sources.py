@@ -45,13 +45,16 @@ class Source:
 
     def blob_digests(self) -> list[str]:
         """The config and layer digests below the top manifest (index children included), as
-        the local manifests name them (unchecked: a push checks each manifest it sends)."""
-        digests = []
+        the local manifests name them (unchecked: a push checks each manifest it sends; a
+        corrupt one may even name itself, so each is read once)."""
+        digests, seen = [], set()
         pending = [self.top["digest"]]
         while pending:
-            path = self.blob(pending.pop())
-            if not path.exists():
+            digest = pending.pop()
+            path = self.blob(digest)
+            if digest in seen or not path.exists():
                 continue
+            seen.add(digest)
             document = json.loads(path.read_bytes())
             pending += [m["digest"] for m in document.get("manifests", [])]
             digests += [d["digest"] for d in ([document["config"]] if "config" in document else [])
