@@ -20,7 +20,7 @@ from pathlib import Path
 from ocispec import mediatypes as mt
 
 from .layers import DecompressedLayer
-from .sources import PushError, Source, source_from_layout
+from .push import PushError, Source, source_from_layout
 from .tarreader import tar_members
 from .unpack import MAX_LINK_HOPS
 

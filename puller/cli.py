@@ -312,59 +312,67 @@ def _logout(args) -> int:
 
 
 def _push(args, store: Store) -> int:
+    if not args.source.startswith(("oci-archive:", "docker-archive:")):
+        return _push_from(args, store, None)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kura-push-", dir=store.scratch) as scratch:  # the unpacked archive
+        return _push_from(args, store, Path(scratch))
+
+
+def _push_from(args, store: Store, scratch: Path | None) -> int:
+    import asyncio
+
     from ocispec.reference import Reference
 
-    from .sources import Source, source_from_layout
+    from . import credentials as creds
+    from .progress import for_terminal
+    from .push import PushOptions, Source, push, source_from_layout
+    from .registries import Registries
     from .store import StoreError
     if args.source.startswith(("oci:", "oci-archive:", "docker-archive:")) and not args.destination:
         raise ValueError("name a destination when pushing from a layout or an archive")
-    if args.source.startswith(("oci-archive:", "docker-archive:")):
-        import tempfile
-
-        from .archives import docker_archive, oci_archive, split_archive_target
-        kind, rest = args.source.split(":", 1)
-        file, name = split_archive_target(rest)
-        with tempfile.TemporaryDirectory(prefix="kura-push-", dir=store.scratch) as scratch:
-            source = (oci_archive if kind == "oci-archive" else docker_archive)(file, name, Path(scratch))
-            return _push_source(args, store, source)
     if args.source.startswith("oci:"):
         from .export import parse_oci_target
         directory, tag = parse_oci_target(args.source)
         source = source_from_layout(directory, tag)
+    elif args.source.startswith("oci-archive:"):
+        from .archives import oci_archive, split_archive_target
+        file, tag = split_archive_target(args.source.split(":", 1)[1])
+        source = oci_archive(file, tag, scratch)
+    elif args.source.startswith("docker-archive:"):
+        from .archives import docker_archive, split_archive_target
+        file, ref = split_archive_target(args.source.split(":", 1)[1])
+        source = docker_archive(file, ref, scratch)
     else:
         image = store.find(str(Reference.parse(args.source)))
         if image is None:
             raise StoreError(f"no image {Reference.parse(args.source)} in the store")
         source = Source(store.root, image.descriptor)
-    return _push_source(args, store, source)
-
-
-def _push_source(args, store: Store, source) -> int:
-    from ocispec.reference import Reference
-
-    from .sources import BlobChecks
     destination = Reference.parse(args.destination or args.source)
-    # Every blob is checked against its digest before anything is sent: started here, the
-    # checks run in threads while the HTTP stack below is imported.
-    checks = BlobChecks()
-    checks.start(source)
-    try:
-        import asyncio
-
-        from . import credentials as creds
-        from .progress import for_terminal
-        from .push import PushOptions, push
-        from .registries import Registries
-        options = PushOptions(jobs=args.jobs, mount_from=args.mount_from, progress=for_terminal(args.quiet),
-                              known_sources=store.sources, verbose=args.verbose, sessions=store, checks=checks)
-        registries = Registries.load(args.registries_conf)
-        digest, counts = asyncio.run(push(source, destination, registries, creds.lookup, options))
-    finally:
-        checks.close()
+    options = PushOptions(jobs=args.jobs, mount_from=args.mount_from, progress=for_terminal(args.quiet),
+                          known_sources=store.sources, verbose=args.verbose, sessions=store)
+    registries = Registries.load(args.registries_conf)
+    digest, counts = asyncio.run(push(source, destination, registries, creds.lookup, options))
     endpoint = registries.endpoints(destination)[-1]
-    store.record_sources(source.blob_digests(), endpoint.host, endpoint.repository)
+    store.record_sources(_blob_digests(source), endpoint.host, endpoint.repository)
     _report_push(args, destination, digest, counts)
     return 0
+
+
+def _blob_digests(source) -> list[str]:
+    """The config and layer digests of what a push sent (index children included)."""
+    import json
+    digests = []
+    pending = [source.top["digest"]]
+    while pending:
+        path = source.blob(pending.pop())
+        if not path.exists():
+            continue
+        document = json.loads(path.read_bytes())
+        pending += [m["digest"] for m in document.get("manifests", [])]
+        digests += [d["digest"] for d in ([document["config"]] if "config" in document else []) + document.get("layers", [])]
+    return digests
 
 
 def _report_push(args, destination: Reference, digest: str, counts: dict) -> None:
@@ -534,9 +542,8 @@ def _copy(args) -> int:
     from .platform import Platform
     from .progress import for_terminal
     from .pull import PullOptions, pull
-    from .push import PushOptions, push
+    from .push import PushOptions, Source, push, source_from_layout
     from .registries import Registries
-    from .sources import Source, source_from_layout
     from .store import Store
     registries = Registries.load(args.registries_conf)
     progress = for_terminal(args.quiet)

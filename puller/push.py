@@ -2,9 +2,8 @@
 
 Blobs first (HEAD, skip what exists; mount from `--mount-from`; else upload: one PUT for
 small blobs, PATCH chunks honouring OCI-Chunk-Min-Length for large ones, resuming from the
-server's Range after a break), every blob re-hashed from disk before anything is sent (in
-threads: sources.BlobChecks); then manifests, children before the index, the top one by tag,
-the registry's digest checked.
+server's Range after a break), every blob re-hashed from disk before it is sent; then
+manifests, children before the index, the top one by tag, the registry's digest checked.
 
 An upload session is remembered (in the local store) until its blob is committed (one sent in
 a single PUT is not: nothing of it could be continued), so a push that was interrupted (or lost
@@ -26,14 +25,13 @@ from urllib.parse import urljoin
 from typing import Callable, Protocol
 
 from ocispec import mediatypes as mt
-from ocispec.digest import Digest
+from ocispec.digest import Digest, new_hasher
 from ocispec.reference import Reference
 
 from .aiohttp_loader import aiohttp
 from .credentials import Credentials
 from .progress import Progress, Quiet
 from .registries import Registries
-from .sources import BlobChecks, PushError, Source
 from .transport import AuthError, RegistryClient, RegistryError, _error_text
 
 MONOLITHIC_LIMIT = 8 << 20
@@ -41,6 +39,11 @@ DEFAULT_CHUNK = 16 << 20
 MAX_CHUNK = 64 << 20  # whatever OCI-Chunk-Min-Length says, a chunk is held in memory
 UPLOAD_ATTEMPTS = 5
 UPLOAD_SESSIONS = 3
+INDEX_LIMIT = 4 << 20
+
+
+class PushError(RegistryError):
+    pass
 
 
 class Refused(PushError):
@@ -58,6 +61,45 @@ def _final(status: int) -> bool:
 async def _failure(response: aiohttp.ClientResponse, what: str) -> PushError:
     text = await _error_text(response)
     return (Refused if _final(response.status) else PushError)(f"{what}: HTTP {response.status} {text}".rstrip())
+
+
+@dataclass
+class Source:
+    """Where the bytes come from: a directory holding `blobs/<alg>/<hex>`."""
+    root: Path
+    top: dict  # descriptor of the manifest or index to push
+
+    def blob(self, digest: str) -> Path:
+        d = Digest.parse(digest)
+        return self.root / "blobs" / d.algorithm / d.encoded
+
+    def read_manifest(self, digest: str) -> bytes:
+        data = self.blob(digest).read_bytes()
+        if Digest.of_bytes(data, Digest.parse(digest).algorithm) != Digest.parse(digest):
+            raise PushError(f"local manifest {digest} is corrupt; refusing to push it")
+        return data
+
+
+def source_from_layout(directory: Path, tag: str | None) -> Source:
+    if not directory.is_dir():
+        raise PushError(f"{directory} {'is not a directory' if directory.exists() else 'does not exist'} "
+                        "(oci:DIR[:TAG] needs an OCI image layout directory)")
+    index_path = directory / "index.json"
+    if not index_path.is_file() or index_path.stat().st_size > INDEX_LIMIT:
+        raise PushError(f"{directory} is not an OCI image layout (no index.json, or an oversized one)")
+    try:
+        index = json.loads(index_path.read_bytes())
+    except ValueError:
+        raise PushError(f"{index_path} is not JSON") from None
+    entries = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(m, dict) and "digest" in m for m in entries):
+        raise PushError(f"{index_path} is not an OCI image index")
+    if tag is not None:
+        entries = [m for m in entries if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag]
+    if len(entries) != 1:
+        raise PushError(f"{directory}: {'no image tagged ' + repr(tag) if tag else 'name a tag (oci:DIR:TAG)'}"
+                        if not entries else f"{directory}: several images match; name one with oci:DIR:TAG")
+    return Source(directory, entries[0])
 
 
 class UploadSessions(Protocol):
@@ -81,16 +123,26 @@ class PushOptions:
     """(digest, host) -> repositories of that registry known to hold the blob (the store's records)."""
     verbose: bool = False
     sessions: UploadSessions | None = None
-    checks: BlobChecks | None = None
-    """Local blob checks already started (`kura push` starts them before it imports aiohttp)."""
+
+
+def verify_file(path: Path, digest: Digest) -> int:
+    hasher = new_hasher(digest.algorithm)
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+            size += len(chunk)
+    if hasher.hexdigest() != digest.encoded:
+        raise PushError(f"local blob {digest} is corrupt (content hashes to {digest.algorithm}:{hasher.hexdigest()}); "
+                        "nothing was sent")
+    return size
 
 
 class Pusher:
-    def __init__(self, client: RegistryClient, source: Source, options: PushOptions, checks: BlobChecks):
+    def __init__(self, client: RegistryClient, source: Source, options: PushOptions):
         self.client = client
         self.source = source
         self.options = options
-        self.checks = checks
         repo = client.endpoint.repository
         self.scope = f"repository:{repo}:pull,push"
         if options.mount_from:
@@ -338,10 +390,8 @@ class Pusher:
                     counts[k] += v
         else:
             blobs = [document["config"], *document.get("layers", [])]
-            # Every byte checked before the first one is sent (in threads, all blobs at once).
-            sizes = await asyncio.gather(*[asyncio.wrap_future(self.checks.check(
-                self.source.blob(blob["digest"]), Digest.parse(blob["digest"]))) for blob in blobs])
-            for blob, size in zip(blobs, sizes):
+            for blob in blobs:  # every byte checked before the first one is sent
+                size = verify_file(self.source.blob(blob["digest"]), Digest.parse(blob["digest"]))
                 if size != blob["size"]:
                     raise PushError(f"local blob {blob['digest']} has {size} bytes, its descriptor says {blob['size']}")
             semaphore = asyncio.Semaphore(max(1, self.options.jobs))
@@ -391,16 +441,13 @@ def _with_digest(location: str, digest: Digest) -> str:
 async def push(source: Source, destination: Reference, registries: Registries,
                credentials: Callable[[str], Credentials | None], options: PushOptions) -> tuple[str, dict]:
     endpoint = registries.endpoints(destination)[-1]  # mirrors are for pulling
-    checks = options.checks or BlobChecks()
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30,
-                                                                       sock_read=300)) as s:
-            client = RegistryClient(s, endpoint, credentials(endpoint.host),
-                                    on_retry=options.progress.message if options.verbose else None)
-            pusher = Pusher(client, source, options, checks)
-            counts = await pusher.image(source.top, destination.reference)
-    finally:
-        if checks is not options.checks:
-            checks.close()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)) as s:
+        client = RegistryClient(s, endpoint, credentials(endpoint.host),
+                                on_retry=options.progress.message if options.verbose else None)
+        pusher = Pusher(client, source, options)
+        counts = await pusher.image(source.top, destination.reference)
     options.progress.close()
     return source.top["digest"], counts
+
+
+
