@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import signal
 import sys
-import tarfile
 from pathlib import Path
 
 from kura.arguments import Parser
-from ocispec.reference import InvalidReference, Reference, names_registry
 
-from ocispec.digest import Digest
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from ocispec.digest import Digest
+    from ocispec.reference import Reference
 
-from . import credentials as creds
-from .bundle import BundleError, unpack_image
-from .layers import LayerError
-from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
-from .unpack import UnsafeLayer
-from .export import check_output, export_docker_archive, export_oci, parse_oci_target
-from .platform import Platform
-from .progress import for_terminal
-from .pull import PullOptions, pull
-from .registries import Registries, RegistriesConfError
-from .store import Store, StoreError, default_store
-from .transport import RegistryError, printable
+    from .platform import Platform
+    from .store import Store
+
+# Nothing else at the top: `kura pull --help` (and a usage error) must not pay for the HTTP
+# stack, tarfile or the store. Each command imports what it uses; tests/test_cli_imports.py
+# pins that.
 
 
 def _store_argument(parser: argparse.ArgumentParser) -> None:
@@ -170,19 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from kura.prompt import Interrupted
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    import signal
+
+    from kura.prompt import Interrupted
+
+    from .errors import printable
     # A plain `kill` must unwind like Ctrl-C does, so temp files and scratch stores go away.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if args.command in WITHOUT_STORE:
             return WITHOUT_STORE[args.command](args)
+        from .store import Store, default_store
         return WITH_STORE[args.command](args, Store(args.store or default_store()))
-    except (RegistryError, InvalidReference, RegistriesConfError, creds.CredentialsError, StoreError,
-            BundleError, UnsafeLayer, LayerError, ValueError, OSError, tarfile.TarError, KeyError) as exc:
+    except _reported() as exc:
         text = f"malformed image data: missing {exc}" if isinstance(exc, KeyError) else str(exc)
         print(f"kura: {printable(text)}", file=sys.stderr)
         return 1
@@ -197,7 +193,27 @@ def main(argv: list[str]) -> int:
         return 130
 
 
+def _reported() -> tuple[type[BaseException], ...]:
+    """What main() reports in one line. The client's own errors (InvalidReference,
+    RegistriesConfError, CredentialsError, StoreError, BundleError, UnsafeLayer, LayerError) are
+    ValueErrors; tarfile's counts once tarfile is loaded (before that nobody can have raised
+    one). Evaluated only when an exception reaches main(), as an except clause's classes are."""
+    from .errors import RegistryError
+    tarfile = sys.modules.get("tarfile")
+    return (RegistryError, ValueError, OSError, KeyError) + ((tarfile.TarError,) if tarfile is not None else ())
+
+
 def _pull(args, store: Store) -> int:
+    import asyncio
+
+    from ocispec.reference import Reference
+
+    from . import credentials as creds
+    from .export import check_output, export_docker_archive, export_oci, parse_oci_target
+    from .platform import Platform
+    from .progress import for_terminal
+    from .pull import PullOptions, pull
+    from .registries import Registries
     reference = Reference.parse(args.reference)
     if args.output:
         check_output(args.output)
@@ -225,6 +241,10 @@ def _pull(args, store: Store) -> int:
 
 
 def _unpack(args, store: Store) -> int:
+    from ocispec.digest import Digest
+    from ocispec.reference import Reference
+
+    from .store import StoreError
     reference = str(Reference.parse(args.reference))
     image = store.find(reference)
     if image is None:
@@ -234,6 +254,7 @@ def _unpack(args, store: Store) -> int:
 
 
 def _unpack_into(store: Store, digest, bundle: Path, args) -> None:
+    from .bundle import unpack_image
     options = unpack_image(store, digest, bundle, allow_devices=args.allow_devices,
                            max_layer_bytes=args.max_layer_bytes)
     for note in options.notes:
@@ -242,8 +263,13 @@ def _unpack_into(store: Store, digest, bundle: Path, args) -> None:
 
 
 def _login(args) -> int:
-    from .login import normalise_server, verify
+    import asyncio
+
     from kura.prompt import ask
+
+    from . import credentials as creds
+    from .login import normalise_server, verify
+    from .registries import Registries
     if args.password is not None:
         print("kura: --password would leave the password in your shell history and process list; "
               "use --password-stdin (echo \"$PASSWORD\" | kura login -u USER --password-stdin SERVER)",
@@ -275,6 +301,7 @@ def _login(args) -> int:
 
 
 def _logout(args) -> int:
+    from . import credentials as creds
     from .login import normalise_server
     server = normalise_server(args.server)
     if not creds.erase(server):
@@ -285,24 +312,36 @@ def _logout(args) -> int:
 
 
 def _push(args, store: Store) -> int:
+    if not args.source.startswith(("oci-archive:", "docker-archive:")):
+        return _push_from(args, store, None)
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="kura-push-", dir=store.scratch) as scratch:
+    with tempfile.TemporaryDirectory(prefix="kura-push-", dir=store.scratch) as scratch:  # the unpacked archive
         return _push_from(args, store, Path(scratch))
 
 
-def _push_from(args, store: Store, scratch: Path) -> int:
-    from .archives import docker_archive, oci_archive, split_archive_target
+def _push_from(args, store: Store, scratch: Path | None) -> int:
+    import asyncio
+
+    from ocispec.reference import Reference
+
+    from . import credentials as creds
+    from .progress import for_terminal
     from .push import PushOptions, Source, push, source_from_layout
+    from .registries import Registries
+    from .store import StoreError
     if args.source.startswith(("oci:", "oci-archive:", "docker-archive:")) and not args.destination:
         raise ValueError("name a destination when pushing from a layout or an archive")
     if args.source.startswith("oci:"):
+        from .export import parse_oci_target
         directory, tag = parse_oci_target(args.source)
         source = source_from_layout(directory, tag)
     elif args.source.startswith("oci-archive:"):
+        from .archives import oci_archive, split_archive_target
         file, tag = split_archive_target(args.source.split(":", 1)[1])
         source = oci_archive(file, tag, scratch)
     elif args.source.startswith("docker-archive:"):
+        from .archives import docker_archive, split_archive_target
         file, ref = split_archive_target(args.source.split(":", 1)[1])
         source = docker_archive(file, ref, scratch)
     else:
@@ -323,6 +362,7 @@ def _push_from(args, store: Store, scratch: Path) -> int:
 
 def _blob_digests(source) -> list[str]:
     """The config and layer digests of what a push sent (index children included)."""
+    import json
     digests = []
     pending = [source.top["digest"]]
     while pending:
@@ -342,6 +382,9 @@ def _report_push(args, destination: Reference, digest: str, counts: dict) -> Non
 
 
 def _tag(args, store: Store) -> int:
+    from ocispec.reference import Reference
+
+    from .store import StoreError
     source = str(Reference.parse(args.source))
     image = store.find(source)
     if image is None:
@@ -353,8 +396,17 @@ def _tag(args, store: Store) -> int:
 
 
 def _inspect(args, store: Store) -> int:
+    import asyncio
+    import json
+
+    from ocispec.reference import Reference, names_registry
+
+    from . import credentials as creds
     from .display import inspect_lines
+    from .platform import Platform
+    from .registries import Registries
     from .remote import inspect
+    from .store import StoreError
     reference = Reference.parse(args.reference)
     platform = Platform.parse(args.platform) if args.platform else None
     # A registry named outright is asked (a stored copy may be stale); a short name is local first.
@@ -377,7 +429,12 @@ def _inspect(args, store: Store) -> int:
 
 
 def _inspect_stored(store: Store, reference: str, descriptor: dict, platform: Platform | None) -> dict:
+    from ocispec.digest import Digest
+
+    from .errors import RegistryError
+    from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
     from .remote import check_platform, describe
+    from .store import StoreError
     digest, media_type, index = Digest.parse(descriptor["digest"]), descriptor["mediaType"], None
     document = store.read_json(digest, MANIFEST_LIMIT, "manifest")
     if platform is not None and "manifests" in document:
@@ -399,9 +456,12 @@ def _inspect_stored(store: Store, reference: str, descriptor: dict, platform: Pl
 def _stored_image_for(store: Store, index: dict, wanted: Platform, reference: str) -> tuple[Digest, str, dict]:
     """The stored image for `wanted` below a stored index (nested ones too), as a pull chose it."""
     from ocispec import mediatypes as mt
+    from ocispec.digest import Digest
 
-    from .platform import matching, platforms_in, runnable_entries
+    from .limits import MANIFEST_LIMIT
+    from .platform import Platform, matching, platforms_in, runnable_entries
     from .pull import MAX_INDEX_DEPTH
+    from .store import StoreError
     levels, available = [index], set()
     for _ in range(MAX_INDEX_DEPTH):
         deeper = []
@@ -424,6 +484,14 @@ def _stored_image_for(store: Store, index: dict, wanted: Platform, reference: st
 
 
 def _tags(args) -> int:
+    import asyncio
+    import json
+
+    from ocispec.reference import Reference
+
+    from . import credentials as creds
+    from .errors import printable
+    from .registries import Registries
     from .remote import list_tags
     tags = asyncio.run(list_tags(Reference.parse(args.reference), Registries.load(args.registries_conf), creds.lookup))
     print(json.dumps(tags) if args.json else "\n".join(printable(tag) for tag in tags))
@@ -431,7 +499,13 @@ def _tags(args) -> int:
 
 
 def _delete(args) -> int:
+    import asyncio
+
     from kura.prompt import confirm
+    from ocispec.reference import Reference
+
+    from . import credentials as creds
+    from .registries import Registries
     from .remote import delete_manifest, delete_tag
     reference = Reference.parse(args.reference)
     registries = Registries.load(args.registries_conf)
@@ -457,10 +531,20 @@ def _delete(args) -> int:
 
 def _copy(args) -> int:
     """Through a private scratch store: pull (or read a layout or an archive), then push or export."""
+    import asyncio
     import tempfile
 
+    from ocispec.reference import Reference
+
+    from . import credentials as creds
     from .archives import docker_archive, oci_archive, split_archive_target
+    from .export import check_output, export_docker_archive, export_oci, parse_oci_target
+    from .platform import Platform
+    from .progress import for_terminal
+    from .pull import PullOptions, pull
     from .push import PushOptions, Source, push, source_from_layout
+    from .registries import Registries
+    from .store import Store
     registries = Registries.load(args.registries_conf)
     progress = for_terminal(args.quiet)
     to_files = args.destination.startswith(("oci:", "docker-archive:"))
@@ -510,7 +594,10 @@ def _copy(args) -> int:
 
 
 def _images(args, store: Store) -> int:
+    import json
+
     from .display import human_size
+    from .errors import printable
     rows = []
     for image in store.images():
         d = image.descriptor
@@ -529,6 +616,11 @@ def _images(args, store: Store) -> int:
 def _stored_platform(store: Store, descriptor: dict) -> str:
     """The platform a pull chose from an index, else the one the image's config states ("" for
     an index, or when the image cannot say)."""
+    from ocispec.digest import Digest
+
+    from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
+    from .platform import Platform
+    from .store import StoreError
     platform = descriptor.get("platform") or {}
     if platform:
         return "/".join(str(x) for x in (platform.get("os"), platform.get("architecture"),
@@ -544,6 +636,7 @@ def _stored_platform(store: Store, descriptor: dict) -> str:
 
 
 def _image_size(store: Store, descriptor: dict) -> int:
+    from ocispec.digest import Digest
     total = 0
     for digest in store.reachable(Digest.parse(descriptor["digest"])):
         path = store.blob_path(digest)
@@ -553,6 +646,7 @@ def _image_size(store: Store, descriptor: dict) -> int:
 
 
 def _rmi(args, store: Store) -> int:
+    from ocispec.reference import Reference
     reference = str(Reference.parse(args.reference))
     removed = store.remove(reference)
     print(f"removed {reference} ({len(removed)} blobs freed)")

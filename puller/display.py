@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shlex
 
-from .transport import printable
+from .errors import printable
 
 _UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
 

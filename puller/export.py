@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -101,6 +100,8 @@ def export_docker_archive(store: Store, descriptor: dict, path: Path, repo_tag: 
 
 def _write_docker_archive(store: Store, manifest: dict, path: Path, repo_tag: str | None,
                           max_layer_bytes: int) -> None:
+    import tarfile  # here, not at the top: `kura pull` and `kura push` import this module without writing archives
+
     config_digest = Digest.parse(manifest["config"]["digest"])
     config_name = f"{config_digest.encoded}.json"
     layer_names = []

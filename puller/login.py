@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import aiohttp
-
 from ocispec.reference import DOCKER_HUB, DOCKER_HUB_ALIASES
 
+from .aiohttp_loader import aiohttp
 from .credentials import Credentials
 from .registries import Endpoint
 from .transport import AuthError, RegistryClient

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .transport import printable
+from .errors import printable
 
 
 def _size(n: float) -> str:

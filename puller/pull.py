@@ -10,13 +10,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-import aiohttp
-
 from ocispec import mediatypes as mt
 from ocispec.digest import Digest, InvalidDigest, new_hasher
 from ocispec.manifest import ManifestInvalid, ManifestUnsupported, parse_manifest
 from ocispec.reference import Reference
 
+from .aiohttp_loader import aiohttp
 from .credentials import Credentials
 from .limits import CONFIG_LIMIT, MANIFEST_LIMIT
 from .platform import Platform, fits, matching, platforms_in, runnable_entries, well_formed
@@ -181,7 +180,8 @@ async def download_blob(client: RegistryClient, descriptor: dict, store: Store, 
                         store.partial_path(digest).unlink(missing_ok=True)
                     raise
                 file.flush()
-                store.install(store.partial_path(digest), digest)
+                # Its fsync waits for the disk: off the event loop, the other downloads go on.
+                await asyncio.to_thread(store.install, store.partial_path(digest), digest)
                 progress.done(name, "downloaded")
                 return True
         if not waiting:
@@ -220,7 +220,8 @@ class _Partial:
 async def _download_into(partial: _Partial, openers, digest: Digest, size: int, name: str, progress: Progress,
                          report: Callable[[str], None] | None) -> None:
     progress.start(name, size)
-    await asyncio.to_thread(partial.rehash, size)
+    if os.fstat(partial.file.fileno()).st_size:  # bytes an earlier run left
+        await asyncio.to_thread(partial.rehash, size)
     resumed = partial.written
     if resumed == size:  # every byte is here already: no Range can ask for more (a registry answers 416)
         if f"{digest.algorithm}:{partial.hasher.hexdigest()}" == str(digest):
@@ -296,10 +297,13 @@ async def _receive(opener, partial: _Partial, size: int, digest: Digest, name: s
                     partial.restart()
                     if r.status == 206:
                         continue  # that body does not start at 0 either: ask again without Range
-                async for chunk in r.content.iter_chunked(CHUNK):
+                # Each piece as it arrives (no re-joining into larger chunks), written and hashed
+                # here: a thread hop per piece cost more than the work (measured: ~100 ms of CPU
+                # per 77 MB image), and both calls release the GIL for large pieces anyway.
+                async for chunk in r.content.iter_any():
                     if partial.written + len(chunk) > size:
                         raise VerificationError(f"blob {digest} is larger than the {size} bytes its descriptor promises")
-                    await asyncio.to_thread(partial.append, chunk)
+                    partial.append(chunk)
                     progress.advance(name, len(chunk))
         except aiohttp.ClientConnectorDNSError as exc:
             raise RegistryError(cannot_resolve(exc)) from None

@@ -5,9 +5,10 @@ small blobs, PATCH chunks honouring OCI-Chunk-Min-Length for large ones, resumin
 server's Range after a break), every blob re-hashed from disk before it is sent; then
 manifests, children before the index, the top one by tag, the registry's digest checked.
 
-An upload session is remembered (in the local store) until its blob is committed, so a push
-that was interrupted (or lost the registry: a break, a timeout, a 5xx, a 429) continues it the
-next time; a push the registry refuses for good (a 4xx, 507) cancels it. A push owns the
+An upload session is remembered (in the local store) until its blob is committed (one sent in
+a single PUT is not: nothing of it could be continued), so a push that was interrupted (or lost
+the registry: a break, a timeout, a 5xx, a 429) continues it the next time; a push the
+registry refuses for good (a 4xx, 507) cancels it. A push owns the
 session of a blob while it sends it (a flock in the store), so two pushes from one store never
 continue the same session at once: the second opens its own.
 """
@@ -23,12 +24,11 @@ from pathlib import Path
 from urllib.parse import urljoin
 from typing import Callable, Protocol
 
-import aiohttp
-
 from ocispec import mediatypes as mt
 from ocispec.digest import Digest, new_hasher
 from ocispec.reference import Reference
 
+from .aiohttp_loader import aiohttp
 from .credentials import Credentials
 from .progress import Progress, Quiet
 from .registries import Registries
@@ -199,7 +199,9 @@ class Pusher:
                 location, min_chunk = _location(r), r.headers.get("OCI-Chunk-Min-Length")
         else:
             location, min_chunk = await self._start()
-        await self._remember(digest, location)
+        # A blob sent in one PUT leaves nothing to continue: its session is not written to the store.
+        recorded = bool(resumed) or size > MONOLITHIC_LIMIT
+        await self._remember(digest, location, recorded)
         self.options.progress.start(name, size)
         try:
             await self._upload(location, path, digest, size, int(min_chunk) if min_chunk and min_chunk.isdigit() else 0,
@@ -209,7 +211,7 @@ class Pusher:
             raise
         # Any other failure (a break, a timeout, a 5xx, a 429) keeps the session recorded: the
         # next push asks the registry where it stands.
-        await self._remember(digest, None)
+        await self._remember(digest, None, recorded)
         self.options.progress.done(name, "pushed")
         return "uploaded"
 
@@ -217,16 +219,17 @@ class Pusher:
         if self.options.verbose:
             self.options.progress.message(text)
 
-    async def _remember(self, digest: Digest, location: str | None) -> None:
+    async def _remember(self, digest: Digest, location: str | None, record: bool = True) -> None:
         """Where the upload of `digest` stands (None: finished or gone), here and, when this push
-        owns the session and it moved, in the store (written off the event loop)."""
+        owns the session, it moved and `record` says so, in the store (written off the event loop)."""
         if self._sessions.get(str(digest)) == location:
             return
         if location is None:
             self._sessions.pop(str(digest), None)
         else:
             self._sessions[str(digest)] = location
-        await self._record(digest, location)
+        if record:
+            await self._record(digest, location)
 
     async def _record(self, digest: Digest, location: str | None) -> None:
         if self.options.sessions is not None and str(digest) in self._owned:

@@ -8,12 +8,11 @@ from contextlib import asynccontextmanager
 from typing import NamedTuple
 from urllib.parse import urljoin
 
-import aiohttp
-
 from ocispec import mediatypes as mt
 from ocispec.digest import Digest, InvalidDigest
 from ocispec.reference import Reference
 
+from .aiohttp_loader import aiohttp
 from .limits import CONFIG_LIMIT
 from .platform import Platform, fits
 from .pull import _NestedIndexes, fetch_manifest

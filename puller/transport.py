@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 from urllib.parse import urljoin, urlsplit
 
-import aiohttp
-
+from .aiohttp_loader import aiohttp
 from .credentials import Credentials
+from .errors import RegistryError, printable
 from .registries import Endpoint
 
 log = logging.getLogger("kura.client")
@@ -28,10 +28,6 @@ ERROR_LIMIT = 64 << 10
 MAX_ATTEMPTS = 5
 MAX_REDIRECTS = 5
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
-
-
-class RegistryError(Exception):
-    """A failure to tell the user about in one line."""
 
 
 class AuthError(RegistryError):
@@ -324,11 +320,6 @@ async def _json_body(response: aiohttp.ClientResponse, limit: int, what: str) ->
     if not isinstance(body, dict):
         raise RegistryError(f"{what} is not a JSON object")
     return body
-
-
-def printable(text: str) -> str:
-    """Registry-supplied text, without terminal control sequences."""
-    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 async def _error_text(response: aiohttp.ClientResponse) -> str:
