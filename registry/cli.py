@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -238,9 +239,10 @@ def _serve(config, read_config) -> int:
 
     logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
     try:
-        ready = prepare(config)
         if worker_count(config) > 1:
-            return supervise(config, ready, read_config, prepare)
+            forking = functools.partial(prepare, forks_workers=True)
+            return supervise(config, forking(config), read_config, forking)
+        ready = prepare(config)
         run(ready.app, config, ready.ssl_context, ready.notes)
     except StartupError as exc:
         print(f"kura: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ import os
 import socket
 import ssl
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,9 +58,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def prepare(config: Config) -> Ready:
+def prepare(config: Config, *, forks_workers: bool = False) -> Ready:
+    """What `kura serve` checks and builds before it listens. `forks_workers`: the caller forks
+    worker processes from this one afterwards, which must then not have used the S3 client
+    (see open_store)."""
     context = tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
-    driver, notes = open_store(config)
+    driver, notes = open_store(config, probe_in_child=forks_workers)
     try:
         app = make_app(config, driver)
     except AuthSetupError as exc:
@@ -119,16 +123,21 @@ def describe_store(config: Config) -> str:
     return str(Path(os.path.abspath(config.root)))
 
 
-def open_store(config: Config) -> tuple[StorageDriver, list[tuple[int, str]]]:
+def open_store(config: Config, *, probe_in_child: bool = False) -> tuple[StorageDriver, list[tuple[int, str]]]:
     """The configured store, checked to take a write. The local root is made ready in either
-    case: accounts, token keys and the cache's spool files live there."""
+    case: accounts, token keys and the cache's spool files live there.
+
+    `probe_in_child`: the S3 check runs in a forked child process. The S3 client (obstore)
+    starts a runtime of threads on first use, and a process forked after that inherits it
+    without its threads: every request of a worker forked from it would wait forever."""
     driver, notes = open_local_store(config.root)
     if config.storage_driver != "s3":
         return driver, notes
     remote = s3_driver(config)
     s3 = config.s3
     try:
-        created = asyncio.run(_open_remote(remote))
+        created = _in_child(lambda: asyncio.run(_open_remote(remote))) if probe_in_child \
+            else asyncio.run(_open_remote(remote))
     except StorageError as exc:
         raise StartupError(f"cannot use the S3 store {describe_store(config)}: {exc}") from None
     if created:
@@ -144,6 +153,36 @@ def s3_driver(config: Config):
     s3 = config.s3
     location = S3Location(s3.endpoint, s3.region, s3.bucket, s3.prefix, s3.access_key, s3.secret_key)
     return S3Driver(location, redirect=s3.redirect, redirect_seconds=s3.redirect_seconds)
+
+
+def _in_child(probe: Callable[[], bool]) -> bool:
+    """`probe()` run in a forked child; its StorageError raised here."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(read_end)
+            try:
+                answer = b"created" if probe() else b"ok"
+            except StorageError as exc:
+                answer = b"error " + str(exc).encode()
+            except BaseException as exc:  # reported, not raised: the child must not go on as the server
+                answer = b"error " + f"{type(exc).__name__}: {exc}".encode()
+            os.write(write_end, answer[:65536])
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    if answer.startswith(b"error "):
+        raise StorageError(answer[len(b"error "):].decode(errors="replace"))
+    if answer not in (b"created", b"ok"):
+        raise StorageError("the check of the store ended without an answer")
+    return answer == b"created"
 
 
 async def _open_remote(driver) -> bool:

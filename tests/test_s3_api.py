@@ -110,3 +110,39 @@ def test_serve_creates_a_missing_bucket_and_says_so(s3_bucket, tmp_path, config)
     wrong = replace(s3_config, s3=replace(settings, secret_key="not-the-secret"))
     with pytest.raises(StartupError, match="403 Forbidden|SignatureDoesNotMatch|AccessDenied"):
         open_store(wrong)
+
+
+def test_the_check_in_a_child_process_reports_as_the_one_in_process(s3_bucket, config):
+    from registry.config import S3Settings
+    from registry.startup import StartupError, open_store
+
+    bucket = f"fresh-{uuid.uuid4().hex[:10]}"
+    settings = S3Settings(bucket=bucket, endpoint=s3_bucket.endpoint, access_key=s3_bucket.access_key,
+                          secret_key=s3_bucket.secret_key)
+    s3_config = replace(config, storage_driver="s3", s3=settings)
+    _, notes = open_store(s3_config, probe_in_child=True)
+    assert any(f"created the bucket {bucket}" in text for _, text in notes)
+    wrong = replace(s3_config, s3=replace(settings, secret_key="not-the-secret"))
+    with pytest.raises(StartupError, match="403 Forbidden|SignatureDoesNotMatch|AccessDenied"):
+        open_store(wrong, probe_in_child=True)
+
+
+def test_workers_forked_by_the_supervisor_serve_from_s3(s3_bucket, tmp_path):
+    """The S3 client's threads do not survive a fork: the supervisor must not have used it
+    before forking its workers (their requests waited forever)."""
+    import subprocess
+
+    from tests.support.kura_s3 import start_kura_s3
+    from tests.support.servers import stop
+
+    server = start_kura_s3(s3_bucket, tmp_path / "kura", workers=2)
+    try:
+        def skopeo(source: str, destination: str) -> None:
+            subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false",
+                            source, destination], check=True, timeout=60, capture_output=True)
+
+        skopeo(f"oci:{IMAGES / 'busybox-multiarch'}:latest-amd64", f"docker://{server.host}/workers/busybox:1")
+        for number in range(4):  # new connections each time: the kernel spreads them over both workers
+            skopeo(f"docker://{server.host}/workers/busybox:1", f"oci:{tmp_path / f'pulled{number}'}:1")
+    finally:
+        stop(server)

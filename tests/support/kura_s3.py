@@ -15,9 +15,10 @@ def storage_toml(bucket, *, root: Path, prefix: str = "", redirect: bool = False
             f'redirect = {"true" if redirect else "false"}\n')
 
 
-def start_kura_s3(bucket, workdir: Path, *, redirect: bool = False, extra_toml: str = "") -> Server:
+def start_kura_s3(bucket, workdir: Path, *, redirect: bool = False, extra_toml: str = "",
+                  workers: int | None = 1) -> Server:
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "kura.toml"
     config.write_text(storage_toml(bucket, root=workdir / "data", redirect=redirect)
                       + "[log]\naccess_log = false\n" + extra_toml)
-    return start_kura(workdir / "data", None, "--config", str(config))
+    return start_kura(workdir / "data", None, "--config", str(config), workers=workers)
