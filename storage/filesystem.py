@@ -58,6 +58,11 @@ WRITE_BATCH_CHUNKS = 512  # within IOV_MAX (1024 on Linux) for one pwritev
 BATCH_BUDGET = 16 << 20
 READ_CHUNK = 1 << 20
 LOCK_WAIT_SECONDS = 30.0
+# A flock held by another process is polled after 0.25 ms, then at doubling intervals up to
+# 2 ms: a repository's lock is held for well under a millisecond by a push, so a longer pause
+# is the waiter's own delay (at 5 ms, pushes from two workers to one repository waited on it).
+LOCK_POLL_FIRST_SECONDS = 0.00025
+LOCK_POLL_MAX_SECONDS = 0.002
 # A collection waits this long for the pushes and mounts in progress to finish their checks.
 COLLECTOR_LOCK_WAIT_SECONDS = 60.0
 # note_references writes a journal this large or larger from a worker thread.
@@ -935,6 +940,7 @@ async def _flock(fd: int, mode: int = fcntl.LOCK_EX, wait: float | None = None) 
     """Take a flock (exclusive unless `mode` says) without blocking the event loop; False
     after `wait` seconds (default LOCK_WAIT_SECONDS)."""
     deadline = time.monotonic() + (LOCK_WAIT_SECONDS if wait is None else wait)
+    pause = LOCK_POLL_FIRST_SECONDS
     while True:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -944,7 +950,8 @@ async def _flock(fd: int, mode: int = fcntl.LOCK_EX, wait: float | None = None) 
                 raise
         if time.monotonic() > deadline:
             return False
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, LOCK_POLL_MAX_SECONDS)
 
 
 @contextlib.contextmanager

@@ -183,39 +183,41 @@ def walk_repositories(layout: Layout) -> list[str]:
 class RepositoryWalk:
     """Repository names in sorted order, found a few at a time: directories are opened as
     the walk reaches them. (Sorted name order is not a depth-first order: `a-b` sorts between
-    `a` and `a/c`. A heap of the names seen but not yet expanded gives the order, since every
-    name under a directory sorts after the directory's own.)"""
+    `a` and `a/c`. A heap of the names seen but not yet opened gives the order, since every
+    name under a directory sorts after the directory's own.) Each directory is read once: its
+    entries say both whether it is a repository and which directories lie under it."""
 
     def __init__(self, layout: Layout, after: str | None = None):
         self.layout = layout
         self.after = after
         self._pending: list[str] = []
-        self._expand("")
+        self._open("")
 
-    def _expand(self, prefix: str) -> None:
+    def _open(self, prefix: str) -> bool:
+        """Note the directories under `prefix`; whether `prefix` is a repository."""
         directory = self.layout.repositories / prefix if prefix else self.layout.repositories
+        repository = False
         try:
-            entries = os.listdir(directory)
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if not entry.is_dir():
+                        continue
+                    if entry.name.startswith("_"):
+                        repository = repository or entry.name in ("_layers", "_manifests")
+                        continue
+                    name = f"{prefix}/{entry.name}" if prefix else entry.name
+                    # Skip what sorts wholly before `after`: the name and every name under it.
+                    if self.after is not None and name + "/" < self.after and not self.after.startswith(name + "/"):
+                        continue
+                    heapq.heappush(self._pending, name)
         except (FileNotFoundError, NotADirectoryError):
-            return
-        for entry in entries:
-            if entry.startswith("_"):
-                continue
-            name = f"{prefix}/{entry}" if prefix else entry
-            # Skip what sorts wholly before `after`: the name and every name under it.
-            if self.after is not None and name <= self.after and not self.after.startswith(name + "/"):
-                if name + "/" < self.after:
-                    continue
-            heapq.heappush(self._pending, name)
+            pass
+        return repository
 
     def next_batch(self, count: int) -> list[str]:
         found: list[str] = []
         while self._pending and len(found) < count:
             name = heapq.heappop(self._pending)
-            path = self.layout.repositories / name
-            if not path.is_dir():
-                continue
-            if (self.after is None or name > self.after) and is_repository_dir(path):
+            if self._open(name) and (self.after is None or name > self.after):
                 found.append(name)
-            self._expand(name)
         return found
