@@ -48,6 +48,7 @@ from .errors import (
 )
 from .layout import Layout, RepositoryWalk, is_repository_dir, is_valid_upload_id, walk_repositories
 from .ledger import FilesystemLedger
+from .writeback import start_writeback
 
 # Received bytes are handed to a worker thread (write + hash) in batches of this size:
 # bounded memory per upload, and few thread hops per GiB. While the batches of all uploads
@@ -1060,6 +1061,7 @@ _batched = 0  # bytes held in the batches of all uploads in progress
 
 
 def _write_and_hash(fd: int, chunks: list[bytes], position: int, hasher) -> None:
+    start = position
     views = [memoryview(chunk) for chunk in chunks]
     first = 0
     while first < len(views):
@@ -1072,6 +1074,7 @@ def _write_and_hash(fd: int, chunks: list[bytes], position: int, hasher) -> None
             else:
                 views[first] = views[first][written:]
                 written = 0
+    start_writeback(fd, start, position - start)
     if hasher is not None:
         for chunk in chunks:
             hasher.update(chunk)
