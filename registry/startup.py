@@ -9,8 +9,11 @@ import contextlib
 import ipaddress
 import logging
 import os
+import select
+import signal
 import socket
 import ssl
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,6 +158,10 @@ def s3_driver(config: Config):
     return S3Driver(location, redirect=s3.redirect, redirect_seconds=s3.redirect_seconds)
 
 
+# The store's requests time out well within this (storage/s3_objects.py).
+CHILD_CHECK_SECONDS = 120.0
+
+
 def _in_child(probe: Callable[[], bool]) -> bool:
     """`probe()` run in a forked child; its StorageError raised here."""
     read_end, write_end = os.pipe()
@@ -175,8 +182,17 @@ def _in_child(probe: Callable[[], bool]) -> bool:
         finally:
             os._exit(code)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        answer = pipe.read()
+    answer = b""
+    deadline = time.monotonic() + CHILD_CHECK_SECONDS
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while (left := deadline - time.monotonic()) > 0 and select.select([pipe], [], [], left)[0]:
+            piece = pipe.read(65536)
+            if not piece:
+                break
+            answer += piece
+        else:
+            os.kill(pid, signal.SIGKILL)
+            answer = f"error no answer within {CHILD_CHECK_SECONDS:g} s".encode()
     os.waitpid(pid, 0)
     if answer.startswith(b"error "):
         raise StorageError(answer[len(b"error "):].decode(errors="replace"))

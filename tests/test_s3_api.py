@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from dataclasses import replace
 from urllib.parse import urlsplit
@@ -17,7 +18,7 @@ from storage.s3 import S3Driver
 from storage.s3_objects import S3Location
 from tests.conftest import serve_app
 from tests.support.client import RegistryClient, sha256
-from tests.support.paths import IMAGES
+from tests.support.paths import IMAGES, REPO
 from tests.support.tcp_relay import TcpRelay
 
 pytestmark = pytest.mark.e2e
@@ -112,19 +113,36 @@ def test_serve_creates_a_missing_bucket_and_says_so(s3_bucket, tmp_path, config)
         open_store(wrong)
 
 
-def test_the_check_in_a_child_process_reports_as_the_one_in_process(s3_bucket, config):
-    from registry.config import S3Settings
-    from registry.startup import StartupError, open_store
+CHILD_CHECK = """
+import sys
+from dataclasses import replace
+from registry.config import Config, S3Settings
+from registry.startup import StartupError, open_store
+endpoint, access_key, secret_key, bucket, root = sys.argv[1:]
+settings = S3Settings(bucket=bucket, endpoint=endpoint, access_key=access_key, secret_key=secret_key)
+config = replace(Config(), root=root, storage_driver="s3", s3=settings)
+_, notes = open_store(config, probe_in_child=True)
+print([text for _, text in notes])
+try:
+    open_store(replace(config, s3=replace(settings, secret_key="not-the-secret")), probe_in_child=True)
+except StartupError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_the_check_in_a_child_process_reports_as_the_one_in_process(s3_bucket, tmp_path):
+    # In a fresh interpreter, as `kura serve` runs it: this test process has used the S3
+    # client already, and a child forked from it would inherit its runtime without threads.
+    import subprocess
+    import sys
 
     bucket = f"fresh-{uuid.uuid4().hex[:10]}"
-    settings = S3Settings(bucket=bucket, endpoint=s3_bucket.endpoint, access_key=s3_bucket.access_key,
-                          secret_key=s3_bucket.secret_key)
-    s3_config = replace(config, storage_driver="s3", s3=settings)
-    _, notes = open_store(s3_config, probe_in_child=True)
-    assert any(f"created the bucket {bucket}" in text for _, text in notes)
-    wrong = replace(s3_config, s3=replace(settings, secret_key="not-the-secret"))
-    with pytest.raises(StartupError, match="403 Forbidden|SignatureDoesNotMatch|AccessDenied"):
-        open_store(wrong, probe_in_child=True)
+    ran = subprocess.run([sys.executable, "-c", CHILD_CHECK, s3_bucket.endpoint, s3_bucket.access_key,
+                          s3_bucket.secret_key, bucket, str(tmp_path / "root")],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert ran.returncode == 0, ran.stderr
+    assert f"created the bucket {bucket}" in ran.stdout
+    assert re.search(r"refused: .*(403 Forbidden|SignatureDoesNotMatch|AccessDenied)", ran.stdout), ran.stdout
 
 
 def test_workers_forked_by_the_supervisor_serve_from_s3(s3_bucket, tmp_path):
