@@ -30,8 +30,7 @@ def make_blob(path: Path, seed: int) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _location(registry: Running, response) -> str:
-    location = response.headers["Location"]
+def _location(registry: Running, location: str) -> str:
     return registry.url + location if location.startswith("/") else location
 
 
@@ -39,7 +38,7 @@ def _start_upload(registry: Running, name: str) -> str:
     request = urllib.request.Request(f"{registry.url}/v2/{name}/blobs/uploads/", method="POST", data=b"")
     with urllib.request.urlopen(request) as response:
         assert response.status == 202, response.status
-        return _location(registry, response)
+        return _location(registry, response.headers["Location"])
 
 
 def _curl(*args: str) -> dict[str, str]:
@@ -87,7 +86,7 @@ def upload_chunked(registry: Running, name: str, blob: Path, digest: str, parts:
                        "-H", f"Content-Range: {first}-{first + CHUNK - 1}", "--data-binary", f"@{piece}", location)
         assert answer["status"] == "202", answer
         seconds += float(answer["seconds"])
-        location = answer["location"] if answer["location"].startswith("http") else registry.url + answer["location"]
+        location = _location(registry, answer["location"])
     answer = _curl("-X", "PUT", _with_digest(location, digest))
     assert answer["status"] == "201", answer
     seconds += float(answer["seconds"])

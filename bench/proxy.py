@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import signal
-import subprocess
 import threading
 from pathlib import Path
 from typing import Iterator
 
 from tests.support.fake_hub import EmulatedHub, emulated_hub
-from tests.support.servers import free_port, wait_until_up
+from tests.support.servers import free_port, run_distribution, wait_until_up
 
 from .clients import skopeo_copy, timed
 from .context import Context, median
 from .results import Row
-from .servers import Running, start_kura
+from .servers import Running, start_kura, terminate
 
 SECTION = "pull-through cache"
 IMAGE = "library/redis:7"
@@ -104,30 +101,14 @@ proxy:
 def start_reference_cache(workdir: Path, hub_url: str) -> Running:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    config = workdir / "config.yml"
-    config.write_text(reference_proxy_config(workdir / "storage", port, hub_url))
-    # REGISTRY_* variables would be read as config overrides.
-    env = {key: value for key, value in os.environ.items() if not key.startswith("REGISTRY_")}
-    with open(workdir / "registry.log", "ab") as log:
-        process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=env)
+    process = run_distribution(workdir, reference_proxy_config(workdir / "storage", port, hub_url))
     try:
         wait_until_up(f"http://127.0.0.1:{port}/v2/", process)
     except BaseException:
         process.kill()
         process.wait()
         raise
-
-    def halt() -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    return Running("distribution", f"127.0.0.1:{port}", lambda: [process.pid], halt)
+    return Running("distribution", f"127.0.0.1:{port}", lambda: [process.pid], lambda: terminate(process))
 
 
 def run(context: Context) -> tuple[list[Row], dict[str, int]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.support.layouts import put_blob
 from tests.support.paths import IMAGES
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -62,9 +63,7 @@ def layered_image(directory: Path, layers: int, layer_bytes: int = 64 << 10) -> 
     blobs.mkdir(parents=True, exist_ok=True)
 
     def blob(data: bytes) -> dict:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return {"digest": f"sha256:{digest}", "size": len(data)}
+        return put_blob(blobs, data)
 
     descriptors = []
     for number in range(layers):

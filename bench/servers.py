@@ -70,16 +70,18 @@ def start_kura(workdir: Path, *, workers: int | None = None, extra_config: str =
     def processes() -> list[int]:
         return children(process.pid) or [process.pid]
 
-    def halt() -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    return Running("kura", f"127.0.0.1:{port}", processes, lambda: terminate(process))
 
-    return Running("kura", f"127.0.0.1:{port}", processes, halt)
+
+def terminate(process: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL after 20 s: a server started for the benchmark stopped."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def start_reference(workdir: Path) -> Running:

@@ -55,6 +55,13 @@ def assert_layout_matches(source: Path, copy: Path, tag: str) -> None:
                                      f"extra: {sorted(set(copied) - expected)}")
 
 
+def put_blob(blobs: Path, data: bytes) -> dict:
+    """`data` stored in a layout's blobs/sha256 folder; its digest and size, as a descriptor has them."""
+    hex_ = hashlib.sha256(data).hexdigest()
+    (blobs / hex_).write_bytes(data)
+    return {"digest": f"sha256:{hex_}", "size": len(data)}
+
+
 def write_layout(folder: Path, tag: str, layer: bytes, config: dict) -> str:
     """A one-layer OCI image layout at `folder` whose index names it `tag`; returns the
     manifest digest. `layer` goes in as it is: a gzip-compressed tar (skopeo compresses an
@@ -63,9 +70,7 @@ def write_layout(folder: Path, tag: str, layer: bytes, config: dict) -> str:
     blobs.mkdir(parents=True, exist_ok=True)
 
     def put(data: bytes) -> dict:
-        hex_ = hashlib.sha256(data).hexdigest()
-        (blobs / hex_).write_bytes(data)
-        return {"digest": f"sha256:{hex_}", "size": len(data)}
+        return put_blob(blobs, data)
 
     layer_descriptor = put(layer)
     diff_id = "sha256:" + hashlib.sha256(gzip.decompress(layer)).hexdigest()

@@ -105,9 +105,7 @@ def stop_distribution(server: Server) -> None:
 def start_distribution_trusting(workdir: Path, realm: str, service: str, issuer: str, bundle: Path) -> Server:
     """The reference registry configured with `auth.token`, trusting tokens from `issuer`."""
     port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = workdir / "config.yml"
-    config.write_text(f"""version: 0.1
+    config = f"""version: 0.1
 log:
   level: error
   accesslog:
@@ -125,13 +123,21 @@ auth:
     service: {service}
     issuer: {issuer}
     rootcertbundle: {bundle}
-""")
-    log = open(workdir / "registry.log", "ab")
-    process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, env=_distribution_env())
-    log.close()
+"""
+    process = run_distribution(workdir, config)
     wait_for_challenge(f"http://127.0.0.1:{port}/v2/", process)
     return Server("distribution", f"127.0.0.1:{port}", workdir / "storage", process)
+
+
+def run_distribution(workdir: Path, config: str) -> subprocess.Popen:
+    """`docker-registry serve` on `config` (written to workdir/config.yml), logging to
+    workdir/registry.log; the caller waits for it to answer."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yml"
+    path.write_text(config)
+    with open(workdir / "registry.log", "ab") as log:
+        return subprocess.Popen(["docker-registry", "serve", str(path)], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=_distribution_env())
 
 
 def wait_for_challenge(url: str, process: subprocess.Popen, timeout: float = 20.0) -> None:
