@@ -1249,7 +1249,8 @@ async def _install_if_changed(tmp: Path | None, path: Path, data: bytes, renamed
         return
     if tmp is None:
         tmp = await _finish_in_thread(atomic.write_temp, data, tmp_dir)
-    atomic.make_dirs(path.parent)
+    with _no_space_as_storage_full():
+        atomic.make_dirs(path.parent)
     os.replace(tmp, path)
     renamed.add(path.parent)
 
