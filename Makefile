@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PEERS := skopeo docker-registry umoci runc curl apache2-utils podman docker.io haproxy nginx
+APT_PEERS := skopeo docker-registry umoci runc curl apache2-utils podman docker.io haproxy nginx chromium chromium-driver
 BENCH_PEERS := wrk
 
 .PHONY: run test stress bench bench-quick bench-gc bench-proxy install install-test install-bench peers bench-peers clean

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from aiohttp import web
 
 from ocispec.digest import Digest, InvalidDigest
@@ -15,6 +17,7 @@ from .errors import DigestInvalid, NameInvalid, TagInvalid
 
 CONFIG = web.AppKey("config", Config)
 STORAGE = web.AppKey("storage", StorageDriver)
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def storage(request: web.Request) -> StorageDriver:
@@ -23,6 +26,15 @@ def storage(request: web.Request) -> StorageDriver:
 
 def config(request: web.Request) -> Config:
     return request.app[CONFIG]
+
+
+def request_id(request: web.Request) -> str:
+    """The id of this request: in its log line, its `X-Request-Id` header and the events it
+    causes. Made on first use, so every part of one request sees the same one."""
+    value = request.get(REQUEST_ID)
+    if value is None:
+        value = request[REQUEST_ID] = uuid.uuid4().hex
+    return value
 
 
 def principal(request: web.Request) -> str | None:
