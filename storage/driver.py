@@ -225,6 +225,13 @@ class StorageDriver(abc.ABC):
     async def list_tags(self, repository: str) -> list[str]:
         """Sorted tags; empty when the repository has none."""
 
+    async def stamp_tags(self, repository: str, tags: Iterable[str]) -> dict[str, Stamped]:
+        """The digest and last-written time of each of `tags` that exists (one page of a
+        listing: a driver should not read the others)."""
+        wanted = set(tags)
+        snapshot = await self.snapshot_repository(repository)
+        return {tag: stamp for tag, stamp in snapshot.tags.items() if tag in wanted}
+
     # -- referrers ------------------------------------------------------------------
     @abc.abstractmethod
     async def add_referrer(self, repository: str, subject: Digest, descriptor: dict) -> None: ...

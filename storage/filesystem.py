@@ -13,7 +13,7 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterable, AsyncIterator
+from typing import AsyncIterable, AsyncIterator, Iterable
 
 from ocispec.digest import Digest, InvalidDigest, is_supported_algorithm, new_hasher
 from ocispec.names import is_valid_tag
@@ -266,6 +266,18 @@ class FilesystemDriver(StorageDriver):
             return sorted(os.listdir(self.layout.tags(repository)))
         except FileNotFoundError:
             return []
+
+    async def stamp_tags(self, repository: str, tags: Iterable[str]) -> dict[str, Stamped]:
+        return await asyncio.to_thread(self._stamp_tags, repository, list(tags))
+
+    def _stamp_tags(self, repository: str, tags: list[str]) -> dict[str, Stamped]:
+        stamps = {}
+        for tag in tags:
+            if not is_valid_tag(tag):
+                continue
+            with contextlib.suppress(OSError, ValueError), open(self.layout.tag(repository, tag), "rb") as f:
+                stamps[tag] = Stamped(Digest.parse(f.read(200).decode()), os.fstat(f.fileno()).st_mtime)
+        return stamps
 
     # -- referrers ------------------------------------------------------------------
     async def add_referrer(self, repository: str, subject: Digest, descriptor: dict) -> None:

@@ -33,7 +33,7 @@ import logging
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
-from typing import AsyncIterable, AsyncIterator
+from typing import AsyncIterable, AsyncIterator, Iterable
 
 from ocispec.digest import Digest, InvalidDigest, is_supported_algorithm, new_hasher
 from ocispec.names import is_valid_name, is_valid_tag
@@ -344,6 +344,18 @@ class S3Driver(StorageDriver):
         prefix = self._tags_prefix(repository)
         return sorted(info.key[len(prefix):] for info in await self.bucket.list_all(prefix)
                       if is_valid_tag(info.key[len(prefix):]))
+
+    async def stamp_tags(self, repository: str, tags: Iterable[str]) -> dict[str, Stamped]:
+        prefix = self._tags_prefix(repository)
+        wanted = {tag for tag in tags if is_valid_tag(tag)}
+        infos = [info for info in await self.bucket.list_all(prefix) if info.key[len(prefix):] in wanted]
+        contents = await _gather_limited([self.bucket.get(info.key) for info in infos])
+        stamps = {}
+        for info, found in zip(infos, contents):
+            with contextlib.suppress(InvalidDigest, ValueError):
+                if found is not None:
+                    stamps[info.key[len(prefix):]] = Stamped(Digest.parse(found[0].decode()), info.mtime)
+        return stamps
 
     # -- referrers --------------------------------------------------------------------
     async def add_referrer(self, repository: str, subject: Digest, descriptor: dict) -> None:

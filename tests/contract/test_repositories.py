@@ -302,3 +302,20 @@ async def test_repositories_are_found_in_name_order_from_any_name(driver):
     for after in ["", "a", "a-b", "a/c", "a/c/d", "a/b", "b/a", "b/a-x", "c", "c/only", "zzz"]:
         assert [name async for name in driver.iter_repositories(after or None)] == \
             [name for name in sorted(names) if name > after], after
+
+
+async def test_stamp_tags_reads_only_the_tags_asked_for(driver, other):
+    """What the web UI shows of one page of tags: digest and when each was last written."""
+    import time
+    before = time.time() - 1
+    first, second = digest_of(b"m1"), digest_of(b"m2")
+    for data, digest in ((b"m1", first), (b"m2", second)):
+        await driver.put_small_blob(data, digest)
+        await driver.link_manifest("team/app", digest, MEDIA_TYPE)
+    await driver.set_tag("team/app", "a", first)
+    await driver.set_tag("team/app", "b", second)
+    await driver.set_tag("team/app", "c", second)
+    stamps = await other.stamp_tags("team/app", ["a", "c", "missing", "../escape"])
+    assert {tag: stamp.digest for tag, stamp in stamps.items()} == {"a": first, "c": second}
+    assert all(before <= stamp.mtime <= time.time() + 1 for stamp in stamps.values())
+    assert await other.stamp_tags("nothing", ["a"]) == {}
