@@ -77,6 +77,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     quotas: tuple[Quota, ...] = ()
     proxies: tuple[Proxy, ...] = ()
+    ui_enabled: bool = True  # the web UI at /ui/ (registry/ui/)
 
     def gc_settings(self) -> GcSettings:
         return GcSettings(grace_seconds=self.gc_grace_seconds, delete_untagged=self.gc_delete_untagged,
@@ -120,6 +121,7 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("gc", "interval_seconds"): ("gc_interval_seconds", int),
     ("gc", "grace_seconds"): ("gc_grace_seconds", int),
     ("gc", "delete_untagged"): ("gc_delete_untagged", bool),
+    ("ui", "enabled"): ("ui_enabled", bool),
 }
 # [[gc.retention]] entries: key -> the types its value may have.
 _RETENTION_KEYS: dict[str, tuple[type, ...]] = {

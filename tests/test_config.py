@@ -54,6 +54,8 @@ def test_example_config_is_complete_and_loads():
     ('[limits]\nmax_header_bytes = 100\n', "at least 8 KiB"),
     ('[limits]\nmax_unauthenticated_body_bytes = 10\n', "at least 1 KiB"),
     ('[gc]\ninterval_seconds = -1\n', "must not be negative"),
+    ('[ui]\nenabled = "no"\n', "ui.enabled must be a bool"),
+    ('[ui]\nport = 8080\n', "unknown option ui.port"),
     ('[gc]\ngrace_seconds = "1h"\n', "must be a int"),
     ('[gc]\nretention = 5\n', r"\[\[gc.retention\]\] tables"),
     ('[[gc.retention]]\nrepositories = ["a"]\nkeep_tags = "v.*"\n', "needs keep_last or older_than_days"),
@@ -70,6 +72,12 @@ def test_invalid_files(tmp_path, text, message):
     f.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load(f)
+
+
+def test_ui_section(tmp_path):
+    f = tmp_path / "kura.toml"
+    f.write_text("[ui]\nenabled = false\n")
+    assert load().ui_enabled and not load(f).ui_enabled
 
 
 def test_missing_file(tmp_path):
