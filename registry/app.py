@@ -46,6 +46,10 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
         app.cleanup_ctx.append(_proxy)
         app.router.add_get("/proxy/status", proxy_status)
     setup_routes(app)
+    if config.ui_enabled:
+        from . import ui  # jinja2 and its templates: only when the web UI is on
+
+        ui.setup(app)
     if auth.signing_key is not None:
         from .auth import issuer  # cryptography: only for the token issuer
 
