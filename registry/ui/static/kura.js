@@ -30,5 +30,6 @@ document.addEventListener("click", (event) => {
 
 document.addEventListener("submit", (event) => {
   const question = event.target.dataset.confirm;
-  if (question && !window.confirm(question)) event.preventDefault();
+  const tag = event.submitter && event.submitter.name === "tag" ? event.submitter.value : "";
+  if (question && !window.confirm(question.replace("{tag}", tag))) event.preventDefault();
 });
