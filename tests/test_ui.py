@@ -326,4 +326,26 @@ async def test_static_files_and_unknown_pages(open_client):
     assert (await open_client.get("/ui/static/kura.js")).status == 200
     assert "no such page" in await page(open_client, "/ui/nothing/here", 404)
     r = await open_client.get("/ui", allow_redirects=False)
-    assert r.status == 301 and r.headers["Location"] == "/ui/"
+    assert r.status == 301 and r.headers["Location"] == "ui/"
+
+
+async def test_behind_a_reverse_proxy_with_a_path_prefix(auth_client):
+    """Links, redirects, the cookie's path and the pull commands follow X-Forwarded-* from a
+    trusted proxy (the test client's loopback address is one by default)."""
+    client = await auth_client()
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "registry.example:8443",
+                 "X-Forwarded-Prefix": "/kura"}
+    r = await client.get("/ui/login?next=/kura/ui/r/team/app", headers=forwarded)
+    form = await r.text()
+    assert 'href="/kura/ui/"' in form and 'action="/kura/ui/login"' in form and "/kura/ui/static/kura.css" in form
+    assert "Path=/kura/ui/" in r.headers["Set-Cookie"] and "Secure" in r.headers["Set-Cookie"]
+    # (the test client keeps no Secure cookie over plain HTTP: send it along by hand)
+    cookie = {"kura_ui_session": r.cookies["kura_ui_session"].value}
+    r = await client.post("/ui/login", headers=forwarded, cookies=cookie, allow_redirects=False,
+                          data={"username": "admin", "password": PASSWORDS["admin"], "csrf": csrf_of(form),
+                                "next": "/kura/ui/r/team/app"})
+    assert r.status == 303 and r.headers["Location"] == "/kura/ui/r/team/app"
+    cookie = {"kura_ui_session": r.cookies["kura_ui_session"].value}
+    text = await (await client.get("/ui/r/team/app/-/m/v1", headers=forwarded, cookies=cookie)).text()
+    assert "docker pull registry.example:8443/kura/team/app:v1" in text
+    assert 'href="/kura/ui/r/team/app"' in text and 'action="/kura/ui/r/team/app/-/delete"' in text

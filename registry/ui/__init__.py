@@ -63,7 +63,7 @@ def setup(app: web.Application) -> None:
 
 
 async def _to_root(request: web.Request) -> web.Response:
-    raise web.HTTPMovedPermanently(request.rel_url.path + "/")
+    raise web.HTTPMovedPermanently("ui/")  # relative: right behind a proxy's path prefix too
 
 
 async def _close(ui: web.Application) -> None:

@@ -72,6 +72,11 @@ def _root(request: web.Request) -> str:
     return urlsplit(_public(request)).path + "/ui"
 
 
+def _here(request: web.Request, path_qs: bool = False) -> str:
+    """This page's URL path (and query) as the browser sees it."""
+    return _root(request) + (request.path_qs if path_qs else request.path)[len("/ui"):]
+
+
 def _public(request: web.Request) -> str:
     auth = request.config_dict[AUTH].config
     return public_base(request, auth.trusted_proxies if auth is not None else frozenset())
@@ -95,7 +100,7 @@ def _pages(request: web.Request, total: int, per_page: int, **params: str) -> di
         query = {key: value for key, value in params.items() if value}
         if page > 1:
             query["page"] = str(page)
-        return request.path + ("?" + urlencode(query) if query else "")
+        return _here(request) + ("?" + urlencode(query) if query else "")
 
     return {"number": number, "count": count, "start": (number - 1) * per_page, "end": number * per_page,
             "previous": link(number - 1) if number > 1 else None, "next": link(number + 1) if number < count else None}
@@ -105,7 +110,7 @@ def render(template: str, request: web.Request, context: dict, status: int = 200
     who = viewer(request)
     state = request.config_dict[UI]
     base = {"root": _root(request), "user": who.user, "can_sign_in": who.can_sign_in, "auth_on": who.auth_on,
-            "csrf": state.sessions.csrf_token(request[SESSION]), "path": request.path_qs}
+            "csrf": state.sessions.csrf_token(request[SESSION]), "path": _here(request, path_qs=True)}
     response = aiohttp_jinja2.render_template(template, request, {**base, **context}, status=status)
     return response
 
