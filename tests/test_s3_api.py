@@ -164,3 +164,19 @@ def test_workers_forked_by_the_supervisor_serve_from_s3(s3_bucket, tmp_path):
             skopeo(f"docker://{server.host}/workers/busybox:1", f"oci:{tmp_path / f'pulled{number}'}:1")
     finally:
         stop(server)
+
+
+async def test_web_ui_pages_on_s3(aiohttp_client, config, location):
+    """The web UI reads everything through the driver: its pages and a delete work on S3."""
+    from tests.test_ui import csrf_of, page, seed
+    client, _ = await s3_client(aiohttp_client, config, S3Driver(location))
+    digests = await seed(client)
+    assert 'href="/ui/r/team/multi"' in await page(client, "/ui/")
+    tags = await page(client, "/ui/r/team/app")
+    assert "-/m/v1" in tags and "linux/amd64" in tags and re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", tags)
+    image = await page(client, "/ui/r/team/app/-/m/v1")
+    assert "GREETING=hello" in image and 'id="layers"' in image and f'-/m/{digests["sbom"]}' in image
+    assert "linux/arm64" in await page(client, "/ui/r/team/multi/-/m/latest")
+    r = await client.post("/ui/r/team/app/-/delete", data={"tag": "v2", "csrf": csrf_of(tags)}, allow_redirects=False)
+    assert r.status == 303
+    assert "-/m/v2" not in await page(client, "/ui/r/team/app")
