@@ -113,6 +113,10 @@ _current_guard: contextvars.ContextVar[_Guard | None] = contextvars.ContextVar("
 _held_leases: contextvars.ContextVar[tuple[Lease, ...]] = contextvars.ContextVar("kura_s3_leases", default=())
 
 
+# stamp_tags asks for at most this many tags with a HEAD each, more with one listing.
+FEW_TAGS = 4
+
+
 class S3Driver(StorageDriver):
     def __init__(self, location: S3Location, *, redirect: bool = False, redirect_seconds: int = 600,
                  guard_settle_seconds: float = GUARD_SETTLE_SECONDS, lease_seconds: float = LEASE_SECONDS,
@@ -348,7 +352,11 @@ class S3Driver(StorageDriver):
     async def stamp_tags(self, repository: str, tags: Iterable[str]) -> dict[str, Stamped]:
         prefix = self._tags_prefix(repository)
         wanted = {tag for tag in tags if is_valid_tag(tag)}
-        infos = [info for info in await self.bucket.list_all(prefix) if info.key[len(prefix):] in wanted]
+        if len(wanted) <= FEW_TAGS:  # a HEAD each rather than listing every tag
+            heads = await _gather_limited([self.bucket.head(prefix + tag) for tag in sorted(wanted)])
+            infos = [info for info in heads if info is not None]
+        else:
+            infos = [info for info in await self.bucket.list_all(prefix) if info.key[len(prefix):] in wanted]
         contents = await _gather_limited([self.bucket.get(info.key) for info in infos])
         stamps = {}
         for info, found in zip(infos, contents):

@@ -31,6 +31,7 @@ log = logging.getLogger("kura.ui")
 REPOSITORIES_PER_PAGE = 50
 TAGS_PER_PAGE = 100
 RAW_MANIFEST_SHOWN = 64 << 10
+REFERRERS_SHOWN = 500  # the first, by digest (the API's referrers listing has them all)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ async def image(request: web.Request) -> web.Response:
 async def _referrers(driver, name: str, digest: Digest) -> list[tuple[str, list[dict]]]:
     """Referrer descriptors grouped by artifactType (signatures, SBOMs, attestations)."""
     groups: dict[str, list[dict]] = {}
-    for referrer in await driver.list_referrers(name, digest):
+    for referrer in (await driver.list_referrers(name, digest))[:REFERRERS_SHOWN]:
         descriptor = await driver.read_referrer(name, digest, referrer)
         if not isinstance(descriptor, dict):
             continue
