@@ -47,7 +47,7 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
         app.router.add_get("/proxy/status", proxy_status)
     setup_routes(app)
     if config.ui_enabled:
-        from . import ui  # jinja2 and its templates: only when the web UI is on
+        from . import ui  # its routes; its pages (and jinja2) load on the first request for one
 
         ui.setup(app)
     if auth.signing_key is not None:

@@ -1,7 +1,8 @@
 """A server with the default setup (filesystem storage, auth none or htpasswd, no proxy, no
 TLS) never loads what only other setups need: `cryptography` (token auth, TLS), `obstore` and
-the S3 driver, the client package `puller` (the pull-through cache). Each costs every server
-process megabytes of memory.
+the S3 driver, the client package `puller` (the pull-through cache), nor what only a browser's
+visit needs (the web UI's pages, with jinja2). Each costs every server process megabytes of
+memory.
 
 The modules are read from a running `kura serve` after it answered pushes and pulls: the
 process is started through a wrapper that writes its `sys.modules` when sent SIGUSR1 (forked
@@ -24,7 +25,8 @@ from registry.auth import htpasswd
 from tests.support.paths import REPO
 from tests.support.servers import free_port, wait_for_challenge
 
-OPTIONAL = ("cryptography", "obstore", "storage.s3", "puller", "registry.proxy.service", "registry.auth.jwt")
+OPTIONAL = ("cryptography", "obstore", "storage.s3", "puller", "registry.proxy.service", "registry.auth.jwt",
+            "jinja2", "aiohttp_jinja2", "registry.ui.views")
 
 WRAPPER = """
 import json, os, signal, sys
@@ -51,9 +53,10 @@ def descendants(pid: int) -> list[int]:
 
 
 def served_modules(tmp_path: Path, config: str, authorization: str | None = None, *,
-                   exercise: bool = True) -> set[str]:
+                   exercise: bool = True, visit: str | None = None) -> set[str]:
     """The modules among OPTIONAL's that `kura serve` with `config` has loaded, in any of its
-    processes, after a push and a pull (`exercise`; else after start-up alone)."""
+    processes, after a push and a pull (`exercise`; else after start-up alone), and a GET of
+    `visit`."""
     (tmp_path / "kura.toml").write_text(config)
     dumps = tmp_path / "modules"
     dumps.mkdir()
@@ -70,6 +73,9 @@ def served_modules(tmp_path: Path, config: str, authorization: str | None = None
         wait_for_challenge(f"{base}/v2/", process)
         if exercise:
             push_and_pull(base, authorization)
+        if visit is not None:
+            with urllib.request.urlopen(base + visit, timeout=20) as response:
+                assert response.status == 200
         processes = [process.pid, *descendants(process.pid)]
         for pid in processes:
             os.kill(pid, signal.SIGUSR1)
@@ -123,5 +129,6 @@ def test_the_probe_sees_what_token_auth_and_a_proxy_load(tmp_path):
     """The same probe on a server configured to need them must find them (else the tests
     above would pass whatever the server imported)."""
     config = '[auth]\nmode = "token"\n\n[[proxy]]\nprefix = "docker.io"\nremote = "https://registry-1.docker.io"\n'
-    loaded = served_modules(tmp_path, config, exercise=False)
-    assert {"cryptography", "puller", "registry.proxy.service", "registry.auth.jwt"} <= loaded, loaded
+    loaded = served_modules(tmp_path, config, exercise=False, visit="/ui/login")
+    assert {"cryptography", "puller", "registry.proxy.service", "registry.auth.jwt", "jinja2", "aiohttp_jinja2",
+            "registry.ui.views"} <= loaded, loaded

@@ -4,7 +4,8 @@ a few lines of JavaScript in static/, no build step, nothing fetched from elsewh
 Pages: `/ui/` repositories (search, pages), `/ui/r/<name>` its tags, `/ui/r/<name>/-/m/<tag or
 digest>` one image or index; actions: `POST /ui/r/<name>/-/delete`, `/ui/login`, `/ui/logout`.
 Repository names never hold a `-` path component, so `/-/` separates a name from the rest.
-Imported by make_app only when `[ui] enabled` (jinja2 and aiohttp_jinja2 load with it)."""
+Mounted by make_app when `[ui] enabled`; the pages (views.py, with jinja2 and aiohttp_jinja2)
+are imported on the first request for one, so a server nobody browses never loads them."""
 
 from __future__ import annotations
 
@@ -12,18 +13,17 @@ import logging
 import time
 from pathlib import Path
 
-import aiohttp_jinja2
-import jinja2
 from aiohttp import web
 
 from storage import StorageError
 
 from ..auth.controller import AUTH
 from ..context import CONFIG, STORAGE
-from . import views
+from .render import TEMPLATES, LazyTemplates
 from .session import COOKIE, Session, Sessions
 from .state import NEW_SESSION, SESSION, UI, UiState
-from .summaries import Summaries, platform_text
+from .summaries import Summaries
+from .urls import cookie_settings
 from .usage_cache import UsageCache
 
 log = logging.getLogger("kura.ui")
@@ -42,24 +42,36 @@ SECURITY_HEADERS = {
 def setup(app: web.Application) -> None:
     """Mount the UI on the registry's application (after its storage is set)."""
     ui = web.Application(middlewares=[_session_middleware])
-    env = aiohttp_jinja2.setup(ui, loader=jinja2.FileSystemLoader(HERE / "templates"),
-                               autoescape=True, trim_blocks=True, lstrip_blocks=True, auto_reload=False,
-                               undefined=jinja2.StrictUndefined)
-    env.filters["size"] = human_size
-    env.filters["platform"] = platform_text
+    ui[TEMPLATES] = LazyTemplates()
     ui[UI] = UiState(Sessions(app[CONFIG]), Summaries(app[STORAGE]), UsageCache(app[STORAGE]))
     ui.on_cleanup.append(_close)
     r = ui.router
-    r.add_get("/", views.repositories)
-    r.add_get("/login", views.sign_in_form)
-    r.add_post("/login", views.sign_in)
-    r.add_post("/logout", views.sign_out)
+    r.add_get("/", _page("repositories"))
+    r.add_get("/login", _page("sign_in_form"))
+    r.add_post("/login", _page("sign_in"))
+    r.add_post("/logout", _page("sign_out"))
     r.add_static("/static/", HERE / "static", name="static")
-    r.add_get(f"/r/{NAME}/-/m/{{reference:[^/]+}}", views.image)
-    r.add_post(f"/r/{NAME}/-/delete", views.delete_tag)
-    r.add_get(f"/r/{NAME}", views.repository)
+    r.add_get(f"/r/{NAME}/-/m/{{reference:[^/]+}}", _page("image"))
+    r.add_post(f"/r/{NAME}/-/delete", _page("delete_tag"))
+    r.add_get(f"/r/{NAME}", _page("repository"))
     app.router.add_get("/ui", _to_root)  # before the sub-application, which would take it
     app.add_subapp("/ui/", ui)
+
+
+def _page(name: str):
+    """The handler `views.<name>`, imported on the first request."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        from . import views
+
+        return await getattr(views, name)(request)
+    handler.__name__ = name
+    return handler
+
+
+def _error_page(request: web.Request, status: int, title: str, message: str) -> web.Response:
+    from . import views
+
+    return views.error_page(request, status, title, message)
 
 
 async def _to_root(request: web.Request) -> web.Response:
@@ -90,10 +102,10 @@ async def _session_middleware(request: web.Request, handler) -> web.StreamRespon
         if exc.status < 400:  # a redirect after a form
             _finish(request, exc)
             raise
-        response = views.error_page(request, exc.status, exc.reason, _explain(exc.status))
+        response = _error_page(request, exc.status, exc.reason, _explain(exc.status))
     except StorageError as exc:
         log.error("web UI: %s %s: storage error: %s", request.method, request.path, exc)
-        response = views.error_page(request, 503, "Storage unavailable",
+        response = _error_page(request, 503, "Storage unavailable",
                                     "The registry's storage could not be read; try again shortly.")
     _finish(request, response)
     return response
@@ -108,21 +120,9 @@ def _finish(request: web.Request, response: web.StreamResponse) -> None:
     new = request.get(NEW_SESSION)
     if new is not None:
         response.set_cookie(COOKIE, request.config_dict[UI].sessions.encode(new),
-                            max_age=new.expires - int(time.time()), **views.cookie_settings(request))
+                            max_age=new.expires - int(time.time()), **cookie_settings(request))
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     if "/static/" not in request.path:  # pages show what one viewer may see: never cached
         response.headers.setdefault("Cache-Control", "no-store")
-
-
-def human_size(size: object) -> str:
-    """Bytes as `kura du` prints them (binary units)."""
-    if not isinstance(size, int):
-        return "—"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 

@@ -1,5 +1,6 @@
 """The web UI's pages and actions. Each checks what the viewer may do with the registry's own
-access rules: pull to see a repository, delete to delete a tag."""
+access rules: pull to see a repository, delete to delete a tag. Imported on the first request
+for a page (with jinja2 and aiohttp_jinja2), not by a server that never serves one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -18,13 +19,15 @@ from ocispec.manifest import ManifestInvalid, ManifestUnsupported, parse_manifes
 from ocispec.names import is_valid_name, is_valid_tag
 from storage import ManifestNotFound, manifests
 
-from ..auth.controller import AUTH, Everything, Grant, RulesGrant, public_base
+from ..auth.controller import AUTH, Everything, Grant, RulesGrant
 from ..auth.htpasswd import valid_user_name
 from ..context import CONFIG, STORAGE
 from ..errors import RegistryError
 from ..proxy.front import PROXY
+from .render import TEMPLATES
 from .session import Session
 from .state import NEW_SESSION, SESSION, UI
+from .urls import here, registry_host, ui_root
 
 log = logging.getLogger("kura.ui")
 
@@ -68,26 +71,6 @@ def may_delete(request: web.Request, who: Viewer, repository: str) -> str | None
     return None
 
 
-def _root(request: web.Request) -> str:
-    """The UI's URL path as the browser sees it (behind a proxy's path prefix too)."""
-    return urlsplit(_public(request)).path + "/ui"
-
-
-def _here(request: web.Request, path_qs: bool = False) -> str:
-    """This page's URL path (and query) as the browser sees it."""
-    return _root(request) + (request.path_qs if path_qs else request.path)[len("/ui"):]
-
-
-def _public(request: web.Request) -> str:
-    auth = request.config_dict[AUTH].config
-    return public_base(request, auth.trusted_proxies if auth is not None else frozenset())
-
-
-def _registry_host(request: web.Request) -> str:
-    parts = urlsplit(_public(request))
-    return parts.netloc + parts.path
-
-
 def _page_number(request: web.Request) -> int:
     text = request.query.get("page", "1")
     return int(text) if text.isascii() and text.isdigit() and 0 < int(text) < 10**6 else 1
@@ -101,7 +84,7 @@ def _pages(request: web.Request, total: int, per_page: int, **params: str) -> di
         query = {key: value for key, value in params.items() if value}
         if page > 1:
             query["page"] = str(page)
-        return _here(request) + ("?" + urlencode(query) if query else "")
+        return here(request) + ("?" + urlencode(query) if query else "")
 
     return {"number": number, "count": count, "start": (number - 1) * per_page, "end": number * per_page,
             "previous": link(number - 1) if number > 1 else None, "next": link(number + 1) if number < count else None}
@@ -110,10 +93,9 @@ def _pages(request: web.Request, total: int, per_page: int, **params: str) -> di
 def render(template: str, request: web.Request, context: dict, status: int = 200) -> web.Response:
     who = viewer(request)
     state = request.config_dict[UI]
-    base = {"root": _root(request), "user": who.user, "can_sign_in": who.can_sign_in, "auth_on": who.auth_on,
-            "csrf": state.sessions.csrf_token(request[SESSION]), "path": _here(request, path_qs=True)}
-    response = aiohttp_jinja2.render_template(template, request, {**base, **context}, status=status)
-    return response
+    base = {"root": ui_root(request), "user": who.user, "can_sign_in": who.can_sign_in, "auth_on": who.auth_on,
+            "csrf": state.sessions.csrf_token(request[SESSION]), "path": here(request, path_qs=True)}
+    return aiohttp_jinja2.render_template(template, request, {**base, **context}, status=status, app_key=TEMPLATES)
 
 
 def error_page(request: web.Request, status: int, title: str, message: str) -> web.Response:
@@ -170,7 +152,7 @@ async def repository(request: web.Request) -> web.Response:
     return render("repository.html", request, {
         "name": name, "rows": rows, "total": len(tags), "pages": pages, "usage": usage,
         "can_delete": refusal is None, "deleted": deleted if is_valid_tag(deleted) else None,
-        "host": _registry_host(request)})
+        "host": registry_host(request)})
 
 
 def _when(timestamp: float) -> str:
@@ -206,7 +188,7 @@ async def image(request: web.Request) -> web.Response:
         children = [{"descriptor": child, "summary": found.get(child.digest)} for child in manifest.children]
     referrers = await _referrers(driver, name, stored.digest)
     stamp = (await driver.stamp_tags(name, [ref])).get(ref) if isinstance(ref, str) else None
-    host = _registry_host(request)
+    host = registry_host(request)
     pull_ref = f"{host}/{name}:{ref}" if isinstance(ref, str) else f"{host}/{name}@{stored.digest}"
     refusal = may_delete(request, who, name)
     return render("image.html", request, {
@@ -264,7 +246,7 @@ async def delete_tag(request: web.Request) -> web.Response:
         return not_found(request, f"Tag {name}:{tag}")
     log.info("web UI: tag %s:%s deleted by %s", name, tag, who.user or "anonymous")
     state.usage.forget()
-    raise web.HTTPSeeOther(f"{_root(request)}/r/{name}?{urlencode({'deleted': tag})}")
+    raise web.HTTPSeeOther(f"{ui_root(request)}/r/{name}?{urlencode({'deleted': tag})}")
 
 
 # -- sign in and out --------------------------------------------------------------------------
@@ -308,17 +290,11 @@ async def sign_in(request: web.Request) -> web.Response:
         return render("login.html", request, {**context, "error": "Wrong user name or password."}, 401)
     request[NEW_SESSION] = Session.start(user, credentials.htpasswd.fingerprint(user))
     log.info("web UI: %s signed in from %s", user, credentials.address_of(request))
-    raise web.HTTPSeeOther(context["next"] or f"{_root(request)}/")
+    raise web.HTTPSeeOther(context["next"] or f"{ui_root(request)}/")
 
 
 async def sign_out(request: web.Request) -> web.Response:
     form = await request.post()
     if request.config_dict[UI].sessions.csrf_ok(request[SESSION], form.get("csrf")):
         request[NEW_SESSION] = Session.start()
-    raise web.HTTPSeeOther(f"{_root(request)}/")
-
-
-def cookie_settings(request: web.Request) -> dict:
-    return {"path": _root(request) + "/", "httponly": True, "samesite": "Strict",
-            "secure": _public(request).startswith("https:")}
-
+    raise web.HTTPSeeOther(f"{ui_root(request)}/")
