@@ -254,13 +254,14 @@ async def sign_in_form(request: web.Request) -> web.Response:
     who = viewer(request)
     if not who.can_sign_in:
         return error_page(request, 404, "No sign-in", "This registry has no accounts to sign in with.")
-    return render("login.html", request, {"error": None, "username": "", "next": _next(request.query.get("next"))})
+    next_page = _next(request, request.query.get("next"))
+    return render("login.html", request, {"error": None, "username": "", "next": next_page})
 
 
-def _next(value: object) -> str:
-    """Where to go after signing in: only a path of the UI itself (never another site)."""
-    if isinstance(value, str) and value.startswith("/") and not value.startswith("//") and "/ui" in value \
-            and "\\" not in value and len(value) < 2000:
+def _next(request: web.Request, value: object) -> str:
+    """Where to go after signing in: only a page of the UI itself (never another site)."""
+    if isinstance(value, str) and value.startswith(ui_root(request) + "/") and "\\" not in value \
+            and "//" not in value and len(value) < 2000:
         return value
     return ""
 
@@ -273,7 +274,7 @@ async def sign_in(request: web.Request) -> web.Response:
     form = await request.post()
     ui = request.config_dict[UI]
     user, password = form.get("username"), form.get("password")
-    context = {"username": user if isinstance(user, str) else "", "next": _next(form.get("next"))}
+    context = {"username": user if isinstance(user, str) else "", "next": _next(request, form.get("next"))}
     if not ui.sessions.csrf_ok(request[SESSION], form.get("csrf")):
         return render("login.html", request, {**context, "error": "The form has expired: try again."}, 403)
     if not isinstance(user, str) or not isinstance(password, str) or not valid_user_name(user):
