@@ -168,7 +168,7 @@ def test_workers_forked_by_the_supervisor_serve_from_s3(s3_bucket, tmp_path):
 
 async def test_web_ui_pages_on_s3(aiohttp_client, config, location):
     """The web UI reads everything through the driver: its pages and a delete work on S3."""
-    from tests.test_ui import csrf_of, page, seed
+    from tests.support.ui_pages import csrf_of, page, seed
     client, _ = await s3_client(aiohttp_client, config, S3Driver(location))
     digests = await seed(client)
     assert 'href="/ui/r/team/multi"' in await page(client, "/ui/")
