@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -11,11 +12,31 @@ from .summaries import Summaries
 from .usage_cache import UsageCache
 
 
+class Fragments:
+    """Rendered pieces of pages by what they show, least recently used dropped beyond `entries`."""
+
+    def __init__(self, entries: int = 20_000):
+        self.entries = entries
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key, value) -> None:
+        self._items[key] = value
+        while len(self._items) > self.entries:
+            self._items.popitem(last=False)
+
+
 @dataclass
 class UiState:
     sessions: Sessions
     summaries: Summaries
     usage: UsageCache
+    rows: Fragments = field(default_factory=Fragments)
 
 
 UI = web.AppKey("ui", UiState)

@@ -139,19 +139,29 @@ async def repository(request: web.Request) -> web.Response:
     shown = tags[pages["start"]:pages["end"]]
     stamps = await driver.stamp_tags(name, shown)
     summaries = await state.summaries.many([stamp.digest for stamp in stamps.values()])
+    can_delete = may_delete(request, who, name) is None
+    here_ = f"{ui_root(request)}/r/{name}"
+    tag_row = None
     rows = []
     for tag in shown:
         stamp = stamps.get(tag)
         if stamp is None:  # deleted since the listing
             continue
-        rows.append({"tag": tag, "digest": str(stamp.digest), "short": stamp.digest.encoded[:12],
-                     "summary": summaries.get(stamp.digest), "pushed": _when(stamp.mtime)})
+        pushed, summary = _when(stamp.mtime), summaries.get(stamp.digest)
+        key = (here_, tag, stamp.digest, pushed, can_delete)
+        row = state.rows.get(key)
+        if row is None:
+            if tag_row is None:
+                tag_row = request.config_dict[TEMPLATES].get_template("tag_row.html").module.tag_row
+            row = tag_row(here_, tag, stamp.digest, pushed, summary, can_delete)
+            if summary is not None:  # else it may be readable next time
+                state.rows.put(key, row)
+        rows.append(row)
     usage = (await state.usage.current()).get(name)
-    refusal = may_delete(request, who, name)
     deleted = request.query.get("deleted", "")
     return render("repository.html", request, {
         "name": name, "rows": rows, "total": len(tags), "pages": pages, "usage": usage,
-        "can_delete": refusal is None, "deleted": deleted if is_valid_tag(deleted) else None,
+        "can_delete": can_delete, "deleted": deleted if is_valid_tag(deleted) else None,
         "host": registry_host(request)})
 
 
