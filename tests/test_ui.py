@@ -290,3 +290,21 @@ async def test_behind_a_reverse_proxy_with_a_path_prefix(auth_client):
     text = await (await client.get("/ui/r/team/app/-/m/v1", headers=forwarded, cookies=cookie)).text()
     assert "docker pull registry.example:8443/kura/team/app:v1" in text
     assert 'href="/kura/ui/r/team/app"' in text and 'action="/kura/ui/r/team/app/-/delete"' in text
+
+
+def test_session_cookies_expire_and_keep_their_key(tmp_path):
+    from registry.config import Config
+    from registry.ui.session import Session, Sessions
+
+    config = replace(Config(), root=tmp_path / "data")
+    sessions = Sessions(config)
+    alive = Session.start("admin", "fingerprint")
+    assert sessions.decode(sessions.encode(alive)) == alive
+    expired = replace(alive, expires=alive.expires - 13 * 3600)
+    assert sessions.decode(sessions.encode(expired)) is None
+    assert sessions.decode("not.a-cookie") is None and sessions.decode(None) is None
+    key = tmp_path / "data" / "auth" / "ui-session.key"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    again = Sessions(config)  # another process on the same store: the same key
+    assert again.decode(sessions.encode(alive)) == alive
+    assert again.csrf_ok(alive, sessions.csrf_token(alive)) and not again.csrf_ok(Session.start(), sessions.csrf_token(alive))
