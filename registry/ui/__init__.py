@@ -106,7 +106,7 @@ async def _session_middleware(request: web.Request, handler) -> web.StreamRespon
     except StorageError as exc:
         log.error("web UI: %s %s: storage error: %s", request.method, request.path, exc)
         response = _error_page(request, 503, "Storage unavailable",
-                                    "The registry's storage could not be read; try again shortly.")
+                               "The registry's storage could not be read; try again shortly.")
     _finish(request, response)
     return response
 
