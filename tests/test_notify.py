@@ -1,0 +1,179 @@
+"""Event notifications through the real API: what is sent, to whom, and that an endpoint
+that is down, or answers errors for a while, still gets every event, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from dataclasses import replace
+
+import pytest
+
+from registry.auth import htpasswd
+from registry.auth.config import parse as parse_auth
+from registry.notify.config import parse
+from storage import FilesystemDriver
+from tests.conftest import OCI_MANIFEST, push_image, serve_app, upload_blob
+from tests.support.client import sha256
+from tests.support.event_receiver import EventReceiver
+
+FAST = {"backoff_seconds": 0.05, "max_backoff_seconds": 0.2}
+
+
+def endpoints(*entries: dict):
+    return parse([{**FAST, **entry} for entry in entries])
+
+
+@pytest.fixture
+async def receiver():
+    receiver = await EventReceiver().start()
+    yield receiver
+    await receiver.stop()
+
+
+def summary(events: list[dict]) -> list[tuple]:
+    """(action, repository, what, tag): `what` is the URL's kind, or the digest of a delete."""
+    out = []
+    for event in events:
+        target = event["target"]
+        what = target["url"].split("/")[-2] if "url" in target else target.get("digest", "")[:13]
+        out.append((event["action"], target["repository"], what, target.get("tag")))
+    return out
+
+
+async def test_push_pull_mount_and_delete_reach_the_endpoint_in_the_reference_format(
+        aiohttp_client, config, receiver):
+    hooks = endpoints({"url": receiver.url, "headers": {"Authorization": "Bearer s3cret", "X-Env": ["a", "b"]}})
+    client = await serve_app(aiohttp_client, replace(config, notifications=hooks))
+    digest, manifest = await push_image(client, "team/app", "v1", layer=b"layer bytes")
+    layer = sha256(b"layer bytes")
+    assert (await client.head("/v2/team/app/manifests/v1")).status == 200  # HEADs are no pulls
+    assert (await client.head(f"/v2/team/app/blobs/{layer}")).status == 200
+    assert (await client.get("/v2/team/app/manifests/v1")).status == 200
+    assert (await client.get(f"/v2/team/app/blobs/{layer}")).status == 200
+    r = await client.post(f"/v2/other/blobs/uploads/?mount={layer}&from=team/app")
+    assert r.status == 201
+    assert (await client.delete(f"/v2/team/app/manifests/{digest}")).status == 202
+    assert (await client.delete(f"/v2/other/blobs/{layer}")).status == 202
+
+    events = await receiver.wait_for(9)
+    assert summary(await receiver.settle(0.3)) == [
+        ("push", "team/app", "blobs", None), ("push", "team/app", "blobs", None),
+        ("push", "team/app", "manifests", "v1"),
+        ("pull", "team/app", "manifests", "v1"), ("pull", "team/app", "blobs", None),
+        ("mount", "other", "blobs", None),
+        ("delete", "team/app", digest[:13], None), ("delete", "team/app", "", "v1"),
+        ("delete", "other", layer[:13], None),
+    ]
+    headers = receiver.posts[0][0]
+    assert headers["Content-Type"] == "application/vnd.docker.distribution.events.v1+json"
+    assert headers["Authorization"] == "Bearer s3cret"
+    assert receiver.header_values[0]["X-Env"] == ["a", "b"]
+
+    pushed = events[2]
+    assert set(pushed) == {"id", "timestamp", "action", "target", "request", "actor", "source"}
+    assert pushed["target"] == {
+        "mediaType": OCI_MANIFEST, "size": len(manifest), "digest": digest, "length": len(manifest),
+        "repository": "team/app", "url": f"http://{client.server.host}:{client.server.port}/v2/team/app/manifests/{digest}",
+        "tag": "v1"}
+    assert set(pushed["request"]) == {"id", "addr", "host", "method", "useragent"}
+    assert pushed["request"]["method"] == "PUT" and pushed["request"]["addr"].startswith("127.0.0.1:")
+    assert pushed["actor"] == {}  # anonymous, as the reference writes it
+    assert set(pushed["source"]) == {"addr", "instanceID"}
+    assert pushed["timestamp"].endswith("Z") and len(pushed["timestamp"]) == len("2026-01-01T00:00:00.123456789Z")
+    assert events[5]["target"]["fromRepository"] == "team/app"
+    assert events[6]["target"] == {"digest": digest, "repository": "team/app"}
+    assert events[7]["target"] == {"repository": "team/app", "tag": "v1"}
+    assert events[6]["request"]["id"] == events[7]["request"]["id"]  # one request, two events
+    assert len({event["request"]["id"] for event in events}) == 8
+    assert len({event["id"] for event in events}) == 9
+    assert not await FilesystemDriver(config.root).pending_outbox(hooks[0].name, 10)  # all delivered, removed
+
+
+async def test_the_signed_in_user_is_the_actor(aiohttp_client, config, receiver):
+    htpasswd.set_user(config.root / "auth" / "htpasswd", "alice", "wonderland-9", cost=4)
+    auth = parse_auth({"mode": "htpasswd", "rules": [{"repositories": ["**"], "users": ["*"], "actions": ["*"]}]})
+    client = await serve_app(aiohttp_client, replace(config, auth=auth,
+                                                     notifications=endpoints({"url": receiver.url})))
+    data = b"x"
+    r = await client.post(f"/v2/a/blobs/uploads/?digest={sha256(data)}", data=data,
+                          headers={"Authorization": "Basic " + base64.b64encode(b"alice:wonderland-9").decode()})
+    assert r.status == 201
+    assert (await receiver.wait_for(1))[0]["actor"] == {"name": "alice"}
+
+
+async def test_events_and_repositories_filters(aiohttp_client, config):
+    deletes, team = await EventReceiver().start(), await EventReceiver().start()
+    try:
+        hooks = endpoints({"url": deletes.url, "events": ["delete"]},
+                          {"url": team.url, "repositories": ["team/**"], "events": ["push", "delete"]})
+        client = await serve_app(aiohttp_client, replace(config, notifications=hooks))
+        await push_image(client, "team/app", "v1")
+        await push_image(client, "solo", "v1")
+        assert (await client.get("/v2/team/app/manifests/v1")).status == 200
+        assert (await client.delete("/v2/solo/manifests/v1")).status == 202
+        assert (await client.delete("/v2/team/app/manifests/v1")).status == 202
+        await deletes.wait_for(2)
+        await team.wait_for(4)
+        assert summary(await deletes.settle(0.3)) == [("delete", "solo", "", "v1"), ("delete", "team/app", "", "v1")]
+        assert [(a, r) for a, r, _, _ in summary(await team.settle(0.3))] == [
+            ("push", "team/app")] * 3 + [("delete", "team/app")]
+    finally:
+        await deletes.stop()
+        await team.stop()
+
+
+async def test_an_endpoint_that_is_down_then_answers_errors_gets_every_event_in_order(aiohttp_client, config):
+    receiver = EventReceiver(failures=(503, 500, 503))  # not listening yet, then three errors
+    client = await serve_app(aiohttp_client, replace(config, notifications=endpoints({"url": receiver.url})))
+    tags = [f"t{n}" for n in range(6)]
+    for tag in tags[:3]:
+        await push_image(client, "app", tag, layer=tag.encode())
+    await receiver.start()
+    try:
+        for tag in tags[3:]:
+            await push_image(client, "app", tag, layer=tag.encode())
+        await receiver.wait_for(18)
+        events = await receiver.settle(0.3)
+        assert [e["target"].get("tag") for e in events if "tag" in e["target"]] == tags
+        assert len(events) == 18 and len({e["id"] for e in events}) == 18  # each once
+        assert receiver.refused == 3
+    finally:
+        await receiver.stop()
+
+
+async def test_two_processes_on_one_store_deliver_each_event_once_in_order(aiohttp_client, config, receiver):
+    hooks = endpoints({"url": receiver.url})
+    first = await serve_app(aiohttp_client, replace(config, notifications=hooks))
+    second = await serve_app(aiohttp_client, replace(config, notifications=hooks))
+    for n in range(4):
+        await push_image(first if n % 2 else second, "app", f"t{n}", layer=b"%d" % n)
+    await receiver.wait_for(12)
+    events = await receiver.settle(0.3)
+    assert [e["target"]["tag"] for e in events if "tag" in e["target"]] == ["t0", "t1", "t2", "t3"]
+    assert len(events) == 12
+    assert len({e["source"]["instanceID"] for e in events}) == 2
+
+
+async def test_an_event_past_its_maximum_age_goes_to_the_failed_folder(aiohttp_client, config, caplog):
+    receiver = EventReceiver()  # never listening
+    hooks = endpoints({"url": receiver.url, "max_age_seconds": 0.2})
+    client = await serve_app(aiohttp_client, replace(config, notifications=hooks))
+    with caplog.at_level(logging.WARNING, logger="kura.notify"):
+        await upload_blob(client, "a", b"never delivered")
+        driver = FilesystemDriver(config.root)
+        async with asyncio.timeout(60):
+            while not await driver.failed_outbox(hooks[0].name):
+                await asyncio.sleep(0.05)
+    records = await driver.failed_outbox(hooks[0].name)
+    assert len(records) == 1 and json.loads(records[0].data)["action"] == "push"
+    assert not await driver.pending_outbox(hooks[0].name, 10)
+    assert f"gave up on event {records[0].key}" in caplog.text
+    assert "delivery failed: ClientConnectorError" in caplog.text  # the tries before, and why they failed
+
+
+async def test_no_endpoint_no_outbox(client, config):
+    await push_image(client, "app", "v1")
+    assert not (config.root / "outbox").exists()
