@@ -58,12 +58,17 @@ class EventReceiver:
             await self._runner.cleanup()
             self._runner = None
 
-    async def wait_for(self, count: int, timeout: float = 60.0) -> list[dict]:
-        """The events once at least `count` arrived (a generous timeout: only a safety net)."""
-        async with asyncio.timeout(timeout):
-            while len(self.events) < count:
-                self._arrived.clear()
-                await self._arrived.wait()
+    async def wait_for(self, count: int, timeout: float = 60.0, counted=lambda event: True) -> list[dict]:
+        """The events once at least `count` of those `counted` arrived (the timeout is only a
+        safety net: it fails the test, saying what did arrive)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while sum(1 for event in self.events if counted(event)) < count:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+        except TimeoutError:
+            seen = [(e["action"], e["request"]["method"], e["target"].get("repository")) for e in self.events]
+            raise AssertionError(f"{count} events expected, {len(seen)} arrived: {seen}") from None
         return self.events
 
     async def settle(self, seconds: float = 0.5) -> list[dict]:
