@@ -177,3 +177,26 @@ async def test_an_event_past_its_maximum_age_goes_to_the_failed_folder(aiohttp_c
 async def test_no_endpoint_no_outbox(client, config):
     await push_image(client, "app", "v1")
     assert not (config.root / "outbox").exists()
+
+
+async def test_pulls_served_by_the_pull_through_cache(aiohttp_client, config, receiver, tmp_path):
+    from registry.proxy.config import parse as parse_proxies
+
+    upstream = await serve_app(aiohttp_client, replace(config, root=tmp_path / "upstream"))
+    digest, manifest = await push_image(upstream, "library/redis", "7", layer=b"redis layer")
+    proxies = parse_proxies([{"prefix": "docker.io", "remote": f"http://127.0.0.1:{upstream.server.port}"}])
+    cache = await serve_app(aiohttp_client, replace(config, proxies=proxies,
+                                                    notifications=endpoints({"url": receiver.url})))
+    assert (await cache.get("/v2/docker.io/library/redis/manifests/7")).status == 200
+    layers = [d["digest"] for d in json.loads(manifest)["layers"]]
+    for _ in range(2):  # from the upstream while it arrives, then from the store
+        r = await cache.get(f"/v2/docker.io/library/redis/blobs/{layers[0]}")
+        assert r.status == 200 and await r.read() == b"redis layer"
+    assert (await cache.head(f"/v2/docker.io/library/redis/blobs/{layers[0]}")).status == 200
+    await receiver.wait_for(3)
+    events = await receiver.settle(0.3)
+    assert summary(events) == [("pull", "docker.io/library/redis", "manifests", "7"),
+                               ("pull", "docker.io/library/redis", "blobs", None),
+                               ("pull", "docker.io/library/redis", "blobs", None)]
+    assert events[0]["target"]["digest"] == digest
+    assert [e["target"]["size"] for e in events[1:]] == [len(b"redis layer")] * 2
