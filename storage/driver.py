@@ -442,7 +442,8 @@ class StorageDriver(abc.ABC):
 
     @abc.abstractmethod
     async def remove_outbox(self, outbox: str, keys: list[str]) -> None:
-        """Remove these records (done with); keys already gone are ignored."""
+        """Remove these records (done with); keys already gone are ignored. Need not be durable
+        at once: a removal a crash undoes has the records worked through again."""
 
     @abc.abstractmethod
     async def fail_outbox(self, outbox: str, key: str) -> None:

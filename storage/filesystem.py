@@ -991,15 +991,9 @@ def _outbox_records(directory: Path, limit: int | None) -> list[OutboxRecord]:
 
 
 def _remove_files(paths: list[Path]) -> None:
-    directories = set()
+    # No fsync: a removal a power cut undoes only has the records delivered again.
     for path in paths:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        directories.add(path.parent)
-    for directory in directories:
-        atomic.fsync_dir(directory)
+        path.unlink(missing_ok=True)
 
 
 def _move(source: Path, target: Path) -> None:

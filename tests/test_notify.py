@@ -170,7 +170,7 @@ async def test_an_event_past_its_maximum_age_goes_to_the_failed_folder(aiohttp_c
     records = await driver.failed_outbox(hooks[0].name)
     assert len(records) == 1 and json.loads(records[0].data)["action"] == "push"
     assert not await driver.pending_outbox(hooks[0].name, 10)
-    assert f"gave up on event {records[0].key}" in caplog.text
+    assert f"gave up on the event(s) of {records[0].key}" in caplog.text
     assert "delivery failed: ClientConnectorError" in caplog.text  # the tries before, and why they failed
 
 
@@ -200,3 +200,23 @@ async def test_pulls_served_by_the_pull_through_cache(aiohttp_client, config, re
                                ("pull", "docker.io/library/redis", "blobs", None)]
     assert events[0]["target"]["digest"] == digest
     assert [e["target"]["size"] for e in events[1:]] == [len(b"redis layer")] * 2
+
+
+async def test_events_of_requests_at_the_same_moment_share_a_write(aiohttp_client, config):
+    receiver = EventReceiver()  # down: the events stay in the outbox
+    hooks = endpoints({"url": receiver.url, "events": ["pull"]})
+    client = await serve_app(aiohttp_client, replace(config, notifications=hooks))
+    await push_image(client, "app", "v1")
+    answers = await asyncio.gather(*(client.get("/v2/app/manifests/v1") for _ in range(20)))
+    assert [r.status for r in answers] == [200] * 20
+    records = await FilesystemDriver(config.root).pending_outbox(hooks[0].name, 100)
+    assert sum(r.data.count(b"\n") + 1 for r in records) == 20
+    assert len(records) < 20
+    await receiver.start()
+    try:
+        events = await receiver.wait_for(20)
+        assert [e["action"] for e in await receiver.settle(0.3)] == ["pull"] * 20
+        assert len(receiver.posts) == 1  # one envelope: fewer than BATCH_EVENTS waited
+        assert len({e["request"]["id"] for e in events}) == 20
+    finally:
+        await receiver.stop()

@@ -23,7 +23,7 @@ import uuid
 import aiohttp
 from aiohttp import web
 
-from storage import StorageDriver
+from storage import StorageDriver, StorageError
 from storage.driver import OutboxLease, OutboxRecord
 
 from .config import Endpoint
@@ -41,30 +41,55 @@ log = logging.getLogger("kura.notify")
 
 
 class Notifier:
-    """The endpoints of one process, and the wake-ups of their deliverers."""
+    """The endpoints of one process, what it is writing into their outboxes, and the wake-ups
+    of their deliverers.
+
+    Events for one endpoint are written by one task at a time: those that arrive while it
+    writes go together into its next record (one line each), so requests at the same moment
+    share the cost of a durable write, and the records of a process keep the order of its events."""
 
     def __init__(self, endpoints: tuple[Endpoint, ...], driver: StorageDriver, source: dict):
         self.endpoints = endpoints
         self.driver = driver
         self.source = source
         self.wakeups = {endpoint.name: asyncio.Event() for endpoint in endpoints}
+        self._waiting: dict[str, list[tuple[bytes, asyncio.Future]]] = {e.name: [] for e in endpoints}
+        self._writers: dict[str, asyncio.Task] = {}
         self.deliverers: list[Deliverer] = []
         """Each endpoint's, with its counters (delivered, failed_attempts, expired)."""
 
     def endpoints_for(self, action: str, repository: str) -> list[Endpoint]:
         return [endpoint for endpoint in self.endpoints if endpoint.wants(action, repository)]
 
-    async def enqueue(self, endpoints: list[Endpoint], data: bytes) -> None:
-        """Write the event into each endpoint's outbox. The change it reports has committed, so
-        a store that fails here costs the event, never the request: logged, with the event."""
-        results = await asyncio.gather(*(self.driver.append_outbox(e.name, data) for e in endpoints),
-                                       return_exceptions=True)
-        for endpoint, result in zip(endpoints, results):
-            if isinstance(result, BaseException):
-                log.error("notifications to %s: could not queue an event (%s), lost: %s",
-                          endpoint.name, result, data.decode(errors="replace"))
-            else:
-                self.wakeups[endpoint.name].set()
+    async def enqueue(self, endpoints: list[Endpoint], event: bytes) -> None:
+        """Return once the event (one line of JSON) is in the outbox of each endpoint. The change
+        it reports has committed, so a store that fails here costs the event, never the
+        request: logged, with the event."""
+        written = []
+        for endpoint in endpoints:
+            future = asyncio.get_running_loop().create_future()
+            self._waiting[endpoint.name].append((event, future))
+            if endpoint.name not in self._writers:
+                self._writers[endpoint.name] = asyncio.create_task(self._write(endpoint.name))
+            written.append(future)
+        await asyncio.shield(asyncio.gather(*written))
+
+    async def _write(self, name: str) -> None:
+        try:
+            while self._waiting[name]:
+                batch, self._waiting[name] = self._waiting[name], []
+                try:
+                    await self.driver.append_outbox(name, b"\n".join(event for event, _ in batch))
+                except Exception as exc:
+                    for event, _ in batch:
+                        log.error("notifications to %s: could not queue an event (%s), lost: %s",
+                                  name, exc, event.decode(errors="replace"))
+                else:
+                    self.wakeups[name].set()
+                for _, future in batch:
+                    future.set_result(None)
+        finally:
+            del self._writers[name]
 
 
 NOTIFIER = web.AppKey("notifier", Notifier)
@@ -99,7 +124,7 @@ class Deliverer:
                 await asyncio.sleep(LEASE_RETRY_SECONDS)
             except Exception as exc:
                 log.warning("notifications to %s: the store failed (%s); trying again in %.0f s",
-                            name, exc, STORE_RETRY_SECONDS)
+                            name, exc, STORE_RETRY_SECONDS, exc_info=not isinstance(exc, StorageError))
                 await asyncio.sleep(STORE_RETRY_SECONDS)
 
     async def _work(self, lease: OutboxLease) -> None:
@@ -107,22 +132,26 @@ class Deliverer:
         delay = 0.0
         while not lease.lost:
             self.wakeup.clear()
-            records = await self._unexpired(await self.driver.pending_outbox(name, BATCH_EVENTS))
+            pending = await self.driver.pending_outbox(name, BATCH_EVENTS)
+            records = _batch(await self._unexpired(pending))
             if not records:
+                if pending:  # all given up on: on to the next ones
+                    continue
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL_SECONDS):
                         await self.wakeup.wait()
                 continue
-            failure = await self._post(records)
+            events = [line for record in records for line in record.data.split(b"\n")]
+            failure = await self._post(events)
             if failure is None:
                 await self.driver.remove_outbox(name, [record.key for record in records])
-                self.delivered += len(records)
+                self.delivered += len(events)
                 delay = 0.0
                 continue
             self.failed_attempts += 1
             delay = min(delay * 2, self.endpoint.max_backoff_seconds) if delay else self.endpoint.backoff_seconds
             log.warning("notifications to %s: %s; %d event(s) kept, next try in %g s",
-                        name, failure, len(records), delay)
+                        name, failure, len(events), delay)
             await asyncio.sleep(delay)
 
     async def _unexpired(self, records: list[OutboxRecord]) -> list[OutboxRecord]:
@@ -133,25 +162,35 @@ class Deliverer:
             if int(record.key.partition("-")[0]) >= oldest_kept:
                 kept.append(record)
                 continue
-            log.error("notifications to %s: gave up on event %s after %g s undelivered; kept in the "
+            log.error("notifications to %s: gave up on the event(s) of %s after %g s undelivered; kept in the "
                       "outbox's failed folder", self.endpoint.name, record.key, self.endpoint.max_age_seconds)
             await self.driver.fail_outbox(self.endpoint.name, record.key)
             self.expired += 1
         return kept
 
-    async def _post(self, records: list[OutboxRecord]) -> str | None:
+    async def _post(self, events: list[bytes]) -> str | None:
         """Send one envelope; None when the endpoint took it, else what went wrong."""
-        body = b'{"events": [' + b", ".join(record.data for record in records) + b"]}"
+        body = b'{"events": [' + b", ".join(events) + b"]}"
         headers = [("Content-Type", ENVELOPE_MEDIA_TYPE), *self.endpoint.headers]
         try:
             async with self.session.post(self.endpoint.url, data=body, headers=headers, allow_redirects=False,
                                          timeout=aiohttp.ClientTimeout(total=self.endpoint.timeout_seconds)) as answer:
-                await answer.read()
                 if 200 <= answer.status < 300:
                     return None
                 return f"the endpoint answered HTTP {answer.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return f"delivery failed: {type(exc).__name__} {exc}".rstrip()
+
+
+def _batch(records: list[OutboxRecord]) -> list[OutboxRecord]:
+    """The oldest records holding up to BATCH_EVENTS events together (at least one record)."""
+    taken, events = [], 0
+    for record in records:
+        events += record.data.count(b"\n") + 1
+        if taken and events > BATCH_EVENTS:
+            break
+        taken.append(record)
+    return taken
 
 
 async def run_deliverers(app: web.Application):
