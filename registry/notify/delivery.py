@@ -30,6 +30,8 @@ from .config import Endpoint
 
 ENVELOPE_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 BATCH_EVENTS = 32
+# A batch that is not full waits this long for more events before it is sent.
+LINGER_SECONDS = 0.05
 # The lease holder looks for events other processes wrote this often (its own wake it at once).
 POLL_SECONDS = 1.0
 # A process that does not hold an outbox's lease tries to take it this often.
@@ -130,6 +132,7 @@ class Deliverer:
     async def _work(self, lease: OutboxLease) -> None:
         name = self.endpoint.name
         delay = 0.0
+        lingered = False
         while not lease.lost:
             self.wakeup.clear()
             pending = await self.driver.pending_outbox(name, BATCH_EVENTS)
@@ -142,6 +145,13 @@ class Deliverer:
                         await self.wakeup.wait()
                 continue
             events = [line for record in records for line in record.data.split(b"\n")]
+            if len(events) < BATCH_EVENTS and not lingered:
+                # A moment for more to join them: under a stream of requests, one POST for
+                # many events rather than one each.
+                lingered = True
+                await asyncio.sleep(LINGER_SECONDS)
+                continue
+            lingered = False
             failure = await self._post(events)
             if failure is None:
                 await self.driver.remove_outbox(name, [record.key for record in records])
