@@ -10,6 +10,7 @@ its envelopes may hold several events (the reference sends one per envelope).
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import urllib.request
 
@@ -122,8 +123,8 @@ async def test_kura_sends_what_the_reference_registry_sends(tmp_path):
     assert len(runs["kura"][0].posts) <= len(kura)
 
 
-async def test_a_restart_and_an_endpoint_down_meanwhile_lose_nothing(tmp_path):
-    """Pushes while the endpoint is down; `kura serve` stops and starts again (with two
+async def test_a_crash_and_an_endpoint_down_meanwhile_lose_nothing(tmp_path):
+    """Pushes while the endpoint is down; `kura serve` is killed and starts again (with two
     workers: one delivers, the other's events wait in the store for it); then the endpoint
     comes up and gets every event once, in order, followed by those of a pull."""
     require_shared()
@@ -136,7 +137,7 @@ async def test_a_restart_and_an_endpoint_down_meanwhile_lose_nothing(tmp_path):
         await skopeo("copy", "--src-tls-verify=false", "--dest-tls-verify=false",
                      f"docker://{server.host}/a/bb:1", f"docker://{server.host}/b/bb:2")
     finally:
-        await asyncio.to_thread(stop, server)
+        await asyncio.to_thread(stop, server, signal.SIGKILL)  # a crash: no chance to tidy up
     queued = len(list((root / "outbox").glob("*/pending/*")))
     assert queued >= 3 + 1 + 3  # push; then at least the GET of the manifest, 2 blobs (mounted) and it
     server = await asyncio.to_thread(start_kura, root, None, "--config", config, workers=2)
