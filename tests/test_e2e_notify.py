@@ -18,7 +18,8 @@ import pytest
 
 from tests.support.event_receiver import EventReceiver
 from tests.support.paths import IMAGES, require_shared
-from tests.support.servers import Server, free_port, run_distribution, start_kura, stop, wait_until_up
+from tests.support.servers import (Server, distribution_config, free_port, run_distribution, start_kura, stop,
+                                  wait_until_up)
 
 pytestmark = pytest.mark.e2e
 
@@ -48,19 +49,7 @@ def kura_config(path, receiver: EventReceiver) -> str:
 
 
 def reference_config(workdir, port: int, receiver: EventReceiver) -> str:
-    return f"""version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {workdir / 'storage'}
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:{port}
-notifications:
+    return distribution_config(workdir, port, f"""notifications:
   endpoints:
     - name: test
       url: {receiver.url}
@@ -69,7 +58,7 @@ notifications:
       timeout: 5s
       threshold: 3
       backoff: 100ms
-"""
+""")
 
 
 def comparable(event: dict) -> tuple:
