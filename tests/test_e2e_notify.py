@@ -1,7 +1,7 @@
 """Event notifications end to end: skopeo against `kura serve` and against the reference
 registry (Debian's docker-registry 2.8), each configured with an endpoint on loopback.
 
-The reference's envelope and events are the yardstick: for the same push, pull and delete,
+The reference's envelope and events are the yardstick: for the same push, pull, mount and delete,
 Kura sends the same actions with the same fields and values (ids, times and addresses
 aside). Kura differs where it was asked to: a HEAD is no pull (the reference reports one), and
 its envelopes may hold several events (the reference sends one per envelope).
@@ -39,6 +39,8 @@ async def push_pull_delete(host: str, out: str) -> None:
                                   headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
     await asyncio.to_thread(lambda: urllib.request.urlopen(head, timeout=30).close())
     await skopeo("copy", "--src-tls-verify=false", f"docker://{host}/a/bb:1", f"oci:{out}:1")
+    await skopeo("copy", "--src-tls-verify=false", "--dest-tls-verify=false",  # mounts what it can
+                 f"docker://{host}/a/bb:1", f"docker://{host}/b/bb:1")
     await skopeo("delete", "--tls-verify=false", f"docker://{host}/a/bb:1")
 
 
@@ -69,7 +71,8 @@ def comparable(event: dict) -> tuple:
     return (event["action"], event["request"]["method"], tuple(sorted(event)), tuple(sorted(target)),
             tuple(sorted(event["request"])), tuple(sorted(event["source"])), event["actor"].get("name"),
             target.get("mediaType"), target.get("digest"), target.get("size"), target.get("length"),
-            target.get("repository"), target.get("tag"), url[url.index("/v2/"):] if url else None)
+            target.get("repository"), target.get("fromRepository"), target.get("tag"),
+            url[url.index("/v2/"):] if url else None)
 
 
 async def test_kura_sends_what_the_reference_registry_sends(tmp_path):
@@ -89,7 +92,9 @@ async def test_kura_sends_what_the_reference_registry_sends(tmp_path):
                 server = Server("distribution", f"127.0.0.1:{port}", tmp_path / "reference", process)
             try:
                 await push_pull_delete(server.host, str(tmp_path / f"out-{name}"))
-                expected = 3 + 3 + 1 + 2  # push 2 blobs, manifest; pull the same; skopeo delete: GET, DELETE
+                # push 2 blobs, manifest; pull the same; copy: pull it, mount, pull and push the config,
+                # push the manifest; delete: pull it, delete it and its tag
+                expected = 3 + 3 + 5 + 3
                 await receiver.wait_for(expected, counted=lambda event: event["request"]["method"] != "HEAD")
                 events = await receiver.settle(0.5)
             finally:
@@ -100,11 +105,12 @@ async def test_kura_sends_what_the_reference_registry_sends(tmp_path):
 
     reference, kura = runs["reference"][1], runs["kura"][1]
     heads = [e for e in reference if e["request"]["method"] == "HEAD"]
-    assert [e["action"] for e in heads] == ["pull"]  # the reference's HEAD pulls: not Kura's
+    assert [e["action"] for e in heads] == ["pull", "pull"]  # ours, and skopeo's check before it mounts  # the reference's HEAD pulls: not Kura's
     reference = [e for e in reference if e["request"]["method"] != "HEAD"]
     assert sorted(map(comparable, kura)) == sorted(map(comparable, reference))
     # In order: blobs before the manifest naming them, the deleted manifest before its tag.
     assert [e["action"] for e in kura] == [e["action"] for e in reference]
+    assert [e["target"]["fromRepository"] for e in kura if e["action"] == "mount"] == ["a/bb"]
     for receiver, _ in runs.values():
         for headers, body in receiver.posts:
             assert set(body) == {"events"}
