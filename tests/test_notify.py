@@ -14,7 +14,7 @@ import pytest
 from registry.auth import htpasswd
 from registry.auth.config import parse as parse_auth
 from registry.notify.config import parse
-from storage import FilesystemDriver
+from storage import FilesystemDriver, StorageFull
 from tests.conftest import OCI_MANIFEST, push_image, serve_app, upload_blob
 from tests.support.client import sha256
 from tests.support.event_receiver import EventReceiver
@@ -220,3 +220,23 @@ async def test_events_of_requests_at_the_same_moment_share_a_write(aiohttp_clien
         assert len({e["request"]["id"] for e in events}) == 20
     finally:
         await receiver.stop()
+
+
+class FullOutbox(FilesystemDriver):
+    async def append_outbox(self, outbox: str, data: bytes) -> str:
+        raise StorageFull("no space left on device")
+
+
+async def test_a_failed_outbox_write_costs_the_event_not_the_request(aiohttp_client, config, caplog):
+    from registry.app import make_app
+    from registry.notify.delivery import NOTIFIER
+
+    hooks = endpoints({"url": "http://127.0.0.1:9/never"})
+    app = make_app(replace(config, notifications=hooks), FullOutbox(config.root))
+    client = await serve_app(aiohttp_client, config, app)
+    with caplog.at_level(logging.ERROR, logger="kura.notify"):
+        digest = await upload_blob(client, "a", b"stored all the same")
+    assert (await client.get(f"/v2/a/blobs/{digest}")).status == 200
+    assert "could not queue an event (no space left on device), lost: {" in caplog.text
+    assert f'"digest": "{digest}"' in caplog.text
+    assert app[NOTIFIER].lost[hooks[0].name] == 2 and app[NOTIFIER].queued[hooks[0].name] == 0

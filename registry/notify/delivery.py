@@ -59,6 +59,9 @@ class Notifier:
         self._writers: dict[str, asyncio.Task] = {}
         self.deliverers: list[Deliverer] = []
         """Each endpoint's, with its counters (delivered, failed_attempts, expired)."""
+        self.queued = {endpoint.name: 0 for endpoint in endpoints}
+        self.lost = {endpoint.name: 0 for endpoint in endpoints}
+        """Events written into each outbox by this process, and those a failed write cost."""
 
     def endpoints_for(self, action: str, repository: str) -> list[Endpoint]:
         return [endpoint for endpoint in self.endpoints if endpoint.wants(action, repository)]
@@ -83,10 +86,12 @@ class Notifier:
                 try:
                     await self.driver.append_outbox(name, b"\n".join(event for event, _ in batch))
                 except Exception as exc:
+                    self.lost[name] += len(batch)
                     for event, _ in batch:
                         log.error("notifications to %s: could not queue an event (%s), lost: %s",
                                   name, exc, event.decode(errors="replace"))
                 else:
+                    self.queued[name] += len(batch)
                     self.wakeups[name].set()
                 for _, future in batch:
                     future.set_result(None)
