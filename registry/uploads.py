@@ -103,10 +103,12 @@ async def start_upload(request: web.Request) -> web.Response:
         digest = parse_digest(query["mount"])
         blob = await store.stat_blob(digest)  # none: nothing to charge, _mount declines
         async with quota.charged(request, name, digest if blob else None, blob.size if blob else 0) as charge:
-            if await _mount(request, name, digest, query.get("from")):
-                await notify.emit(request, "mount", notify.blob(name, digest, blob.size, query.get("from")))
-                return _committed(name, digest)
-            charge.void()
+            mounted = await _mount(request, name, digest, query.get("from"))
+            if not mounted:
+                charge.void()
+        if mounted:
+            await notify.emit(request, "mount", notify.blob(name, digest, blob.size, query.get("from")))
+            return _committed(name, digest)
 
     if "digest" in query:
         digest = parse_digest(query["digest"])
