@@ -77,9 +77,9 @@ class Config:
     gc_delete_untagged: bool = False
     gc_retention: tuple[RetentionRule, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
+    notifications: tuple[Endpoint, ...] = ()
     quotas: tuple[Quota, ...] = ()
     proxies: tuple[Proxy, ...] = ()
-    notifications: tuple[Endpoint, ...] = ()
 
     def gc_settings(self) -> GcSettings:
         return GcSettings(grace_seconds=self.gc_grace_seconds, delete_untagged=self.gc_delete_untagged,
