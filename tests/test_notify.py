@@ -10,6 +10,7 @@ import logging
 from dataclasses import replace
 
 import pytest
+from aiohttp import web
 
 from registry.auth import htpasswd
 from registry.auth.config import parse as parse_auth
@@ -240,3 +241,21 @@ async def test_a_failed_outbox_write_costs_the_event_not_the_request(aiohttp_cli
     assert "could not queue an event (no space left on device), lost: {" in caplog.text
     assert f'"digest": "{digest}"' in caplog.text
     assert app[NOTIFIER].lost[hooks[0].name] == 2 and app[NOTIFIER].queued[hooks[0].name] == 0
+
+
+async def test_handlers_outside_v2_name_their_user(aiohttp_client, config, receiver):
+    """The web UI deletes tags outside /v2 (no grant there): it names the signed-in user."""
+    from registry.app import make_app
+    from registry.notify import events as notify
+
+    async def delete_from_elsewhere(request):
+        await notify.emit(request, "delete", notify.deleted("a", tag="old"), user="carol")
+        return web.Response(status=204)
+
+    settings = replace(config, notifications=endpoints({"url": receiver.url}))
+    app = make_app(settings)
+    app.router.add_post("/elsewhere", delete_from_elsewhere)
+    client = await serve_app(aiohttp_client, settings, app)
+    assert (await client.post("/elsewhere")).status == 204
+    (event,) = await receiver.wait_for(1)
+    assert event["actor"] == {"name": "carol"} and event["target"] == {"repository": "a", "tag": "old"}

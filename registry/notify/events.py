@@ -23,7 +23,7 @@ from aiohttp import web
 
 from ocispec.digest import Digest
 
-from ..auth.controller import grant, public_base
+from ..auth.controller import GRANT, public_base
 from ..context import config, request_id
 from .delivery import NOTIFIER
 
@@ -54,19 +54,22 @@ def deleted(repository: str, *, digest: Digest | None = None, tag: str | None = 
     return Target(repository, digest, tag=tag)
 
 
-async def emit(request: web.Request, action: str, *targets: Target) -> None:
-    """Queue one event per target for every endpoint that wants it (none: nothing to do)."""
+async def emit(request: web.Request, action: str, *targets: Target, user: str | None = None) -> None:
+    """Queue one event per target for every endpoint that wants it (none: nothing to do).
+    The actor is `user`, else whoever the request's grant names (a /v2 request's)."""
     notifier = request.app.get(NOTIFIER)
     if notifier is None:
         return
+    if user is None and (granted := request.get(GRANT)) is not None:
+        user = granted.user
     for target in targets:
         endpoints = notifier.endpoints_for(action, target.repository)
         if endpoints:
-            await notifier.enqueue(endpoints, json.dumps(_event(request, action, target, notifier.source)).encode())
+            event = _event(request, action, target, user, notifier.source)
+            await notifier.enqueue(endpoints, json.dumps(event).encode())
 
 
-def _event(request: web.Request, action: str, target: Target, source: dict) -> dict:
-    user = grant(request).user
+def _event(request: web.Request, action: str, target: Target, user: str | None, source: dict) -> dict:
     return {
         "id": str(uuid.uuid4()),
         "timestamp": _rfc3339_nano(time.time_ns()),
