@@ -38,6 +38,11 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
     app.on_startup.append(quota.recount_at_start)
     app.cleanup_ctx.append(_upload_purger)
     app.cleanup_ctx.append(_garbage_collector)
+    if config.notifications:
+        from .notify.delivery import NOTIFIER, Notifier, run_deliverers, source_record
+
+        app[NOTIFIER] = Notifier(config.notifications, app[STORAGE], source_record(config.port))
+        app.cleanup_ctx.append(run_deliverers)
     if config.proxies:
         from .proxy.service import ProxyService  # the upstream client (puller/): only for a proxy
 

@@ -14,6 +14,8 @@ from .auth.config import AuthConfig
 from .auth.config import ConfigError as AuthConfigError
 from .auth.config import parse as parse_auth
 from .auth.rules import glob_to_regex
+from .notify.config import Endpoint, NotifyConfigError
+from .notify.config import parse as parse_notifications
 from .proxy.config import Proxy, ProxyConfigError
 from .proxy.config import parse as parse_proxies
 
@@ -75,6 +77,7 @@ class Config:
     gc_delete_untagged: bool = False
     gc_retention: tuple[RetentionRule, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
+    notifications: tuple[Endpoint, ...] = ()
     quotas: tuple[Quota, ...] = ()
     proxies: tuple[Proxy, ...] = ()
     ui_enabled: bool = True  # the web UI at /ui/ (registry/ui/)
@@ -143,6 +146,7 @@ def load(path: Path | None = None, **overrides) -> Config:
     auth_section: dict = {}
     quota_section: object = []
     proxy_section: object = []
+    notification_section: object = []
     if path is not None:
         try:
             document = tomllib.loads(Path(path).read_text())
@@ -159,6 +163,9 @@ def load(path: Path | None = None, **overrides) -> Config:
                 continue
             if section == "proxy":
                 proxy_section = table
+                continue
+            if section == "notifications":
+                notification_section = table
                 continue
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
@@ -196,6 +203,10 @@ def load(path: Path | None = None, **overrides) -> Config:
     try:
         values["proxies"] = parse_proxies(proxy_section)
     except ProxyConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    try:
+        values["notifications"] = parse_notifications(notification_section)
+    except NotifyConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
     config = replace(Config(), **values)
     _validate(config)

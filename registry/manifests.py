@@ -12,6 +12,7 @@ from storage import ManifestNotFound, ManifestReferenceUnknown, manifests
 
 from . import quota
 from .context import config, parse_reference, repository, storage
+from .notify import events as notify
 from .proxy.routing import proxy_route
 from .proxy.front import PROXY
 from .errors import (
@@ -56,6 +57,9 @@ async def get_manifest(request: web.Request) -> web.Response:
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(stored.data))
         return web.Response(status=200, headers=headers)
+    await notify.emit(request, "pull", notify.manifest(
+        repository(request), stored.digest, stored.media_type, len(stored.data),
+        reference if isinstance(reference, str) else None))
     return web.Response(status=200, body=stored.data, headers=headers)
 
 
@@ -102,6 +106,9 @@ async def put_manifest(request: web.Request) -> web.Response:
             error = ManifestUnknown(str(exc), detail={"digests": exc.digests})
             error.status = 400  # a flaw in the pushed document, as distribution answers it
             raise error from None
+    tags = extra_tags if isinstance(reference, Digest) else [reference]
+    await notify.emit(request, "push", *(notify.manifest(name, digest, manifest.media_type, len(data), tag)
+                                         for tag in tags or [None]))
     headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
     if manifest.subject is not None:
         headers["OCI-Subject"] = str(manifest.subject.digest)
@@ -121,9 +128,13 @@ async def delete_manifest(request: web.Request) -> web.Response:
     if isinstance(reference, str):
         if not await manifests.delete_tag(store, name, reference):
             raise ManifestUnknown(detail={"tag": reference})
+        await notify.emit(request, "delete", notify.deleted(name, tag=reference))
         return web.Response(status=202)
     try:
-        await manifests.delete_manifest(store, name, reference, manifests.READ_LIMIT)
+        tags = await manifests.delete_manifest(store, name, reference, manifests.READ_LIMIT)
     except ManifestNotFound:
         raise ManifestUnknown(detail={"digest": str(reference)}) from None
+    # As the reference registry: the manifest, then each tag that went with it.
+    await notify.emit(request, "delete", notify.deleted(name, digest=reference),
+                      *(notify.deleted(name, tag=tag) for tag in tags))
     return web.Response(status=202)

@@ -18,6 +18,7 @@ from . import quota
 from .auth.controller import grant
 from .context import config, parse_digest, principal, range_header, repository, storage, upload_location
 from .errors import BlobUploadInvalid, BlobUploadUnknown, SizeInvalid
+from .notify import events as notify
 
 # [0-9], not \d: \d also matches other scripts' digits, which int() accepts. At most 19
 # digits (any int64): int() refuses numbers of 4,300+ digits.
@@ -102,16 +103,20 @@ async def start_upload(request: web.Request) -> web.Response:
         digest = parse_digest(query["mount"])
         blob = await store.stat_blob(digest)  # none: nothing to charge, _mount declines
         async with quota.charged(request, name, digest if blob else None, blob.size if blob else 0) as charge:
-            if await _mount(request, name, digest, query.get("from")):
-                return _committed(name, digest)
-            charge.void()
+            mounted = await _mount(request, name, digest, query.get("from"))
+            if not mounted:
+                charge.void()
+        if mounted:
+            await notify.emit(request, "mount", notify.blob(name, digest, blob.size, query.get("from")))
+            return _committed(name, digest)
 
     if "digest" in query:
         digest = parse_digest(query["digest"])
         length = _content_length(request)
         async with quota.charged(request, name, digest, length) as charge:
-            await store.put_blob(name, digest, _body(request), length=length,
-                                 max_size=charge.cap(_max_size(request)))
+            stored = await store.put_blob(name, digest, _body(request), length=length,
+                                          max_size=charge.cap(_max_size(request)))
+        await notify.emit(request, "push", notify.blob(name, digest, stored.size))
         return _committed(name, digest)
 
     upload = await store.create_upload(name, owner=principal(request), quota=_quota(request))
@@ -191,7 +196,8 @@ async def finish_upload(request: web.Request) -> web.Response:
             return await _finish_in_one(request, upload, digest, length)
         upload = await _append(request, upload, offset=offset, length=length)
     async with quota.charged(request, upload.repository, digest, upload.size, upload=upload.uuid):
-        await storage(request).commit_upload(upload.uuid, digest)
+        stored = await storage(request).commit_upload(upload.uuid, digest)
+    await notify.emit(request, "push", notify.blob(upload.repository, digest, stored.size))
     return _committed(upload.repository, digest)
 
 
@@ -201,12 +207,13 @@ async def _finish_in_one(request: web.Request, upload: UploadInfo, digest: Diges
     store = storage(request)
     try:
         async with quota.charged(request, upload.repository, digest, length, upload=upload.uuid) as charge:
-            await store.put_blob(upload.repository, digest, _body(request), length=length,
-                                 max_size=charge.cap(_max_size(request)))
+            stored = await store.put_blob(upload.repository, digest, _body(request), length=length,
+                                          max_size=charge.cap(_max_size(request)))
     except (DigestMismatch, SizeMismatch, TooLarge):
         await _end_session(store, upload)  # as a failed commit ends it
         raise
     await _end_session(store, upload)
+    await notify.emit(request, "push", notify.blob(upload.repository, digest, stored.size))
     return _committed(upload.repository, digest)
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import re
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterable, AsyncIterator, Iterable
@@ -138,6 +141,42 @@ class Collection(abc.ABC):
     async def read_journal(self) -> tuple[set[Digest], set[Digest]]:
         """(manifests, blobs) noted since the previous call; complete up to now only when
         called under exclusive()."""
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    key: str
+    """Sorts after the key of every record appended before it (same clock: see append_outbox)."""
+    data: bytes
+
+
+class OutboxLease:
+    """Held by the one process (of all serving the store) that works through an outbox."""
+    lost = False
+    """True once another process may have taken it over (a driver whose lease expires)."""
+
+
+_last_outbox_stamp = 0
+
+
+def new_outbox_key() -> str:
+    """A record's key: the time of writing first (in nanoseconds, never twice the same nor
+    going back within a process), so that keys sort oldest first; then a random part."""
+    global _last_outbox_stamp
+    stamp = _last_outbox_stamp = max(time.time_ns(), _last_outbox_stamp + 1)
+    return f"{stamp:020d}-{uuid.uuid4().hex}"
+
+
+def is_valid_outbox_name(name: str) -> bool:
+    return _OUTBOX_NAME.fullmatch(name) is not None
+
+
+def is_valid_outbox_key(key: str) -> bool:
+    return _OUTBOX_KEY.fullmatch(key) is not None
+
+
+_OUTBOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_OUTBOX_KEY = re.compile(r"[0-9]{20}-[0-9a-f]{32}")
 
 
 class StorageDriver(abc.ABC):
@@ -395,6 +434,36 @@ class StorageDriver(abc.ABC):
 
     @abc.abstractmethod
     async def delete_cache_record(self, repository: str, key: str) -> None: ...
+
+    # -- outboxes: durable queues of small records (registry/notify/) -----------------------
+    # `outbox` names one queue (letters, digits, `._-`); records are appended by any process
+    # and worked through, oldest first, by the one holding the outbox's lease.
+    @abc.abstractmethod
+    async def append_outbox(self, outbox: str, data: bytes) -> str:
+        """Store a record durably before returning its key (new_outbox_key: written later in this
+        process, or later by the clock in another, sorts later)."""
+
+    @abc.abstractmethod
+    async def pending_outbox(self, outbox: str, limit: int) -> list[OutboxRecord]:
+        """The oldest `limit` records of the outbox, oldest first."""
+
+    @abc.abstractmethod
+    async def remove_outbox(self, outbox: str, keys: list[str]) -> None:
+        """Remove these records (done with); keys already gone are ignored. Need not be durable
+        at once: a removal a crash undoes has the records worked through again."""
+
+    @abc.abstractmethod
+    async def fail_outbox(self, outbox: str, key: str) -> None:
+        """Move a record out of the queue to the outbox's failed ones, kept for a person to see."""
+
+    @abc.abstractmethod
+    async def failed_outbox(self, outbox: str) -> list[OutboxRecord]:
+        """The failed records of the outbox, oldest first."""
+
+    @abc.abstractmethod
+    def outbox_lease(self, outbox: str) -> contextlib.AbstractAsyncContextManager[OutboxLease | None]:
+        """Held while this process works through the outbox: yields None at once when another
+        process (or another driver of this one) holds it. The holder stops once `lost`."""
 
     async def blob_url(self, digest: Digest) -> str | None:
         """A URL a client may fetch the blob from directly (a presigned object-store URL), or

@@ -25,6 +25,8 @@ from .driver import (
     BlobLink,
     Collection,
     ManifestLink,
+    OutboxLease,
+    OutboxRecord,
     RepositorySnapshot,
     Stamped,
     StorageDriver,
@@ -32,6 +34,8 @@ from .driver import (
     UploadInfo,
     UploadQuota,
     UsageLedger,
+    is_valid_outbox_key,
+    new_outbox_key,
 )
 from .errors import (
     FULL_ERRNOS,
@@ -691,6 +695,45 @@ class FilesystemDriver(StorageDriver):
     async def delete_cache_record(self, repository: str, key: str) -> None:
         await asyncio.to_thread(atomic.remove, self.layout.cache_record(repository, key))
 
+    # -- outboxes ---------------------------------------------------------------------
+    async def append_outbox(self, outbox: str, data: bytes) -> str:
+        key = new_outbox_key()
+        path = self.layout.outbox_record(outbox, key)
+        with _no_space_as_storage_full():
+            await _finish_in_thread(atomic.atomic_write, path, data, self.layout.tmp)
+        return key
+
+    async def pending_outbox(self, outbox: str, limit: int) -> list[OutboxRecord]:
+        return await asyncio.to_thread(_outbox_records, self.layout.outbox(outbox) / "pending", limit)
+
+    async def remove_outbox(self, outbox: str, keys: list[str]) -> None:
+        paths = [self.layout.outbox_record(outbox, key) for key in keys]
+        await asyncio.to_thread(_remove_files, paths)
+
+    async def fail_outbox(self, outbox: str, key: str) -> None:
+        source = self.layout.outbox_record(outbox, key)
+        target = self.layout.outbox_record(outbox, key, "failed")
+        with _no_space_as_storage_full():
+            await asyncio.to_thread(_move, source, target)
+
+    async def failed_outbox(self, outbox: str) -> list[OutboxRecord]:
+        return await asyncio.to_thread(_outbox_records, self.layout.outbox(outbox) / "failed", None)
+
+    @contextlib.asynccontextmanager
+    async def outbox_lease(self, outbox: str):
+        path = self.layout.outbox(outbox) / "lock"
+        with _no_space_as_storage_full():
+            fd = self._open_lock(path)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None
+                return
+            yield OutboxLease()  # a flock is never lost while its holder lives
+        finally:
+            os.close(fd)
+
     # -- verification ---------------------------------------------------------------
     async def check_layout(self) -> tuple[list[str], list[str]]:
         return await asyncio.to_thread(self._check_layout)
@@ -951,6 +994,32 @@ class _Turns:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
+
+
+def _outbox_records(directory: Path, limit: int | None) -> list[OutboxRecord]:
+    records = []
+    for key in sorted(name for name in _listdir(directory) if is_valid_outbox_key(name))[:limit]:
+        try:
+            records.append(OutboxRecord(key, (directory / key).read_bytes()))
+        except FileNotFoundError:  # removed meanwhile (by a holder that lost the lease)
+            continue
+    return records
+
+
+def _remove_files(paths: list[Path]) -> None:
+    # No fsync: a removal a power cut undoes only has the records delivered again.
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _move(source: Path, target: Path) -> None:
+    atomic.make_dirs(target.parent)
+    try:
+        os.replace(source, target)
+    except FileNotFoundError:
+        return
+    atomic.fsync_dir(target.parent)
+    atomic.fsync_dir(source.parent)
 
 
 async def _flock(fd: int, mode: int = fcntl.LOCK_EX, wait: float | None = None) -> bool:

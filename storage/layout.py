@@ -31,6 +31,10 @@
       gc/journal                                     while it exists: `m <digest>` / `b <digest>` lines appended by
                                                      every guard holder, for the referenced manifests and blobs
       gc/last                                        when the last collection ended (a Unix time)
+      outbox/<name>/pending/<key>                    a record waiting in a durable queue (event notifications,
+                                                     one outbox per endpoint; key: time written, then random)
+      outbox/<name>/failed/<key>                     a record given up on (kept for a person to look at)
+      outbox/<name>/lock                             flock()ed by the process working through the outbox
 
 Repository name components always start with [a-z0-9], so they never collide with the
 `_`-prefixed directories. Every function re-validates what it is handed, so no string from
@@ -47,6 +51,8 @@ from pathlib import Path
 
 from ocispec.digest import Digest
 from ocispec.names import is_valid_name, is_valid_tag
+
+from .driver import is_valid_outbox_key, is_valid_outbox_name
 
 _LEDGER_KEY = re.compile(r"[0-9a-f]{64}")
 _CACHE_RECORD_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -83,6 +89,7 @@ class Layout:
         self.gc_marker = self.gc / "marking"
         self.gc_journal = self.gc / "journal"
         self.gc_last = self.gc / "last"
+        self.outboxes = self.root / "outbox"
         # Names checked and joined already (validating and joining cost more than the read
         # of a tag file that follows).
         self._repository_paths: dict[str, Path] = {}
@@ -139,6 +146,16 @@ class Layout:
         if not is_valid_cache_record_key(key):
             raise ValueError(f"invalid cache record key {key!r}")
         return self.cache_records(name) / key
+
+    def outbox(self, name: str) -> Path:
+        if not is_valid_outbox_name(name):
+            raise ValueError(f"invalid outbox name {name!r}")
+        return self.outboxes / name
+
+    def outbox_record(self, name: str, key: str, folder: str = "pending") -> Path:
+        if not is_valid_outbox_key(key):
+            raise ValueError(f"invalid outbox record key {key!r}")
+        return self.outbox(name) / folder / key
 
     def usage_ledger(self, key: str) -> Path:
         if not is_valid_ledger_key(key):

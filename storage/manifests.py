@@ -190,22 +190,26 @@ async def get_manifest(driver: StorageDriver, repository: str, reference: str | 
     return StoredManifest(digest, link.media_type, data)
 
 
-async def delete_manifest(driver: StorageDriver, repository: str, digest: Digest, limit: int) -> None:
-    """Remove a manifest from a repository, with the tags and referrer entry that name it."""
+async def delete_manifest(driver: StorageDriver, repository: str, digest: Digest, limit: int) -> list[str]:
+    """Remove a manifest from a repository, with the tags and referrer entry that name it;
+    returns the tags removed."""
     async with driver.repository_lock(repository):
-        await remove_manifest(driver, repository, digest, limit)
+        return await remove_manifest(driver, repository, digest, limit)
 
 
-async def remove_manifest(driver: StorageDriver, repository: str, digest: Digest, limit: int) -> None:
+async def remove_manifest(driver: StorageDriver, repository: str, digest: Digest, limit: int) -> list[str]:
     """delete_manifest, for a caller that holds the repository's lock already."""
     stored = await get_manifest(driver, repository, digest, limit)
     subject = await asyncio.to_thread(_subject_of, stored)
     if subject is not None:
         await driver.remove_referrer(repository, subject, digest)
+    removed = []
     for tag in await driver.list_tags(repository):
         if await driver.resolve_tag(repository, tag) == digest:
             await driver.delete_tag(repository, tag)
+            removed.append(tag)
     await driver.unlink_manifest(repository, digest)
+    return removed
 
 
 def _subject_of(stored: StoredManifest) -> Digest | None:

@@ -15,6 +15,8 @@ Keys (under the configured prefix) mirror the filesystem layout:
   usage/<key>                                        a usage ledger (s3_ledger.py)
   locks/...                                          leases (s3_leases.py)
   gc/running, gc/exclusive, gc/guards/<id>, gc/journal/<id>, gc/last   the collector's state
+  outbox/<name>/{pending,failed}/<key>               durable queues of records (event notifications);
+                                                     listed in key order, which is oldest first
 
 Every piece of request state lives in the bucket: a chunked upload's PATCHes and PUT may land
 on different instances, each carrying the running digest forward (resumable_hash.py), and an
@@ -44,6 +46,8 @@ from .driver import (
     BlobLink,
     Collection,
     ManifestLink,
+    OutboxLease,
+    OutboxRecord,
     RepositorySnapshot,
     Stamped,
     StorageDriver,
@@ -51,6 +55,9 @@ from .driver import (
     UploadInfo,
     UploadQuota,
     UsageLedger,
+    is_valid_outbox_key,
+    is_valid_outbox_name,
+    new_outbox_key,
 )
 from .errors import (
     BlobNotFound,
@@ -699,6 +706,65 @@ class S3Driver(StorageDriver):
     async def delete_cache_record(self, repository: str, key: str) -> None:
         await self.bucket.delete([self._cache_key(repository, key)])
 
+    # -- outboxes ---------------------------------------------------------------------
+    @staticmethod
+    def _outbox_prefix(outbox: str, folder: str = "pending") -> str:
+        if not is_valid_outbox_name(outbox):
+            raise ValueError(f"invalid outbox name {outbox!r}")
+        return f"outbox/{outbox}/{folder}/"
+
+    def _outbox_key(self, outbox: str, key: str, folder: str = "pending") -> str:
+        if not is_valid_outbox_key(key):
+            raise ValueError(f"invalid outbox record key {key!r}")
+        return self._outbox_prefix(outbox, folder) + key
+
+    async def append_outbox(self, outbox: str, data: bytes) -> str:
+        key = new_outbox_key()
+        await self.bucket.put(self._outbox_key(outbox, key), data)
+        return key
+
+    async def _outbox_records(self, prefix: str, limit: int | None) -> list[OutboxRecord]:
+        keys: list[str] = []
+        async for info in self.bucket.list(prefix):  # in key order: oldest first
+            name = info.key[len(prefix):]
+            if is_valid_outbox_key(name):
+                keys.append(name)
+                if limit is not None and len(keys) >= limit:
+                    break
+        found = await _gather_limited([self.bucket.get(prefix + key) for key in keys])
+        return [OutboxRecord(key, item[0]) for key, item in zip(keys, found) if item is not None]
+
+    async def pending_outbox(self, outbox: str, limit: int) -> list[OutboxRecord]:
+        return await self._outbox_records(self._outbox_prefix(outbox), limit)
+
+    async def remove_outbox(self, outbox: str, keys: list[str]) -> None:
+        if keys:
+            await self.bucket.delete([self._outbox_key(outbox, key) for key in keys])
+
+    async def fail_outbox(self, outbox: str, key: str) -> None:
+        source = self._outbox_key(outbox, key)
+        found = await self.bucket.get(source)
+        if found is None:
+            return
+        await self.bucket.put(self._outbox_key(outbox, key, "failed"), found[0])
+        await self.bucket.delete([source])
+
+    async def failed_outbox(self, outbox: str) -> list[OutboxRecord]:
+        return await self._outbox_records(self._outbox_prefix(outbox, "failed"), None)
+
+    @contextlib.asynccontextmanager
+    async def outbox_lease(self, outbox: str):
+        self._outbox_prefix(outbox)  # validates
+        lease = self._lease(f"locks/outbox/{outbox}")
+        if not await lease.take(0):
+            yield None
+            return
+        try:
+            yield _HeldLease(lease)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(lease.abandon() if lease.lost else lease.release())
+
     # -- garbage collection -----------------------------------------------------------
     # No collection running (the common case): a guard costs one GET of gc/running (shared
     # by a process's guards for half a second). While one runs, a guard registers (a renewed
@@ -1034,6 +1100,15 @@ async def _gather_limited(awaitables: list) -> list:
             return await awaitable
 
     return await asyncio.gather(*(one(a) for a in awaitables))
+
+
+class _HeldLease(OutboxLease):
+    def __init__(self, lease: Lease):
+        self._lease = lease
+
+    @property
+    def lost(self) -> bool:
+        return self._lease.lost
 
 
 def _owner(data: bytes) -> str | None:

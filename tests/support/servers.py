@@ -105,7 +105,22 @@ def stop_distribution(server: Server) -> None:
 def start_distribution_trusting(workdir: Path, realm: str, service: str, issuer: str, bundle: Path) -> Server:
     """The reference registry configured with `auth.token`, trusting tokens from `issuer`."""
     port = free_port()
-    config = f"""version: 0.1
+    config = distribution_config(workdir, port, f"""auth:
+  token:
+    realm: {realm}
+    service: {service}
+    issuer: {issuer}
+    rootcertbundle: {bundle}
+""")
+    process = run_distribution(workdir, config)
+    wait_for_challenge(f"http://127.0.0.1:{port}/v2/", process)
+    return Server("distribution", f"127.0.0.1:{port}", workdir / "storage", process)
+
+
+def distribution_config(workdir: Path, port: int, extra: str = "") -> str:
+    """docker-registry's config: storage under workdir/storage (deletes on), 127.0.0.1:`port`,
+    logging errors only; `extra` adds top-level sections (YAML)."""
+    return f"""version: 0.1
 log:
   level: error
   accesslog:
@@ -117,16 +132,7 @@ storage:
     enabled: true
 http:
   addr: 127.0.0.1:{port}
-auth:
-  token:
-    realm: {realm}
-    service: {service}
-    issuer: {issuer}
-    rootcertbundle: {bundle}
-"""
-    process = run_distribution(workdir, config)
-    wait_for_challenge(f"http://127.0.0.1:{port}/v2/", process)
-    return Server("distribution", f"127.0.0.1:{port}", workdir / "storage", process)
+{extra}"""
 
 
 def run_distribution(workdir: Path, config: str) -> subprocess.Popen:

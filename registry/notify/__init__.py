@@ -1,0 +1,1 @@
+"""Event notifications: what happened, queued in the store and sent to HTTP endpoints."""
