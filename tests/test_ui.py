@@ -11,8 +11,10 @@ import pytest
 
 from registry.auth import htpasswd
 from registry.auth.config import parse
+from registry.notify.config import parse as parse_endpoints
 from registry.ui import views
 from tests.conftest import OCI_MANIFEST, push_image, serve_app
+from tests.support.event_receiver import EventReceiver
 from tests.support.ui_pages import HOSTILE, csrf_of, image_config, page, seed
 
 PASSWORDS = {"admin": "admin-secret-1", "reader": "reader-secret-2"}
@@ -211,6 +213,23 @@ async def test_admin_deletes_and_anonymous_cannot(auth_client):
     r = await client.post("/ui/r/team/app/-/delete", data={"tag": "v2", "csrf": csrf_of(text)}, allow_redirects=False)
     assert r.status == 303
     assert "-/m/v2" not in await page(client, "/ui/r/team/app")
+
+
+async def test_a_tag_deleted_in_the_ui_is_an_event_naming_who_deleted_it(auth_client):
+    receiver = await EventReceiver().start()
+    try:
+        hooks = parse_endpoints([{"url": receiver.url, "backoff_seconds": 0.05}])
+        client = await auth_client(notifications=hooks)
+        await sign_in(client, "admin")
+        text = await page(client, "/ui/r/team/app")
+        r = await client.post("/ui/r/team/app/-/delete", data={"tag": "v2", "csrf": csrf_of(text)},
+                              allow_redirects=False)
+        assert r.status == 303
+        (event,) = await receiver.wait_for(1)
+        assert event["action"] == "delete" and event["actor"] == {"name": "admin"}
+        assert event["target"] == {"repository": "team/app", "tag": "v2"}
+    finally:
+        await receiver.stop()
 
 
 async def test_the_csrf_token_of_one_session_fails_in_another(auth_client, aiohttp_client):

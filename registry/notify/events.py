@@ -57,7 +57,7 @@ def deleted(repository: str, *, digest: Digest | None = None, tag: str | None = 
 async def emit(request: web.Request, action: str, *targets: Target, user: str | None = None) -> None:
     """Queue one event per target for every endpoint that wants it (none: nothing to do).
     The actor is `user`, else whoever the request's grant names (a /v2 request's)."""
-    notifier = request.app.get(NOTIFIER)
+    notifier = request.config_dict.get(NOTIFIER)  # also from a sub-application (the web UI)
     if notifier is None:
         return
     if user is None and (granted := request.get(GRANT)) is not None:

@@ -23,6 +23,7 @@ from ..auth.controller import AUTH, Everything, Grant, RulesGrant
 from ..auth.htpasswd import valid_user_name
 from ..context import CONFIG, STORAGE
 from ..errors import RegistryError
+from ..notify import events as notify
 from ..proxy.front import PROXY
 from .render import TEMPLATES
 from .session import Session
@@ -254,6 +255,7 @@ async def delete_tag(request: web.Request) -> web.Response:
     driver = request.config_dict[STORAGE]
     if not await manifests.delete_tag(driver, name, tag):
         return not_found(request, f"Tag {name}:{tag}")
+    await notify.emit(request, "delete", notify.deleted(name, tag=tag), user=who.user)
     log.info("web UI: tag %s:%s deleted by %s", name, tag, who.user or "anonymous")
     state.usage.forget()
     raise web.HTTPSeeOther(f"{ui_root(request)}/r/{name}?{urlencode({'deleted': tag})}")
