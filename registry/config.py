@@ -70,6 +70,7 @@ class Config:
     max_upload_sessions_per_repository: int = 500  # 0: no limit
     log_level: str = "info"
     access_log: bool = True
+    log_format: str = "text"  # or "json": one object a line (registry/logformat.py)
     gc_interval_seconds: int = 86400  # 0: no periodic collection
     gc_grace_seconds: int = 3600
     gc_delete_untagged: bool = False
@@ -117,6 +118,7 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("limits", "max_unauthenticated_body_bytes"): ("max_unauthenticated_body_bytes", int),
     ("log", "level"): ("log_level", str),
     ("log", "access_log"): ("access_log", bool),
+    ("log", "format"): ("log_format", str),
     ("gc", "interval_seconds"): ("gc_interval_seconds", int),
     ("gc", "grace_seconds"): ("gc_grace_seconds", int),
     ("gc", "delete_untagged"): ("gc_delete_untagged", bool),
@@ -126,6 +128,7 @@ _RETENTION_KEYS: dict[str, tuple[type, ...]] = {
     "repositories": (list,), "keep_last": (int,), "keep_tags": (str,), "older_than_days": (int, float),
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -283,6 +286,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("storage.driver = \"s3\" needs a [storage.s3] table (bucket, endpoint, ...)")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log.level must be one of {', '.join(LOG_LEVELS)}")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log.format must be one of {', '.join(LOG_FORMATS)}, got {config.log_format!r}")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("server.tls_cert and server.tls_key must be set together")
     if not 4 * MIB <= config.max_manifest_bytes <= MAX_MANIFEST_LIMIT:

@@ -12,6 +12,7 @@ from typing import Callable
 
 from aiohttp import web
 
+from .access_log import AccessLogger
 from .config import Config
 from .connections import ConnectionLimits, GuardedSite, quiet_accept_errors
 from .startup import StartupError, reason
@@ -35,6 +36,8 @@ def handler_settings(config: Config) -> dict:
         "auto_decompress": False,
         # A request body is buffered up to twice this before aiohttp stops reading the socket.
         "read_bufsize": 16 * 1024,
+        # The request line, once the response is complete (used where an access_log is given).
+        "access_log_class": AccessLogger,
     }
 
 
@@ -81,7 +84,7 @@ async def _serve(app: web.Application, config: Config, ssl_context, notes, socks
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     settings = dict(handler_settings(config),
-                    access_log=logging.getLogger("aiohttp.access") if config.access_log else None)
+                    access_log=logging.getLogger("kura.access") if config.access_log else None)
     limits = connection_limits(config, raise_open_file_limit())
     runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout_seconds)
     await runner.setup()
