@@ -84,7 +84,7 @@ async def _serve(app: web.Application, config: Config, ssl_context, notes, socks
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     settings = dict(handler_settings(config),
-                    access_log=logging.getLogger("kura.access") if config.access_log else None)
+                    access_log=logging.getLogger("aiohttp.access") if config.access_log else None)
     limits = connection_limits(config, raise_open_file_limit())
     runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout_seconds)
     await runner.setup()

@@ -182,7 +182,7 @@ def test_token_mode_json_log_has_no_secrets_and_every_field(tmp_path):
 
     entries = [json.loads(line) for line in text.splitlines()]  # every line is one JSON object
     assert all({"ts", "level", "logger", "message"} <= set(entry) for entry in entries)
-    requests = [entry for entry in entries if entry["logger"] == "kura.access"]
+    requests = [entry for entry in entries if entry["logger"] == "aiohttp.access"]
     assert requests and all(REQUEST_FIELDS <= set(entry) for entry in requests)
     assert len({entry["request_id"] for entry in requests}) == len(requests)
     (put,) = [e for e in requests if e["method"] == "PUT" and e["path"] == "/v2/team/app/manifests/v1"]
@@ -226,8 +226,8 @@ def test_htpasswd_mode_text_log_has_no_secrets_and_every_field(tmp_path):
     assert_no_secrets(text, session.secrets)
 
     lines = text.splitlines()
-    requests = [line for line in lines if " INFO kura.access: " in line]
-    shape = re.compile(r'^\S+ \S+ INFO kura\.access: 127\.0\.0\.1 "[A-Z]+ \S+ HTTP/1\.1" \d{3} \d+ \d+ [0-9.]+ms '
+    requests = [line for line in lines if " INFO aiohttp.access: " in line]
+    shape = re.compile(r'^\S+ \S+ INFO aiohttp\.access: 127\.0\.0\.1 "[A-Z]+ \S+ HTTP/1\.1" \d{3} \d+ \d+ [0-9.]+ms '
                        r'id=[0-9a-f]{32} user=\S+ repo=\S+ digest=\S+ ua=(\S+|"[^"]+")$')
     assert requests and all(shape.match(line) for line in requests), [r for r in requests if not shape.match(r)]
     assert any('"PUT /v2/team/app/manifests/v1 HTTP/1.1" 201 ' in line and f" {len(manifest)} " in line
