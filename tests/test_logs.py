@@ -129,6 +129,8 @@ async def test_auth_decisions_are_warnings_with_user_reason_and_address(basic_cl
     ("grant_type=refresh_token&refresh_token=xyz123&service=kura",
      "grant_type=refresh_token&refresh_token=[redacted]&service=kura"),
     ("GET /metrics?token=s3cr3t HTTP/1.1", "GET /metrics?token=[redacted] HTTP/1.1"),
+    ("https://s3/b/k?X-Amz-Credential=AKIA%2F2026&X-Amz-Signature=9f8e7d&X-Amz-Security-Token=FwoG x",
+     "https://s3/b/k?X-Amz-Credential=[redacted]&X-Amz-Signature=[redacted]&X-Amz-Security-Token=[redacted] x"),
     ('{"username": "alice", "password": "pw1234567"}', '{"username": "alice", "password": "[redacted]"}'),
     ("{'secret_key': 'AbCdEf123'}", "{'secret_key': '[redacted]'}"),
     ("token eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl seen", "token [redacted] seen"),
