@@ -58,9 +58,10 @@ def request_fields(request: web.BaseRequest, response: web.StreamResponse, elaps
             reference = match.get("reference")
             if reference is not None and ":" in reference:
                 digest = reference
-        auth = request.app.get(AUTH)
+        apps = match.apps
+        auth = apps[0].get(AUTH) if apps else None
         proxies = auth.config.trusted_proxies if auth is not None and auth.config is not None else None
-        if proxies:
+        if proxies and "X-Forwarded-For" in request.headers:  # else the peer is the client
             client = client_address(request, proxies).address
     if digest is None:
         digest = response.headers.get("Docker-Content-Digest")
