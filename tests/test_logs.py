@@ -101,7 +101,7 @@ async def test_request_line_fields(basic_client, caplog):
     assert entry["message"] == "PUT /v2/team/app/manifests/bad?password=[redacted] 400"
 
 
-async def test_token_endpoint_line_names_who_logged_in(aiohttp_client, config, caplog):
+async def test_token_mode_names_who_logged_in_and_warns_of_a_token_short_of_scope(aiohttp_client, config, caplog):
     htpasswd.set_user(config.root / "auth" / "htpasswd", "alice", PASSWORDS["alice"], cost=4)
     client = await serve_app(aiohttp_client, replace(config, auth=parse({"mode": "token", **RULES})))
     caplog.set_level(logging.INFO, logger="aiohttp.access")
@@ -110,6 +110,11 @@ async def test_token_endpoint_line_names_who_logged_in(aiohttp_client, config, c
     assert r.status == 200
     (line,) = request_lines(caplog)
     assert line.msg.fields["user"] == "alice" and line.msg.fields["request_id"] == r.headers["X-Request-Id"]
+    token = (await r.json())["token"]
+    r = await client.post("/v2/team/app/blobs/uploads/", headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 401
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kura.auth" and r.levelno == logging.WARNING]
+    assert warnings == ["denied: user 'alice' from 127.0.0.1 may not pull,push repository:team/app (not in the token)"]
 
 
 async def test_auth_decisions_are_warnings_with_user_reason_and_address(basic_client, caplog):
