@@ -29,8 +29,8 @@ log = logging.getLogger("kura.registry")
 def make_app(config: Config, driver: StorageDriver | None = None) -> web.Application:
     # /v2 handlers stream their bodies; client_max_size bounds only aiohttp's own read(), used
     # by the token endpoint, which reads its form before it knows who is asking.
-    app = web.Application(middlewares=[request_context, error_middleware, head_size_limit, unauthenticated_body_limit,
-                                       auth_middleware, proxy_middleware],
+    app = web.Application(middlewares=[request_context, error_middleware, head_size_limit,
+                                       unauthenticated_body_limit, auth_middleware, proxy_middleware],
                           client_max_size=config.max_unauthenticated_body_bytes)
     app[CONFIG] = config
     app[STORAGE] = driver or FilesystemDriver(config.root)

@@ -14,6 +14,7 @@ from .auth.config import AuthConfig
 from .auth.config import ConfigError as AuthConfigError
 from .auth.config import parse as parse_auth
 from .auth.rules import glob_to_regex
+from .logformat import FORMATS as LOG_FORMATS
 from .proxy.config import Proxy, ProxyConfigError
 from .proxy.config import parse as parse_proxies
 
@@ -128,7 +129,6 @@ _RETENTION_KEYS: dict[str, tuple[type, ...]] = {
     "repositories": (list,), "keep_last": (int,), "keep_tags": (str,), "older_than_days": (int, float),
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("text", "json")
 
 
 def split_listen(listen: str) -> tuple[str, int]:

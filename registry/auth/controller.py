@@ -66,7 +66,7 @@ def covers(grant: Grant, needed: list[Access]) -> bool:
 
 
 def describe(needed: list[Access]) -> str:
-    """`push repository:team/app, pull repository:base`: what a refused request needed."""
+    """What a refused request needed: `pull,push repository:team/app`."""
     return ", ".join(f"{','.join(sorted(a.actions))} {a.type}:{a.name}" for a in needed)
 
 
