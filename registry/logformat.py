@@ -121,7 +121,7 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = scrub(record.exc_text)
         if record.stack_info:
             entry["stack"] = scrub(self.formatStack(record.stack_info))
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return json.dumps(entry, default=str)  # ASCII: whatever the encoding of stderr
 
 
 def configure(level: str, form: str, worker: int | None = None) -> None:
