@@ -243,3 +243,20 @@ def test_htpasswd_mode_text_log_has_no_secrets_and_every_field(tmp_path):
                for line in warnings)
     assert any("failed login for user 'bob' from 127.0.0.1: locked out" in line for line in warnings)
 
+
+
+def test_json_lines_of_workers_name_the_worker(tmp_path):
+    config = tmp_path / "kura.toml"
+    config.write_text('[log]\nformat = "json"\n')
+    log = tmp_path / "kura.log"
+    server = start_kura(tmp_path / "data", None, "--config", str(config), log=log, workers=2)
+    try:
+        status, headers, _ = call("GET", f"{server.url}/v2/")
+        assert status == 200
+    finally:
+        stop(server)
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    (line,) = [e for e in entries if e["logger"] == "aiohttp.access" and e["request_id"] == headers["X-Request-Id"]]
+    assert line["worker"] in (1, 2) and line["pid"] != server.process.pid
+    supervisor = [e for e in entries if e["message"].startswith("2 workers (pids ")]
+    assert len(supervisor) == 1 and "worker" not in supervisor[0]
