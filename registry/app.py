@@ -13,6 +13,7 @@ from aiohttp import web
 from storage import FilesystemDriver, StorageDriver
 
 from . import quota
+from .access_log import add_request_id, request_context
 from .auth.controller import AUTH, auth_middleware
 from .auth.controller import build as build_auth
 from .config import Config
@@ -28,13 +29,14 @@ log = logging.getLogger("kura.registry")
 def make_app(config: Config, driver: StorageDriver | None = None) -> web.Application:
     # /v2 handlers stream their bodies; client_max_size bounds only aiohttp's own read(), used
     # by the token endpoint, which reads its form before it knows who is asking.
-    app = web.Application(middlewares=[error_middleware, head_size_limit, unauthenticated_body_limit,
-                                       auth_middleware, proxy_middleware],
+    app = web.Application(middlewares=[request_context, error_middleware, head_size_limit,
+                                       unauthenticated_body_limit, auth_middleware, proxy_middleware],
                           client_max_size=config.max_unauthenticated_body_bytes)
     app[CONFIG] = config
     app[STORAGE] = driver or FilesystemDriver(config.root)
     app[AUTH] = auth = build_auth(config.auth, Path(config.root))
     app.on_response_prepare.append(add_api_version)
+    app.on_response_prepare.append(add_request_id)
     app.on_startup.append(quota.recount_at_start)
     app.cleanup_ctx.append(_upload_purger)
     app.cleanup_ctx.append(_garbage_collector)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import sys
 from pathlib import Path
 
@@ -235,9 +234,10 @@ def _serve(config, read_config) -> int:
     (`read_config` reads the config file again, with the same flags)."""
     from .serve import run
     from .startup import StartupError, prepare
-    from .supervisor import LOG_FORMAT, supervise, worker_count
+    from .logformat import configure
+    from .supervisor import supervise, worker_count
 
-    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
+    configure(config.log_level, config.log_format)
     try:
         if worker_count(config) > 1:
             forking = functools.partial(prepare, forks_workers=True)

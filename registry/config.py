@@ -14,6 +14,7 @@ from .auth.config import AuthConfig
 from .auth.config import ConfigError as AuthConfigError
 from .auth.config import parse as parse_auth
 from .auth.rules import glob_to_regex
+from .logformat import FORMATS as LOG_FORMATS
 from .notify.config import Endpoint, NotifyConfigError
 from .notify.config import parse as parse_notifications
 from .proxy.config import Proxy, ProxyConfigError
@@ -72,6 +73,7 @@ class Config:
     max_upload_sessions_per_repository: int = 500  # 0: no limit
     log_level: str = "info"
     access_log: bool = True
+    log_format: str = "text"  # or "json": one object a line (registry/logformat.py)
     gc_interval_seconds: int = 86400  # 0: no periodic collection
     gc_grace_seconds: int = 3600
     gc_delete_untagged: bool = False
@@ -121,6 +123,7 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("limits", "max_unauthenticated_body_bytes"): ("max_unauthenticated_body_bytes", int),
     ("log", "level"): ("log_level", str),
     ("log", "access_log"): ("access_log", bool),
+    ("log", "format"): ("log_format", str),
     ("gc", "interval_seconds"): ("gc_interval_seconds", int),
     ("gc", "grace_seconds"): ("gc_grace_seconds", int),
     ("gc", "delete_untagged"): ("gc_delete_untagged", bool),
@@ -296,6 +299,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("storage.driver = \"s3\" needs a [storage.s3] table (bucket, endpoint, ...)")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log.level must be one of {', '.join(LOG_LEVELS)}")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log.format must be one of {', '.join(LOG_FORMATS)}, got {config.log_format!r}")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("server.tls_cert and server.tls_key must be set together")
     if not 4 * MIB <= config.max_manifest_bytes <= MAX_MANIFEST_LIMIT:

@@ -12,6 +12,7 @@ from typing import Callable
 
 from aiohttp import web
 
+from .access_log import AccessLogger
 from .config import Config
 from .connections import ConnectionLimits, GuardedSite, quiet_accept_errors
 from .startup import StartupError, reason
@@ -35,6 +36,8 @@ def handler_settings(config: Config) -> dict:
         "auto_decompress": False,
         # A request body is buffered up to twice this before aiohttp stops reading the socket.
         "read_bufsize": 16 * 1024,
+        # The request line, once the response is complete (used where an access_log is given).
+        "access_log_class": AccessLogger,
     }
 
 

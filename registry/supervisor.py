@@ -35,11 +35,11 @@ from typing import Callable
 from .auth.shared_limits import LoginTable
 from .auth.shared_limits import share as share_logins
 from .config import Config, ConfigError
+from .logformat import configure as configure_logging
 from .startup import Ready, StartupError, reason
 
 log = logging.getLogger("kura.server")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 BACKLOG = 128
 READY = b"r"
 START_FAILURES = 5  # a slot whose worker exits this many times in a row before it is ready: give up
@@ -59,10 +59,6 @@ def worker_count(config: Config) -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def worker_log_format(slot: int) -> str:
-    return LOG_FORMAT.replace("%(levelname)s", f"worker {slot} (pid %(process)d) %(levelname)s", 1)
 
 
 def _addresses(host: str, port: int) -> list[tuple]:
@@ -345,7 +341,7 @@ class Supervisor:
         except (ConfigError, StartupError) as exc:
             log.error("SIGHUP: not reloaded, still serving with the previous configuration: %s", exc)
             return
-        logging.getLogger().setLevel(config.log_level.upper())
+        configure_logging(config.log_level, config.log_format)
         share_logins(prepared.app, self.logins)
         self.incoming = generation = Generation(self.current.number + 1, config, prepared, sockets)
         log.info("SIGHUP: configuration read; starting %d new worker(s)", generation.size)
@@ -441,9 +437,7 @@ class Supervisor:
                     for sock in sockets:
                         if sock not in mine:
                             sock.close()
-        formatter = logging.Formatter(worker_log_format(slot + 1))
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(formatter)
+        configure_logging(generation.config.log_level, generation.config.log_format, worker=slot + 1)
 
         def ready() -> None:
             os.write(ready_w, READY)

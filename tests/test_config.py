@@ -17,10 +17,10 @@ def test_defaults():
 def test_file_then_flags(tmp_path):
     f = tmp_path / "kura.toml"
     f.write_text('[server]\nlisten = "127.0.0.1:6000"\n[storage]\nroot = "/srv/kura"\ndelete_enabled = false\n'
-                 '[log]\nlevel = "debug"\naccess_log = false\n')
+                 '[log]\nlevel = "debug"\naccess_log = false\nformat = "json"\n')
     c = load(f)
-    assert (c.listen, c.root, c.delete_enabled, c.log_level, c.access_log) == (
-        "127.0.0.1:6000", Path("/srv/kura"), False, "debug", False)
+    assert (c.listen, c.root, c.delete_enabled, c.log_level, c.access_log, c.log_format) == (
+        "127.0.0.1:6000", Path("/srv/kura"), False, "debug", False, "json")
     c = load(f, listen="0.0.0.0:7000", root=None)
     assert c.listen == "0.0.0.0:7000" and c.root == Path("/srv/kura")
 
@@ -45,6 +45,7 @@ def test_example_config_is_complete_and_loads():
     ('[limits]\nmax_manifest_bytes = 100000000\n', "and 64 MiB"),
     ('[server]\ntls_cert = "/x.pem"\n', "together"),
     ('[log]\nlevel = "loud"\n', "log.level"),
+    ('[log]\nformat = "xml"\n', "log.format must be one of text, json"),
     ('[uploads]\nexpiry_seconds = 0\n', "positive"),
     ('[server]\nbody_timeout_seconds = 0\n', "positive"),
     ('[server]\nmax_connections_per_client = -1\n', "must not be negative"),

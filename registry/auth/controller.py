@@ -65,6 +65,11 @@ def covers(grant: Grant, needed: list[Access]) -> bool:
     return all(grant.can(a.type, a.name, action) for a in needed for action in a.actions)
 
 
+def describe(needed: list[Access]) -> str:
+    """What a refused request needed: `pull,push repository:team/app`."""
+    return ", ".join(f"{','.join(sorted(a.actions))} {a.type}:{a.name}" for a in needed)
+
+
 def access_detail(needed: list[Access]) -> list[dict]:
     return [{"Type": a.type, "Name": a.name, "Action": action} for a in needed for action in sorted(a.actions)]
 
@@ -151,6 +156,7 @@ class Credentials:
         if not user and not password:
             return None
         if await self.check(self.address_of(request), user, password):
+            request[SIGNED_IN] = user
             return user
         raise Unauthorized("invalid username or password", headers=challenge)
 
@@ -165,6 +171,7 @@ class Credentials:
         try:
             ok = bool(user) and await self.htpasswd.check(user, password)
         except LoginsBusy:
+            log.warning("login for user %r from %s refused: too many password checks at once", user, address)
             raise TooManyRequests("too many logins at once; try again shortly", headers={"Retry-After": "1"}) from None
         finally:
             self.limiter.end(address, user, ok)
@@ -199,6 +206,8 @@ class BasicAuth(Controller):
         if user is None and (not needed or not covers(grant, needed)):
             raise Unauthorized(detail=access_detail(needed), headers=self.challenge)
         if not covers(grant, needed):
+            log.warning("denied: user %r from %s may not %s", user, self.credentials.address_of(request),
+                        describe(needed))
             raise Denied(detail=access_detail(needed))
         return grant
 
@@ -288,6 +297,7 @@ def startup_report(state: AuthState, listen: str, plain_http_off_loopback: bool)
 
 AUTH = web.AppKey("auth", AuthState)
 GRANT = web.RequestKey("grant", Grant)
+SIGNED_IN = web.RequestKey("signed_in", str)  # who logged in on a request without a grant (/auth/token)
 
 
 @web.middleware

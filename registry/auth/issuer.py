@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import time
 import uuid
 
@@ -16,8 +17,10 @@ from aiohttp import web
 
 from ..errors import RegistryError, Unauthorized
 from . import jwt
-from .controller import AUTH, AuthState
+from .controller import AUTH, SIGNED_IN, AuthState
 from .scopes import Access, parse_scopes
+
+log = logging.getLogger("kura.auth")
 
 REFRESH = "refresh"
 
@@ -92,9 +95,14 @@ async def post_token(request: web.Request) -> web.Response:
         if not user or password is None or not await state.credentials.check(address, user, password):
             raise Unauthorized("invalid username or password")
     elif grant_type == "refresh_token":
-        user = _refresh_subject(state, form.get("refresh_token") or "")
+        try:
+            user = _refresh_subject(state, form.get("refresh_token") or "")
+        except Unauthorized as exc:
+            log.warning("refused a refresh token from %s: %s", address, exc.text)
+            raise
     else:
         raise TokenRequestInvalid("grant_type must be password or refresh_token")
+    request[SIGNED_IN] = user
     # A refresh token is not renewed by itself: its lifetime is the most a stolen one buys.
     offline = form.get("access_type") == "offline" and grant_type == "password"
     return _response(_issue(state, user, parse_scopes(form.getall("scope", [])), offline))

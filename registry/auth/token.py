@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from ..errors import Unauthorized
 from . import jwt
-from .controller import Controller, Grant, access_detail, covers, public_base
+from .controller import Controller, Grant, access_detail, client_address, covers, describe, public_base
 from .rules import AccessRules
 from .scopes import Access, mount_source
+
+log = logging.getLogger("kura.auth")
 
 
 @dataclass
@@ -66,11 +69,14 @@ class TokenAuth(Controller):
         try:
             claims = jwt.verify(header[7:].strip(), self.public_keys, audience=self.service, issuer=self.issuer)
         except jwt.TokenError as exc:
+            log.warning("refused a token from %s: %s", client_address(request, self.trusted_proxies), exc)
             raise Unauthorized(f"invalid token: {exc}",
                                headers=self.challenge(request, needed, "invalid_token")) from None
         access = claims.get("access") if isinstance(claims.get("access"), list) else []
         grant = TokenGrant([a for a in access if isinstance(a, dict)], self.rules, claims.get("sub") or None)
         if not covers(grant, needed):
+            log.warning("denied: user %r from %s may not %s (not in the token)", grant.user,
+                        client_address(request, self.trusted_proxies), describe(needed))
             raise Unauthorized("the token does not grant this access", detail=access_detail(needed),
                                headers=self.challenge(request, needed, "insufficient_scope"))
         return grant
