@@ -5,6 +5,7 @@ from aiohttp import web
 from .blob_response import serve_blob
 from .context import config, parse_digest, repository, storage
 from .errors import BlobUnknown, Unsupported
+from .monitoring.recorder import recorder
 from .proxy.routing import proxy_route
 from .proxy.front import PROXY
 
@@ -13,11 +14,13 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     digest = parse_digest(request.match_info["digest"])
     store = storage(request)
     blob = await store.stat_linked_blob(repository(request), digest, recent_ok=True)
+    route = proxy_route(request)
     if blob is None:
-        route = proxy_route(request)
         if route is not None:
             return await request.app[PROXY].blobs.serve(request, route, digest)
         raise BlobUnknown(detail={"digest": str(digest)})
+    if route is not None:
+        recorder(request).cache_lookup(route.proxy.name, "blob", "hit")
     return await serve_blob(request, blob, store)
 
 

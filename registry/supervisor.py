@@ -35,6 +35,7 @@ from typing import Callable
 from .auth.shared_limits import LoginTable
 from .auth.shared_limits import share as share_logins
 from .config import Config, ConfigError
+from .monitoring.workers import worker_exited
 from .startup import Ready, StartupError, reason
 
 log = logging.getLogger("kura.server")
@@ -292,6 +293,7 @@ class Supervisor:
                 if worker.ready_fd >= 0:  # what it wrote before it died (the write end is closed)
                     self._ready_pipe(worker)
                 self._forget_logins(pid, status)
+                worker_exited(pid)  # its gauges of what is in progress stop counting
                 self._exited(worker, status)
 
     def _forget_logins(self, pid: int, status: int) -> None:
