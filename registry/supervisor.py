@@ -15,8 +15,9 @@ accepting and finish the requests they have (server.shutdown_timeout_seconds at 
 
 All state that matters lives in the store, which several processes may share (README
 "Scale out"), except the failed-login counts, which the supervisor keeps for its workers in
-a file of their own (auth/shared_limits.py); what each worker keeps for itself is listed in
-README "Workers and reloads".
+a file of their own (auth/shared_limits.py), and the metrics, which the workers write to a
+directory the supervisor made (monitoring/workers.py); what each worker keeps for itself is
+listed in README "Workers and reloads".
 """
 
 from __future__ import annotations

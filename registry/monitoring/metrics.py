@@ -13,6 +13,7 @@ With `kura serve --workers N` the values are kept in the workers' shared directo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ UPLOAD_ROUTES = frozenset({"/v2/{name}/blobs/uploads/", "/v2/{name}/blobs/upload
                            "/v2/{name}/blobs/uploads/{uuid}"})
 UPLOAD_METHODS = frozenset({"POST", "PATCH", "PUT"})
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what every Prometheus version reads
+FLUSH_SECONDS = 1.0  # request counts reach the metrics (and, with workers, the shared files) this often
 CLIENT_CLOSED = 499  # the client went away before an answer (nginx's code for it)
 # Small requests take milliseconds; blob transfers minutes.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -68,7 +70,6 @@ class Metrics(Recorder):
         self.received = counter("kura_http_received_bytes", "Request body bytes received", ("route", "method"))
         self.sent = counter("kura_http_sent_bytes", "Response body bytes sent (as their Content-Length "
                             "announced)", ("route", "method"))
-        self.in_progress = gauge("kura_http_requests_in_progress", "Requests being answered", mode="livesum")
         self.uploads = gauge("kura_uploads_in_progress", "Upload requests (POST, PATCH, PUT of blob uploads) "
                              "being received", mode="livesum")
         self.failed_logins = counter("kura_auth_failed_logins", "Failed password checks, by reason", ("reason",))
@@ -91,19 +92,34 @@ class Metrics(Recorder):
         self.gc_last = gauge("kura_gc_last_completed_timestamp_seconds", "When the last completed garbage "
                              "collection ended (Unix time)")
         self._store: dict[str, Gauge] | None = None
-        self._children: dict[tuple, tuple] = {}
+        self._durations: dict[tuple, Histogram] = {}
+        self._pending: dict[tuple, list] = {}
 
     # -- requests ---------------------------------------------------------------------
-    def request_series(self, route: str, method: str, status: int):
-        """The (requests, duration, received, sent) series of one kind of request (cached:
-        labels() costs more than the increment)."""
+    def request_done(self, route: str, method: str, status: int, seconds: float, received: int, sent: int) -> None:
+        """Count one request. The duration goes to its histogram at once; the counts wait in
+        a dict for the next flush(), at most FLUSH_SECONDS later: with workers, each increment
+        of a series is a write to a shared file, and a request would otherwise make four."""
+        duration = self._durations.get((route, method))
+        if duration is None:
+            duration = self._durations[(route, method)] = self.duration.labels(route, method)
+        duration.observe(seconds)
         key = (route, method, status)
-        series = self._children.get(key)
-        if series is None:
-            series = self._children[key] = (
-                self.requests.labels(route, method, str(status)), self.duration.labels(route, method),
-                self.received.labels(route, method), self.sent.labels(route, method))
-        return series
+        counts = self._pending.get(key)
+        if counts is None:
+            counts = self._pending[key] = [0, 0, 0]
+        counts[0] += 1
+        counts[1] += received
+        counts[2] += sent
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for (route, method, status), (count, received, sent) in pending.items():
+            self.requests.labels(route, method, str(status)).inc(count)
+            if received:
+                self.received.labels(route, method).inc(received)
+            if sent:
+                self.sent.labels(route, method).inc(sent)
 
     # -- Recorder -----------------------------------------------------------------------
     def failed_login(self, reason: str) -> None:
@@ -164,7 +180,6 @@ def middleware(metrics: Metrics):
         route = route_of(request)
         method = request.method if request.method in METHODS else "other"
         upload = method in UPLOAD_METHODS and route in UPLOAD_ROUTES
-        metrics.in_progress.inc()
         if upload:
             metrics.uploads.inc()
         started = time.perf_counter()
@@ -180,17 +195,11 @@ def middleware(metrics: Metrics):
             status = CLIENT_CLOSED
             raise
         finally:
-            elapsed = time.perf_counter() - started
-            metrics.in_progress.dec()
             if upload:
                 metrics.uploads.dec()
-            requests, duration, received, sent = metrics.request_series(route, method, status)
-            requests.inc()
-            duration.observe(elapsed)
-            if request.content.total_bytes:
-                received.inc(request.content.total_bytes)
-            if response is not None and method != "HEAD" and response.content_length:
-                sent.inc(response.content_length)
+            sent = response.content_length if response is not None and method != "HEAD" else 0
+            metrics.request_done(route, method, status, time.perf_counter() - started,
+                                 request.content.total_bytes, sent or 0)
 
     return count
 
@@ -199,6 +208,7 @@ class Exposition:
     """What `/metrics` answers with, and who may ask."""
 
     def __init__(self, metrics: Metrics, token: str | None, counter: UsageCounter):
+        self.metrics = metrics
         self.token = token.encode() if token is not None else None
         self.counter = counter
         if MULTIPROCESS:
@@ -221,6 +231,7 @@ class Exposition:
             return web.Response(status=401, text="401: /metrics needs `Authorization: Bearer <metrics.token>`\n",
                                 headers={"WWW-Authenticate": 'Bearer realm="kura metrics"'})
         self.counter.poke()
+        self.metrics.flush()  # this process's counts to the second (the others': within FLUSH_SECONDS)
         # Milliseconds of work (reading every worker's files, with workers): not on the event loop.
         body = await asyncio.to_thread(generate_latest, self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"})
@@ -229,9 +240,23 @@ class Exposition:
 EXPOSITION = web.AppKey("metrics_exposition", Exposition)
 
 
-async def _close_counter(app: web.Application):
+async def _background(app: web.Application):
+    """Flush the request counts every FLUSH_SECONDS; at the end, stop counting the store and
+    flush what is left."""
+    exposition = app[EXPOSITION]
+
+    async def flushing() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            exposition.metrics.flush()
+
+    task = asyncio.ensure_future(flushing())
     yield
-    await app[EXPOSITION].counter.close()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await exposition.counter.close()
+    exposition.metrics.flush()
 
 
 def setup(app: web.Application, config: Config) -> web.middleware:
@@ -243,6 +268,6 @@ def setup(app: web.Application, config: Config) -> web.middleware:
     schedule = Schedule(config.metrics_usage_refresh_seconds, Path(shared, "usage.lock") if shared else None)
     counter = UsageCounter(app[STORAGE], schedule, metrics.publish_usage)
     app[EXPOSITION] = exposition = Exposition(metrics, config.metrics_token, counter)
-    app.cleanup_ctx.append(_close_counter)
+    app.cleanup_ctx.append(_background)
     app.router.add_get("/metrics", exposition.handle)
     return middleware(metrics)
