@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from registry.app import make_app
+from registry.monitoring.health import READINESS
 from storage.s3 import S3Driver
 from storage.s3_objects import S3Location
 from tests.conftest import serve_app
@@ -164,3 +165,21 @@ def test_workers_forked_by_the_supervisor_serve_from_s3(s3_bucket, tmp_path):
             skopeo(f"docker://{server.host}/workers/busybox:1", f"oci:{tmp_path / f'pulled{number}'}:1")
     finally:
         stop(server)
+
+
+async def test_readyz_is_503_while_the_store_is_cut_off_and_ready_after(aiohttp_client, config, location):
+    endpoint = urlsplit(location.endpoint)
+    relay = await TcpRelay(endpoint.hostname, endpoint.port).start()
+    client, _ = await s3_client(aiohttp_client, config, S3Driver(replace(location, endpoint=f"http://{relay.address}")))
+    client.server.app[READINESS].store.max_age = 0  # every poll probes the bucket
+    r = await client.get("/readyz")
+    assert r.status == 200 and (await r.json())["checks"]["storage"]["status"] == "ok"
+    await relay.cut()
+    r = await client.get("/readyz")
+    body = await r.json()
+    assert r.status == 503 and body["checks"]["storage"]["status"] == "failed", body
+    assert (await client.get("/healthz")).status == 200
+    await relay.start()
+    r = await client.get("/readyz")
+    assert r.status == 200, await r.text()
+    await relay.cut()
