@@ -23,6 +23,7 @@ from registry.config import Config
 from registry.monitoring import health
 from registry.proxy.config import parse as parse_proxies
 from tests.support.client import sha256
+from tests.support.mounts import fill, remount, tmpfs
 from tests.support.servers import free_port
 
 from .conftest import push_image, serve_app, upload_blob
@@ -85,6 +86,28 @@ async def test_readyz_is_503_naming_the_store_when_it_cannot_be_written(client, 
     tmp.mkdir()
     r = await client.get("/readyz")
     assert r.status == 200 and (await r.json())["checks"]["storage"]["status"] == "ok"
+
+
+async def test_a_full_store_is_degraded_and_a_read_only_one_not_ready(aiohttp_client, tmp_path):
+    with tmpfs(tmp_path / "volume", "4m") as volume:
+        client = await serve_app(aiohttp_client, replace(Config(), root=volume / "data", access_log=False))
+        store_check(client).max_age = 0
+        fill(volume / "filler")
+        r = await client.get("/readyz")
+        body = await r.json()
+        assert r.status == 200 and body["status"] == "degraded", body  # pulls still work
+        assert body["checks"]["storage"]["status"] == "degraded"
+        assert "full" in body["checks"]["storage"]["error"]
+        (volume / "filler").unlink()
+        remount(volume, "ro")
+        try:
+            r = await client.get("/readyz")
+            body = await r.json()
+            assert r.status == 503 and body["checks"]["storage"]["status"] == "failed", body
+            assert "read-only" in body["checks"]["storage"]["error"].lower()
+        finally:
+            remount(volume, "rw")
+        await client.close()
 
 
 async def test_a_poll_storm_runs_the_store_check_once(client):

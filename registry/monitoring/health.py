@@ -165,10 +165,11 @@ class Readiness:
         service = self.app.get(PROXY)
         if service is not None:
             for prefix, upstream in service.upstreams.items():
-                check = self.upstreams.get(prefix)
-                if check is None:
-                    check = self.upstreams[prefix] = upstream_check(upstream)
-                checks[f"upstream:{upstream.proxy.name}"] = await check.result()
+                if prefix not in self.upstreams:
+                    self.upstreams[prefix] = upstream_check(upstream)
+            names = [f"upstream:{upstream.proxy.name}" for upstream in service.upstreams.values()]
+            results = await asyncio.gather(*(self.upstreams[prefix].result() for prefix in service.upstreams))
+            checks.update(zip(names, results))
         return checks
 
     async def close(self) -> None:
