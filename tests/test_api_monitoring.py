@@ -21,6 +21,7 @@ from registry.auth import htpasswd
 from registry.auth.config import parse as parse_auth
 from registry.config import Config
 from registry.monitoring import health
+from registry.monitoring.usage import Schedule
 from registry.proxy.config import parse as parse_proxies
 from tests.support.client import sha256
 from tests.support.mounts import fill, remount, tmpfs
@@ -295,3 +296,15 @@ async def test_cache_hits_misses_and_the_upstreams_rate_limit(hub, aiohttp_clien
     assert "library/redis" not in await (await client.get("/metrics")).text()
     body = await (await client.get("/readyz")).json()
     assert body["status"] == "ready" and body["checks"]["upstream:docker.io"]["status"] == "ok", body
+
+
+def test_one_worker_counts_the_store_at_a_time_and_not_again_within_the_interval(tmp_path):
+    """Two workers' schedules over one shared file (as in the multiprocess directory)."""
+    first, second = Schedule(3600, tmp_path / "usage.lock"), Schedule(3600, tmp_path / "usage.lock")
+    assert first.begin()
+    assert not second.begin()  # the first one counts now
+    first.end()
+    assert not second.begin() and not first.begin()  # counted moments ago
+    due = Schedule(0, tmp_path / "usage.lock")
+    assert due.begin()
+    due.end()
