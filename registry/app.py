@@ -18,6 +18,8 @@ from .auth.controller import AUTH, auth_middleware
 from .auth.controller import build as build_auth
 from .config import Config
 from .context import CONFIG, STORAGE
+from .monitoring import health
+from .monitoring.recorder import RECORDER, Recorder
 from .middlewares import add_api_version, error_middleware, head_size_limit, unauthenticated_body_limit
 from .proxy.front import PROXY, proxy_middleware
 from .proxy.front import status as proxy_status
@@ -35,6 +37,14 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
     app[CONFIG] = config
     app[STORAGE] = driver or FilesystemDriver(config.root)
     app[AUTH] = auth = build_auth(config.auth, Path(config.root))
+    app[RECORDER] = Recorder()
+    if config.metrics_enabled:
+        from .monitoring import metrics  # prometheus_client: only when metrics are on
+
+        # Inside any logging middleware, outside error_middleware: it counts final statuses.
+        app.middlewares.insert(app.middlewares.index(error_middleware), metrics.setup(app, config))
+    if auth.credentials is not None:
+        auth.credentials.on_failure = app[RECORDER].failed_login
     app.on_response_prepare.append(add_api_version)
     app.on_response_prepare.append(add_request_id)
     app.on_startup.append(quota.recount_at_start)
@@ -49,9 +59,10 @@ def make_app(config: Config, driver: StorageDriver | None = None) -> web.Applica
         from .proxy.service import ProxyService  # the upstream client (puller/): only for a proxy
 
         app[PROXY] = ProxyService(config.proxies, app[STORAGE], _spool_dir(config),
-                                  collect=lambda: quota.collect_garbage(app[STORAGE], config))
+                                  collect=lambda: collect_garbage(app), recorder=app[RECORDER])
         app.cleanup_ctx.append(_proxy)
         app.router.add_get("/proxy/status", proxy_status)
+    health.setup(app)
     setup_routes(app)
     if config.ui_enabled:
         from . import ui  # its routes; its pages (and jinja2) load on the first request for one
@@ -112,7 +123,7 @@ async def _garbage_collector(app: web.Application):
                 await asyncio.sleep(min(wait, interval))
                 continue
             try:
-                report = await quota.collect_garbage(driver, config)
+                report = await collect_garbage(app)
             except Exception:
                 log.exception("garbage collection failed")
                 await asyncio.sleep(min(interval, GC_RETRY_SECONDS))
@@ -131,6 +142,20 @@ async def _garbage_collector(app: web.Application):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def collect_garbage(app: web.Application):
+    """One collection of the app's store (quota.collect_garbage), reported to its recorder."""
+    recorder = app[RECORDER]
+    started = time.monotonic()
+    try:
+        report = await quota.collect_garbage(app[STORAGE], app[CONFIG])
+    except Exception:
+        recorder.garbage_collection("failed", time.monotonic() - started, 0, 0)
+        raise
+    recorder.garbage_collection("skipped" if report.skipped else "completed", report.duration,
+                                report.bytes_freed, len(report.blobs))
+    return report
 
 
 def _spool_dir(config: Config) -> Path | None:

@@ -5,6 +5,7 @@ from aiohttp import web
 from .blob_response import serve_blob
 from .context import config, parse_digest, repository, storage
 from .errors import BlobUnknown, Unsupported
+from .monitoring.recorder import recorder
 from .notify import events as notify
 from .proxy.routing import proxy_route
 from .proxy.front import PROXY
@@ -15,8 +16,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     store = storage(request)
     name = repository(request)
     blob = await store.stat_linked_blob(name, digest, recent_ok=True)
+    route = proxy_route(request)
     if blob is None:
-        route = proxy_route(request)
         if route is None:
             raise BlobUnknown(detail={"digest": str(digest)})
         # Fetched from the upstream while it is sent: a pull once it was served.
@@ -26,6 +27,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             size = stored.size if stored is not None else response.content_length
             await notify.emit(request, "pull", notify.blob(name, digest, size))
         return response
+    if route is not None:
+        recorder(request).cache_lookup(route.proxy.name, "blob", "hit")
     if request.method == "GET":
         await notify.emit(request, "pull", notify.blob(name, digest, blob.size))
     return await serve_blob(request, blob, store)

@@ -232,6 +232,7 @@ def _mismatch():
 def _serve(config, read_config) -> int:
     """One process (--workers 1), or workers under a supervisor that reloads on SIGHUP
     (`read_config` reads the config file again, with the same flags)."""
+    from .monitoring import workers
     from .serve import run
     from .startup import StartupError, prepare
     from .logformat import configure
@@ -241,7 +242,9 @@ def _serve(config, read_config) -> int:
     try:
         if worker_count(config) > 1:
             forking = functools.partial(prepare, forks_workers=True)
-            return supervise(config, forking(config), read_config, forking)
+            with workers.shared_directory():  # before the app loads prometheus_client
+                return supervise(config, forking(config), read_config, forking)
+        workers.single_process()
         ready = prepare(config)
         run(ready.app, config, ready.ssl_context, ready.notes)
     except StartupError as exc:

@@ -83,6 +83,9 @@ class Config:
     quotas: tuple[Quota, ...] = ()
     proxies: tuple[Proxy, ...] = ()
     ui_enabled: bool = True  # the web UI at /ui/ (registry/ui/)
+    metrics_enabled: bool = True
+    metrics_token: str | None = field(default=None, repr=False)  # None: /metrics needs no auth
+    metrics_usage_refresh_seconds: int = 60
 
     def gc_settings(self) -> GcSettings:
         return GcSettings(grace_seconds=self.gc_grace_seconds, delete_untagged=self.gc_delete_untagged,
@@ -128,6 +131,9 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("gc", "grace_seconds"): ("gc_grace_seconds", int),
     ("gc", "delete_untagged"): ("gc_delete_untagged", bool),
     ("ui", "enabled"): ("ui_enabled", bool),
+    ("metrics", "enabled"): ("metrics_enabled", bool),
+    ("metrics", "token"): ("metrics_token", str),
+    ("metrics", "usage_refresh_seconds"): ("metrics_usage_refresh_seconds", int),
 }
 # [[gc.retention]] entries: key -> the types its value may have.
 _RETENTION_KEYS: dict[str, tuple[type, ...]] = {
@@ -190,6 +196,8 @@ def load(path: Path | None = None, **overrides) -> Config:
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    if values.get("metrics_token") == "":
+        values["metrics_token"] = None  # as shown in config.example.toml: no token
     for name in ("root", "tls_cert", "tls_key"):
         if values.get(name):
             values[name] = Path(values[name])
@@ -308,7 +316,7 @@ def _validate(config: Config) -> None:
                           f"and {MAX_MANIFEST_LIMIT >> 20} MiB")
     for name in ("upload_expiry_seconds", "upload_purge_interval_seconds", "max_connections",
                  "header_timeout_seconds", "body_timeout_seconds", "idle_timeout_seconds",
-                 "shutdown_timeout_seconds"):
+                 "shutdown_timeout_seconds", "metrics_usage_refresh_seconds"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
     for name in ("chunk_min_length", "max_blob_bytes", "max_connections_per_client",
@@ -322,3 +330,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("limits.max_header_bytes must be at least 8 KiB")
     if config.max_unauthenticated_body_bytes < 1024:
         raise ConfigError("limits.max_unauthenticated_body_bytes must be at least 1 KiB")
+    token = config.metrics_token
+    if token is not None and (len(token) < 16 or not token.isascii() or not token.isprintable() or " " in token):
+        raise ConfigError("metrics.token must be at least 16 printable ASCII characters without spaces "
+                          "(it is sent as `Authorization: Bearer <token>`)")

@@ -15,8 +15,9 @@ accepting and finish the requests they have (server.shutdown_timeout_seconds at 
 
 All state that matters lives in the store, which several processes may share (README
 "Scale out"), except the failed-login counts, which the supervisor keeps for its workers in
-a file of their own (auth/shared_limits.py); what each worker keeps for itself is listed in
-README "Workers and reloads".
+a file of their own (auth/shared_limits.py), and the metrics, which the workers write to a
+directory the supervisor made (monitoring/workers.py); what each worker keeps for itself is
+listed in README "Workers and reloads".
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .auth.shared_limits import LoginTable
 from .auth.shared_limits import share as share_logins
 from .config import Config, ConfigError
 from .logformat import configure as configure_logging
+from .monitoring.workers import worker_exited
 from .startup import Ready, StartupError, reason
 
 log = logging.getLogger("kura.server")
@@ -288,6 +290,7 @@ class Supervisor:
                 if worker.ready_fd >= 0:  # what it wrote before it died (the write end is closed)
                     self._ready_pipe(worker)
                 self._forget_logins(pid, status)
+                worker_exited(pid)  # its gauges of what is in progress stop counting
                 self._exited(worker, status)
 
     def _forget_logins(self, pid: int, status: int) -> None:

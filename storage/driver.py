@@ -470,6 +470,13 @@ class StorageDriver(abc.ABC):
         None to have the server send the bytes (the default)."""
         return None
 
+    # -- readiness (registry/monitoring/health.py) ------------------------------------
+    @abc.abstractmethod
+    async def probe(self) -> None:
+        """Write a few bytes to the store's temp area, read them back and delete them: the
+        store can be read and written now. Raises StorageFull when there is no room, another
+        StorageError when the store cannot be used."""
+
     # -- verification (storage/fsck.py) ------------------------------------------------
     async def check_layout(self) -> tuple[list[str], list[str]]:
         """(problems, notes) about the driver's own storage that the methods above cannot

@@ -45,6 +45,7 @@ from .errors import (
     RepositoryBusy,
     SizeMismatch,
     StorageFull,
+    StoreUnavailable,
     TooLarge,
     TooManyUploads,
     UploadBusy,
@@ -931,6 +932,29 @@ class FilesystemDriver(StorageDriver):
 
     async def purge_temp(self, older_than: float) -> int:
         return await asyncio.to_thread(self._purge_temp, older_than)
+
+    async def probe(self) -> None:
+        await asyncio.to_thread(self._probe)
+
+    def _probe(self) -> None:
+        path = self.layout.tmp / f"probe-{uuidlib.uuid4().hex}"
+        data = os.urandom(16)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                # No fsync: polled every second, it would wait behind every upload's writeback.
+                # Filesystems that allocate late (ext4, XFS) still reserve the space at write().
+                os.write(fd, data)
+                back = os.pread(fd, len(data) + 1, 0)
+            finally:
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        except OSError as exc:
+            text = f"{path.parent}: {exc.strerror or exc}"
+            raise (StorageFull if exc.errno in FULL_ERRNOS else StoreUnavailable)(text) from exc
+        if back != data:
+            raise StoreUnavailable(f"{path.parent}: a probe file read back other bytes than were written")
 
 
 class _FilesystemCollection(Collection):

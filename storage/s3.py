@@ -988,6 +988,17 @@ class S3Driver(StorageDriver):
         await self.bucket.delete(stale)
         return len(stale)
 
+    async def probe(self) -> None:
+        key = f"tmp/probe-{uuidlib.uuid4().hex}"
+        data = uuidlib.uuid4().bytes
+        await self.bucket.put(key, data)
+        try:
+            back = await self.bucket.get(key)
+        finally:
+            await self.bucket.delete([key])
+        if back is None or back[0] != data:
+            raise StoreUnavailable(f"{key}: a probe object read back other bytes than were written")
+
 
 class _S3Collection(Collection):
     def __init__(self, driver: S3Driver, lease: Lease):

@@ -66,6 +66,11 @@ def test_example_config_is_complete_and_loads():
     ('[[gc.retention]]\nrepositories = ["a"]\nkeep_last = true\n', "keep_last must be a int"),
     ('[[gc.retention]]\nrepositories = ["a"]\nkeep_last = 1\nkeep_tags = "("\n', "not a regular expression"),
     ('[[gc.retention]]\nrepositories = ["a"]\nkeep_last = 1\nkeep = 2\n', "#1: unknown option keep"),
+    ('[metrics]\nenabled = "no"\n', "metrics.enabled must be a bool"),
+    ('[metrics]\ntoken = "short"\n', "metrics.token must be at least 16"),
+    ('[metrics]\ntoken = "a token with spaces"\n', "without spaces"),
+    ('[metrics]\nusage_refresh_seconds = 0\n', "metrics_usage_refresh_seconds must be positive"),
+    ('[metrics]\npath = "/m"\n', "unknown option metrics.path"),
     ("not toml [", "kura.toml"),
 ])
 def test_invalid_files(tmp_path, text, message):
@@ -79,6 +84,16 @@ def test_ui_section(tmp_path):
     f = tmp_path / "kura.toml"
     f.write_text("[ui]\nenabled = false\n")
     assert load().ui_enabled and not load(f).ui_enabled
+
+
+def test_metrics_section(tmp_path):
+    f = tmp_path / "kura.toml"
+    f.write_text('[metrics]\nenabled = false\ntoken = "0123456789abcdef-token"\nusage_refresh_seconds = 300\n')
+    c = load(f)
+    assert (c.metrics_enabled, c.metrics_token, c.metrics_usage_refresh_seconds) == (
+        False, "0123456789abcdef-token", 300)
+    assert "0123456789abcdef" not in repr(c)
+    assert (load().metrics_enabled, load().metrics_token) == (True, None)
 
 
 def test_missing_file(tmp_path):

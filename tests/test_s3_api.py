@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from registry.app import make_app
+from registry.monitoring.health import READINESS
 from storage.s3 import S3Driver
 from storage.s3_objects import S3Location
 from tests.conftest import serve_app
@@ -180,3 +181,21 @@ async def test_web_ui_pages_on_s3(aiohttp_client, config, location):
     r = await client.post("/ui/r/team/app/-/delete", data={"tag": "v2", "csrf": csrf_of(tags)}, allow_redirects=False)
     assert r.status == 303
     assert "-/m/v2" not in await page(client, "/ui/r/team/app")
+
+
+async def test_readyz_is_503_while_the_store_is_cut_off_and_ready_after(aiohttp_client, config, location):
+    endpoint = urlsplit(location.endpoint)
+    relay = await TcpRelay(endpoint.hostname, endpoint.port).start()
+    client, _ = await s3_client(aiohttp_client, config, S3Driver(replace(location, endpoint=f"http://{relay.address}")))
+    client.server.app[READINESS].store.max_age = 0  # every poll probes the bucket
+    r = await client.get("/readyz")
+    assert r.status == 200 and (await r.json())["checks"]["storage"]["status"] == "ok"
+    await relay.cut()
+    r = await client.get("/readyz")
+    body = await r.json()
+    assert r.status == 503 and body["checks"]["storage"]["status"] == "failed", body
+    assert (await client.get("/healthz")).status == 200
+    await relay.start()
+    r = await client.get("/readyz")
+    assert r.status == 200, await r.text()
+    await relay.cut()

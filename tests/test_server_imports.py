@@ -53,10 +53,12 @@ def descendants(pid: int) -> list[int]:
 
 
 def served_modules(tmp_path: Path, config: str, authorization: str | None = None, *,
-                   exercise: bool = True, visit: str | None = None) -> set[str]:
-    """The modules among OPTIONAL's that `kura serve` with `config` has loaded, in any of its
+                   exercise: bool = True, visit: str | None = None,
+                   optional: tuple[str, ...] = OPTIONAL) -> set[str]:
+    """The modules among `optional`'s that `kura serve` with `config` has loaded, in any of its
     processes, after a push and a pull (`exercise`; else after start-up alone), and a GET of
     `visit`."""
+    tmp_path.mkdir(exist_ok=True)
     (tmp_path / "kura.toml").write_text(config)
     dumps = tmp_path / "modules"
     dumps.mkdir()
@@ -87,7 +89,7 @@ def served_modules(tmp_path: Path, config: str, authorization: str | None = None
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=20)
-    return {name for names in lists for name in names if name.startswith(OPTIONAL)}
+    return {name for names in lists for name in names if name.startswith(optional)}
 
 
 def push_and_pull(base: str, authorization: str | None) -> None:
@@ -123,6 +125,15 @@ def test_htpasswd_server_loads_no_optional_module(tmp_path):
     htpasswd.set_user(accounts, "alice", "correct horse battery")
     basic = "Basic " + base64.b64encode(b"alice:correct horse battery").decode()
     assert served_modules(tmp_path, f'[auth]\nmode = "htpasswd"\nhtpasswd = "{accounts}"\n', basic) == set()
+
+
+def test_prometheus_client_is_loaded_only_with_metrics_on(tmp_path):
+    """1 MiB a process on import (about 3 MiB a worker once serving): the default has metrics
+    on, so only `[metrics] enabled = false` saves it."""
+    off = served_modules(tmp_path / "off", "[metrics]\nenabled = false\n", optional=("prometheus_client",))
+    assert off == set()
+    on = served_modules(tmp_path / "on", "", exercise=False, optional=("prometheus_client",))
+    assert "prometheus_client" in on
 
 
 def test_the_probe_sees_what_token_auth_and_a_proxy_load(tmp_path):

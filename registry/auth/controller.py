@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from aiohttp import web
 
@@ -141,6 +141,7 @@ class Credentials:
         self.htpasswd = htpasswd
         self.limiter = limiter
         self.trusted_proxies = trusted_proxies
+        self.on_failure: Callable[[str], None] = lambda reason: None  # told each failure's reason (metrics)
 
     def address_of(self, request: web.Request) -> Client:
         return client_address(request, self.trusted_proxies)
@@ -166,6 +167,7 @@ class Credentials:
         if wait:
             log.warning("failed login for user %r from %s: locked out (too many failed logins; "
                         "retry in %d s)", user, address, wait)
+            self.on_failure("locked out")
             raise TooManyRequests("too many failed logins; try again later", headers={"Retry-After": str(wait)})
         ok = None
         try:
@@ -178,6 +180,7 @@ class Credentials:
         if not ok:
             reason = "no user name" if not user else "wrong password" if self.htpasswd.exists(user) else "unknown user"
             log.warning("failed login for user %r from %s: %s", user, address, reason)
+            self.on_failure(reason)
         return ok
 
 

@@ -79,6 +79,7 @@ class BlobCache:
         if await is_private(self.driver, local):
             raise BlobUnknown(detail={"digest": str(digest)})
         upstream = self.upstreams[route.proxy.prefix]
+        upstream.recorder.cache_lookup(route.proxy.name, "blob", "miss")
         client = upstream.client(route.upstream_name)
         fetch = self._fetches.get(digest)
         if request.method == "GET" and fetch is not None and fetch.repository == local:

@@ -54,6 +54,11 @@ class Proxy:
         """How logs and errors name this proxy."""
         return f"{self.prefix or '(root)'} -> {self.remote}"
 
+    @property
+    def name(self) -> str:
+        """How metrics and readiness checks name this proxy: its prefix."""
+        return self.prefix or "(root)"
+
     def serves(self, upstream_name: str) -> bool:
         return not self._patterns or any(p.fullmatch(upstream_name) for p in self._patterns)
 

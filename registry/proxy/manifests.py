@@ -28,6 +28,9 @@ from .upstream import Upstream
 
 log = logging.getLogger("kura.proxy")
 
+# What a lookup was (Recorder.cache_lookup): served with no upstream request, confirmed by a
+# HEAD, served while the upstream failed, fetched.
+HIT, REVALIDATED, STALE, MISS = "hit", "revalidated", "stale", "miss"
 PULL_RECORD_SECONDS = 60.0  # how often a manifest's last-pulled time is written (per process)
 CHILD_FETCHES = 4  # an index's manifests fetched at once
 MAX_INDEX_DEPTH = 4
@@ -76,18 +79,31 @@ class ManifestCache:
     async def refresh(self, route: Route, reference: Digest | str) -> None:
         """Make the store hold the manifest `reference` names in the route's repository, as
         fresh as the TTL asks. Raises the registry error a client should get."""
+        recorder = self.upstreams[route.proxy.prefix].recorder
+        try:
+            result = await self._refresh(route, reference)
+        except Exception:
+            recorder.cache_lookup(route.proxy.name, "manifest", "miss")
+            raise
+        if result is not None:
+            recorder.cache_lookup(route.proxy.name, "manifest", result)
+
+    async def _refresh(self, route: Route, reference: Digest | str) -> str | None:
+        """What the cache did (see Recorder.cache_lookup); None for a private repository."""
         local = route.local_name
         if isinstance(reference, Digest):
-            if await self.driver.get_manifest_link(local, reference) is None and not await is_private(self.driver, local):
-                await self._once(("digest", local, reference), lambda: self._fetch_by_digest(route, reference))
-            return
+            if await self.driver.get_manifest_link(local, reference) is not None:
+                return HIT
+            if await is_private(self.driver, local):
+                return None
+            return await self._once(("digest", local, reference), lambda: self._fetch_by_digest(route, reference))
         record = await self._tag_record(local, reference)
         if record is not None and time.time() - record.checked < route.proxy.tag_ttl_seconds \
                 and await self.driver.resolve_tag(local, reference) == record.digest:
-            return  # trusted: not a single upstream request
+            return HIT  # trusted: not a single upstream request
         if record is None and await is_private(self.driver, local):
-            return
-        await self._once(("tag", local, reference), lambda: self._revalidate(route, reference))
+            return None
+        return await self._once(("tag", local, reference), lambda: self._revalidate(route, reference))
 
     async def note_pulled(self, route: Route, digest: Digest) -> None:
         """Remember when a manifest was last pulled (least recently pulled goes first)."""
@@ -120,25 +136,25 @@ class ManifestCache:
         await asyncio.gather(*pending, return_exceptions=True)
 
     # -- tags -------------------------------------------------------------------------
-    async def _revalidate(self, route: Route, tag: str) -> None:
+    async def _revalidate(self, route: Route, tag: str) -> str:
         local = route.local_name
         cached = await self.driver.resolve_tag(local, tag)
         if cached is not None and await self.driver.get_manifest_link(local, cached) is None:
             cached = None
         record = await self._tag_record(local, tag)
         if record is not None and cached == record.digest and time.time() - record.checked < route.proxy.tag_ttl_seconds:
-            return  # another request of this process revalidated it meanwhile
+            return HIT  # another request of this process revalidated it meanwhile
         upstream = self.upstreams[route.proxy.prefix]
         client = upstream.client(route.upstream_name)
         if cached is not None and upstream.down:
             log.warning("serving %s:%s from the cache without revalidation (stale): %s was unreachable "
                         "moments ago", local, tag, route.proxy.remote)
-            return
+            return STALE
         try:
             current = await _head_digest(client, tag) if cached is not None else None
             if current is not None and current == cached:
                 await self._write_tag_record(local, tag, cached)
-                return
+                return REVALIDATED
             fetched = await _get_manifest(client, str(current) if current else tag, current)
             if fetched is None:
                 raise ManifestUnknown(f"{route.upstream_name}:{tag} does not exist on {route.proxy.remote}",
@@ -147,10 +163,11 @@ class ManifestCache:
             upstream.failed(str(exc), exc.unreachable)
             if cached is not None:
                 log.warning("serving %s:%s from the cache without revalidation (stale): %s", local, tag, exc)
-                return
+                return STALE
             raise exc.error from None
         await self._store(route, fetched, tags=(tag,))
         await self._write_tag_record(local, tag, fetched.digest)
+        return MISS
 
     async def _tag_record(self, repository: str, tag: str) -> TagRecord | None:
         data = await self.driver.read_cache_record(repository, tag_record_key(tag))
@@ -165,9 +182,9 @@ class ManifestCache:
         await self.driver.write_cache_record(repository, tag_record_key(tag), json.dumps(record).encode())
 
     # -- digests ----------------------------------------------------------------------
-    async def _fetch_by_digest(self, route: Route, digest: Digest, depth: int = 0) -> None:
+    async def _fetch_by_digest(self, route: Route, digest: Digest, depth: int = 0) -> str:
         if await self.driver.get_manifest_link(route.local_name, digest) is not None:
-            return  # stored meanwhile (an index's children are fetched in the background)
+            return HIT  # stored meanwhile (an index's children are fetched in the background)
         upstream = self.upstreams[route.proxy.prefix]
         try:
             fetched = await _get_manifest(upstream.client(route.upstream_name), str(digest), digest)
@@ -178,6 +195,7 @@ class ManifestCache:
             raise ManifestUnknown(f"{route.upstream_name}@{digest} does not exist on {route.proxy.remote}",
                                   detail={"digest": str(digest)})
         await self._store(route, fetched, depth=depth)
+        return MISS
 
     async def _store(self, route: Route, fetched: FetchedManifest, tags: tuple[str, ...] = (),
                      depth: int = 0) -> None:
@@ -214,8 +232,8 @@ class ManifestCache:
         await asyncio.gather(*(one(entry) for entry in entries))
 
     # -- plumbing ---------------------------------------------------------------------
-    async def _once(self, key: tuple, work: Callable[[], Awaitable[None]]) -> None:
-        """Single flight: concurrent callers for one key share one run of `work`."""
+    async def _once(self, key: tuple, work: Callable[[], Awaitable[str]]) -> str:
+        """Single flight: concurrent callers for one key share one run of `work` (and its result)."""
         flight = self._flights.get(key)
         if flight is None:
             flight = asyncio.ensure_future(work())
@@ -227,7 +245,7 @@ class ManifestCache:
                     flight.exception()  # retrieved here: every waiter may have gone
 
             flight.add_done_callback(landed)
-        await asyncio.shield(flight)
+        return await asyncio.shield(flight)
 
     def _in_background(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)

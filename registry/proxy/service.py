@@ -17,6 +17,7 @@ from aiohttp import web
 from puller.transport import RegistryError, read_limited
 from storage import StorageDriver
 
+from ..monitoring.recorder import Recorder
 from . import eviction
 from .blobs import BlobCache
 from .config import Proxy
@@ -32,8 +33,10 @@ SIZE_CHECK_SECONDS = 10.0
 
 class ProxyService:
     def __init__(self, proxies: tuple[Proxy, ...], driver: StorageDriver, spool_dir: Path | None = None,
-                 collect: Callable[[], Awaitable[object]] | None = None):
-        """`collect`: one garbage collection, evicting first (when a cache grew past its cap)."""
+                 collect: Callable[[], Awaitable[object]] | None = None, recorder: Recorder | None = None):
+        """`collect`: one garbage collection, evicting first (when a cache grew past its cap);
+        `recorder`: told of every upstream answer and failure (metrics)."""
+        self.recorder = recorder or Recorder()
         self.router = Router(proxies)
         self.driver = driver
         self.spool_dir = spool_dir
@@ -72,7 +75,7 @@ class ProxyService:
         self._session = aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False,
                                               headers={"User-Agent": "kura-proxy"})
         for proxy in self.router.proxies:
-            self.upstreams[proxy.prefix] = Upstream(proxy, self._session)
+            self.upstreams[proxy.prefix] = Upstream(proxy, self._session, self.recorder)
             log.info("proxy: caching %s as %s (tags trusted for %d s%s)", proxy.remote,
                      f"{proxy.prefix}/…" if proxy.prefix else "the root mirror", proxy.tag_ttl_seconds,
                      f", at most {proxy.max_bytes} bytes" if proxy.max_bytes else "")

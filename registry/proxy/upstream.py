@@ -16,6 +16,7 @@ from puller.credentials import Credentials, CredentialsError
 from puller.registries import Endpoint
 from puller.transport import RegistryClient, printable
 
+from ..monitoring.recorder import Recorder
 from .config import Proxy
 
 log = logging.getLogger("kura.proxy")
@@ -39,9 +40,10 @@ class RateLimit:
 
 
 class Upstream:
-    def __init__(self, proxy: Proxy, session: aiohttp.ClientSession):
+    def __init__(self, proxy: Proxy, session: aiohttp.ClientSession, recorder: Recorder | None = None):
         self.proxy = proxy
         self.session = session
+        self.recorder = recorder or Recorder()
         self.credentials = _credentials(proxy)
         self.rate_limit = RateLimit()
         self.requests = 0
@@ -64,6 +66,7 @@ class Upstream:
         return client
 
     def failed(self, reason: str, unreachable: bool = False) -> None:
+        self.recorder.upstream_failure(self.proxy.name)
         self.failures += 1
         self.last_failure = reason
         if unreachable:
@@ -85,11 +88,13 @@ class Upstream:
                         _header(headers, "ratelimit-limit"), _header(headers, "ratelimit-remaining"),
                         _header(headers, "Retry-After"))
         if "ratelimit-limit" not in headers and "ratelimit-remaining" not in headers:
+            self.recorder.upstream_response(self.proxy.name, response.status, None, None)
             return
         limit, remaining = _header(headers, "ratelimit-limit"), _header(headers, "ratelimit-remaining")
         self.rate_limit.limit, self.rate_limit.remaining, self.rate_limit.seen_at = limit, remaining, time.time()
         log.debug("upstream %s rate limit: %s remaining of %s", self.proxy.remote, remaining, limit)
         left, total = _leading_int(remaining), _leading_int(limit)
+        self.recorder.upstream_response(self.proxy.name, response.status, total, left)
         if left is not None and total and left <= total * LOW_REMAINING_FRACTION:
             log.warning("upstream %s rate limit nearly used up: %s remaining of %s", self.proxy.remote,
                         remaining, limit)
