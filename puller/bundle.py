@@ -62,6 +62,16 @@ def check_config(config: dict) -> None:
 
 def unpack_image(store: Store, manifest_digest: Digest, bundle: Path, *, allow_devices: bool = False,
                  max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> UnpackOptions:
+    rootfs = bundle / "rootfs"
+    config, options = unpack_layers(store, manifest_digest, rootfs, allow_devices=allow_devices,
+                                    max_layer_bytes=max_layer_bytes)
+    spec = runtime_config(config.get("config") or {}, rootfs)
+    _write(bundle / "config.json", json.dumps(spec, indent=2).encode())
+    return options
+
+
+def read_image_config(store: Store, manifest_digest: Digest) -> tuple[dict, dict]:
+    """A stored image's (verified) manifest and config, the config's fields type-checked."""
     verify_blob(store, manifest_digest)
     manifest = store.read_json(manifest_digest, MANIFEST_LIMIT, "manifest")
     if manifest.get("mediaType") in mt.INDEXES or "manifests" in manifest:
@@ -70,8 +80,15 @@ def unpack_image(store: Store, manifest_digest: Digest, bundle: Path, *, allow_d
     verify_blob(store, config_digest)
     config = store.read_json(config_digest, CONFIG_LIMIT, "image config")
     check_config(config)
+    return manifest, config
+
+
+def unpack_layers(store: Store, manifest_digest: Digest, rootfs: Path, *, allow_devices: bool = False,
+                  max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> tuple[dict, UnpackOptions]:
+    """Apply a stored image's layers, each verified, into `rootfs` (absent or empty); returns
+    the image config and the unpack options (with their notes)."""
+    manifest, config = read_image_config(store, manifest_digest)
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-    rootfs = bundle / "rootfs"
     if rootfs.exists() and any(rootfs.iterdir()):
         raise BundleError(f"{rootfs} already exists and is not empty")
     options = UnpackOptions(allow_devices=allow_devices)
@@ -90,9 +107,7 @@ def unpack_image(store: Store, manifest_digest: Digest, bundle: Path, *, allow_d
                 raise BundleError(f"layer {digest} does not match the diff_id {diff_ids[index]} in its config")
     finally:
         root.close()
-    spec = runtime_config(config.get("config") or {}, rootfs)
-    _write(bundle / "config.json", json.dumps(spec, indent=2).encode())
-    return options
+    return config, options
 
 
 def _write(path: Path, data: bytes) -> None:
