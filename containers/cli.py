@@ -190,7 +190,7 @@ def _prepare(store, containers, record: dict, options) -> None:
     from puller.bundle import read_image_config
 
     from .lowers import ensure_lower
-    from .rootfs import copy_lower, mount_overlay
+    from .rootfs import copy_lower, mount_overlay, mountpoints
     from .spec import runtime_spec
     cid = record["id"]
     digest = Digest.parse(record["image_digest"])
@@ -198,8 +198,13 @@ def _prepare(store, containers, record: dict, options) -> None:
     _, config = read_image_config(store, digest)
     lower = ensure_lower(store, containers.lowers, digest)
     directory = containers.directory(cid)
-    rootfs, upper, work = directory / "rootfs", directory / "upper", directory / "work"
-    why = mount_overlay(lower, upper, work, rootfs)
+    rootfs, upper, work, init = (directory / name for name in ("rootfs", "upper", "work", "init"))
+    # The user and groups are resolved in the image's files: the lower directory's, as the
+    # container starts with them.
+    spec = runtime_spec(config, lower, options, cid[:12])
+    spec["root"]["path"] = str(rootfs)
+    layers = [init, lower] if mountpoints(lower, init, spec["mounts"]) else [lower]
+    why = mount_overlay(layers, upper, work, rootfs)
     if why is None:
         mode = "overlay"
     else:
@@ -207,8 +212,6 @@ def _prepare(store, containers, record: dict, options) -> None:
         rootfs.mkdir(exist_ok=True)
         copy_lower(lower, rootfs)
         mode = "copy"
-    hostname = options.hostname or cid[:12]
-    spec = runtime_spec(config, rootfs, options, hostname)
     (directory / "config.json").write_text(json.dumps(spec, indent=2))
     mounts = [{"type": "overlay", "destination": "/", "source": str(rootfs), "lower": str(lower),
                "upper": str(upper), "work": str(work)} if mode == "overlay" else

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -21,9 +22,9 @@ def _c():
     return _libc
 
 
-def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> str | None:
-    """Mount; None when done, else why it could not be."""
-    for path in (lower, upper, work, target):
+def mount_overlay(lowers: list[Path], upper: Path, work: Path, target: Path) -> str | None:
+    """Mount (the first of `lowers` on top); None when done, else why it could not be."""
+    for path in (*lowers, upper, work, target):
         if any(c in str(path) for c in ",:\\"):
             return f"overlayfs options cannot name {path}"
     if os.geteuid() != 0:
@@ -31,7 +32,7 @@ def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> str | N
     upper.mkdir(exist_ok=True)
     work.mkdir(exist_ok=True)
     target.mkdir(exist_ok=True)
-    options = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
+    options = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}".encode()
     if _c().mount(b"overlay", str(target).encode(), b"overlay", 0, options) != 0:
         code = ctypes.get_errno()
         return f"mounting overlayfs failed: {os.strerror(code)}"
@@ -56,3 +57,35 @@ def unmount(target: Path) -> None:
                 return
             code = ctypes.get_errno()
         raise OSError(code, f"unmounting {target}: {os.strerror(code)}")
+
+
+def mountpoints(lower: Path, init: Path, mounts: list[dict]) -> bool:
+    """Make in `init` (a layer between the image's and the container's, as Docker's init layer)
+    the bind mounts' destinations the image lacks, so that runc finds them there instead of
+    creating them in the container's upper directory, where `kura diff` would list them.
+    Returns whether it made any."""
+    made = False
+    for mount in mounts:
+        if mount.get("type") != "bind":
+            continue
+        parts = [p for p in mount["destination"].split("/") if p]
+        missing = None
+        for depth in range(1, len(parts) + 1):
+            try:
+                st = os.lstat(lower.joinpath(*parts[:depth]))
+            except FileNotFoundError:
+                missing = depth
+                break
+            if stat.S_ISLNK(st.st_mode):
+                break  # runc resolves links inside the rootfs itself; leave that to it
+        if missing is None:
+            continue
+        parent = init.joinpath(*parts[:-1])
+        parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        place = init.joinpath(*parts)
+        if os.path.isdir(mount.get("source", "")):
+            place.mkdir(mode=0o755, exist_ok=True)
+        else:
+            place.touch(mode=0o644)
+        made = True
+    return made
