@@ -305,7 +305,7 @@ def status_text(record: dict, t: float) -> str:
         return "Created"
     code = record.get("exit_code")
     finished = record.get("finished")
-    when = f" {ago(t - finished)} ago" if finished else ""
+    when = f" {ago(t - finished)} ago" if finished is not None else ""
     return f"Exited ({'?' if code is None else code}){when}"
 
 

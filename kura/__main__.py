@@ -72,7 +72,7 @@ def typos(a: str, b: str) -> int:
 
 def suggestion(command: str) -> str | None:
     """The command `command` is a typo of: one edit away (two from six letters on). Further is
-    more likely another tool's command (docker's ps, logs) than a slip of ours."""
+    more likely another tool's command (docker's exec, build) than a slip of ours."""
     allowed = 1 if len(command) < 6 else 2
     distance, best = min((typos(command, known), known)
                          for known in SERVER_COMMANDS + CLIENT_COMMANDS + CONTAINER_COMMANDS)
