@@ -189,13 +189,14 @@ def _prepare(store, containers, record: dict, options) -> None:
     from ocispec.digest import Digest
     from puller.bundle import read_image_config
 
-    from .lowers import ensure_lower
+    from .lowers import ensure_lower, prune
     from .rootfs import copy_lower, mount_overlay, mountpoints
     from .spec import runtime_spec
     cid = record["id"]
     digest = Digest.parse(record["image_digest"])
     store.hold(cid, str(digest), record["name"])
     _, config = read_image_config(store, digest)
+    prune(store, containers.lowers)
     lower = ensure_lower(store, containers.lowers, digest)
     directory = containers.directory(cid)
     rootfs, upper, work, init = (directory / name for name in ("rootfs", "upper", "work", "init"))

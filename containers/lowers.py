@@ -51,3 +51,17 @@ def _remove_abandoned(lowers: Path) -> None:
         parts = path.name.split("-")
         if len(parts) >= 4 and parts[1].isdigit() and not alive(int(parts[1]), parts[2]):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(store: Store, lowers: Path) -> None:
+    """Remove the lower directories of images no longer in the store (`kura rmi` cannot: the
+    client library knows nothing of containers). An image a container holds is never removed,
+    so neither is its lower."""
+    if not lowers.is_dir():
+        return
+    stored = {image.descriptor.get("digest") for image in store.images()}
+    for path in lowers.iterdir():
+        algorithm, _, encoded = path.name.partition("-")
+        digest = f"{algorithm}:{encoded}"
+        if not path.name.startswith(".tmp-") and digest not in stored and not store.holders(digest):
+            shutil.rmtree(path, ignore_errors=True)

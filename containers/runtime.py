@@ -118,7 +118,10 @@ def remove(containers: Containers, record: dict) -> None:
     unmount(containers.directory(cid) / "rootfs")
     with containers.locked():
         containers.remove_directory(cid)
-    Store(containers.root.parent).release(cid)
+    store = Store(containers.root.parent)
+    store.release(cid)
+    from .lowers import prune
+    prune(store, containers.lowers)
 
 
 def stop(containers: Containers, record: dict, timeout: float) -> dict:

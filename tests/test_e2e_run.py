@@ -136,7 +136,10 @@ def test_a_detached_redis_lifecycle(env):
     assert env.kura("rm", "r1").returncode == 0
     assert not upper.exists() and not (env.store / "containers" / cid).exists()
     assert not (env.store / "containers" / "runc" / cid).exists()
+    lower = Path(inspected["mounts"][0]["lower"])
     assert env.kura("rmi", env.redis).returncode == 0  # nothing uses it now
+    assert env.kura("run", "--rm", env.debian, "true").returncode == 0
+    assert not lower.exists()  # the next run removed the lower of an image the store no longer has
 
 
 def _ask_redis(port: int) -> bytes:
