@@ -108,6 +108,31 @@ def test_env_workdir_volume_and_user(env, tmp_path):
     assert result.stdout.splitlines() == ["hi there", "/var", "from the host", "65534"]
 
 
+def test_stdin_with_i_and_an_isolated_network(env):
+    piped = subprocess.run([sys.executable, "-m", "kura", "run", "--store", str(env.store), "--rm", "-i", env.debian,
+                            "cat"], input="through stdin\n", cwd="/", capture_output=True, text=True, timeout=120,
+                           env=env.environment)
+    assert piped.returncode == 0 and piped.stdout == "through stdin\n", piped.stderr
+    isolated = env.kura("run", "--rm", "--network", "none", env.debian, "cat", "/proc/net/dev")
+    interfaces = [line.split(":")[0].strip() for line in isolated.stdout.splitlines()[2:]]
+    assert interfaces == ["lo"], isolated.stdout
+    shared = env.kura("run", "--rm", env.debian, "cat", "/proc/net/dev")
+    assert len(shared.stdout.splitlines()[2:]) == len(Path("/proc/net/dev").read_text().splitlines()[2:])
+
+
+def test_a_container_whose_process_was_killed_shows_exited_with_its_code(env):
+    started = env.kura("run", "-d", "--name", "victim", env.debian, "sleep", "600")
+    assert started.returncode == 0, started.stderr
+    pid = json.loads(env.kura("inspect", "victim").stdout)["state"]["pid"]
+    os.kill(pid, 9)  # from outside, as the OOM killer would
+    for _ in range(200):
+        if "Exited (137)" in env.kura("ps", "-a").stdout:
+            break
+        time.sleep(0.05)
+    assert json.loads(env.kura("inspect", "victim").stdout)["state"]["exit_code"] == 137
+    assert env.kura("rm", "victim").returncode == 0
+
+
 def test_a_detached_redis_lifecycle(env):
     port = free_port()
     started = env.kura("run", "-d", "-q", "--name", "r1", env.redis, "redis-server", "--port", str(port))
