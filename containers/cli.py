@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import signal
+
     from puller.errors import printable
+    # A plain `kill` unwinds like Ctrl-C: a half-made container is removed, its mount undone.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return HANDLERS[args.command](args)
     except (ValueError, OSError, KeyError) as exc:
