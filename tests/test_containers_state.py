@@ -53,3 +53,21 @@ def test_ps_says_durations_as_docker_does():
     assert status_text({"status": "running", "started": 95}, 100) == "Up 5 seconds"
     assert status_text({"status": "exited", "exit_code": 3, "finished": 0}, 120) == "Exited (3) 2 minutes ago"
     assert status_text({"status": "exited", "exit_code": None}, 120) == "Exited (?)"
+
+
+def test_where_overlayfs_cannot_be_mounted_the_copy_keeps_links_and_modes(tmp_path):
+    from containers.rootfs import copy_lower, mount_overlay
+    lower = tmp_path / "low:er"  # overlayfs options cannot name it
+    (lower / "bin").mkdir(parents=True)
+    (lower / "bin" / "tool").write_text("#!/bin/sh\n")
+    (lower / "bin" / "tool").chmod(0o755)
+    (lower / "sbin").symlink_to("bin")
+    why = mount_overlay([lower], tmp_path / "upper", tmp_path / "work", tmp_path / "rootfs")
+    assert why is not None and "low:er" in why
+    target = tmp_path / "copy"
+    target.mkdir()
+    copy_lower(lower, target)
+    assert (target / "bin" / "tool").stat().st_mode & 0o777 == 0o755
+    assert (target / "sbin").is_symlink() and str((target / "sbin").readlink()) == "bin"
+    (target / "bin" / "tool").write_text("changed")
+    assert (lower / "bin" / "tool").read_text() == "#!/bin/sh\n"
