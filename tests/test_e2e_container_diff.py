@@ -15,6 +15,7 @@ import pytest
 from tests.support.cli import client_env
 from tests.support.paths import IMAGES, REPO, require_shared
 from tests.support.servers import start_kura, stop
+from tests.test_e2e_unpack import tree  # type, mode, owner, link target or content of each entry
 
 pytestmark = pytest.mark.e2e
 
@@ -51,19 +52,6 @@ def kura(tmp_path_factory):
             run("rm", "-f", *ids)
     finally:
         stop(server)
-
-
-def tree(root: Path) -> dict:
-    """Every entry below `root`: type and mode, owner, mtime, link target or content."""
-    out = {}
-    for directory, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(directory, name)
-            st = os.lstat(path)
-            content = os.readlink(path) if os.path.islink(path) else \
-                Path(path).read_bytes() if os.path.isfile(path) else None
-            out[os.path.relpath(path, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, content)
-    return out
 
 
 def test_diff_reads_deletions_opaque_directories_and_new_trees(kura):
