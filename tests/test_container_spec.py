@@ -195,6 +195,16 @@ def test_without_passwd_only_numbers_resolve(rootfs):
     assert user(rootfs, user="999:50") == (999, 50, [50], "HOME=/")
 
 
+def test_the_first_matching_line_wins_and_malformed_lines_are_skipped(rootfs):
+    (rootfs / "etc" / "passwd").write_text("# a comment\nbroken\nweird:x:notanumber:1::/:/bin/sh\n"
+                                          "app:x:1000:1000::/home/app:/bin/sh\napp:x:2000:2000::/other:/bin/sh\n"
+                                          "short:x:3000:3000\n")
+    assert user(rootfs, user="app") == (1000, 1000, [1000], "HOME=/home/app")
+    assert user(rootfs, user="short") == (3000, 3000, [3000], "HOME=/")
+    with pytest.raises(SpecError, match="unable to find user weird"):
+        user(rootfs, user="weird")
+
+
 def test_an_id_out_of_range_is_an_error(rootfs):
     with pytest.raises(SpecError, match="uid 4294967296 is out of range"):
         user(rootfs, user="4294967296")
@@ -240,6 +250,12 @@ def test_volumes_mount_parents_first_after_the_defaults(rootfs, tmp_path):
 def test_a_volume_replaces_a_default_mount(rootfs, tmp_path):
     mounts = spec(rootfs, volumes=(f"{tmp_path}:/dev/shm",))["mounts"]
     assert [m["type"] for m in mounts if m["destination"] == "/dev/shm"] == ["bind"]
+
+
+def test_a_volume_over_a_host_name_file_replaces_it(rootfs, tmp_path):
+    (tmp_path / "hosts").write_text("10.0.0.1 db\n")
+    mounts = spec(rootfs, volumes=(f"{tmp_path}/hosts:/etc/hosts:ro",))["mounts"]
+    assert [m["source"] for m in mounts if m["destination"] == "/etc/hosts"] == [f"{tmp_path}/hosts"]
 
 
 @pytest.mark.parametrize("volume, message", [
