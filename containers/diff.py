@@ -15,6 +15,7 @@ the upper directory meanwhile, and must not make the walk leave it.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -57,14 +58,24 @@ def _walk(upper_fd: int, lower_fd: int | None, prefix: str, hidden: bool, found:
                     found[f"{prefix}/{gone.name}"] = "D"
     for entry in entries:
         path = f"{prefix}/{entry.name}"
-        st = entry.stat(follow_symlinks=False)
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:  # removed by the running container since the listing
+            continue
         before = _lstat(lower_fd, entry.name)
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
             found[path] = "D"
         elif not stat.S_ISDIR(st.st_mode):
             found[path] = "A" if before is None else "C"
         else:
-            _directory(upper_fd, lower_fd, entry.name, path, st, before, hidden, found)
+            try:
+                _directory(upper_fd, lower_fd, entry.name, path, st, before, hidden, found)
+            except FileNotFoundError:  # the same, for a directory
+                continue
+            except OSError as exc:  # replaced by a file or a link meanwhile (O_NOFOLLOW)
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                found[path] = "A" if before is None else "C"
 
 
 def _directory(upper_fd: int, lower_fd: int | None, name: str, path: str, st: os.stat_result,
