@@ -1,4 +1,5 @@
-"""`kura SUBCOMMAND ...`: server commands go to registry.cli, client commands to puller.cli.
+"""`kura SUBCOMMAND ...`: server commands go to registry.cli, client commands to puller.cli,
+container commands (and `inspect` of a container) to containers.cli.
 
 Each side is imported lazily, so a client command never loads the server (and vice versa).
 """
@@ -10,6 +11,7 @@ import sys
 SERVER_COMMANDS = ("serve", "fsck", "gc", "du", "repo", "user")
 CLIENT_COMMANDS = ("pull", "images", "rmi", "unpack", "push", "login", "logout", "copy", "tag", "inspect", "tags",
                    "delete")
+CONTAINER_COMMANDS = ("run", "ps", "logs", "stop", "rm", "diff")
 
 USAGE = """usage: kura COMMAND [ARGS]     (kura help COMMAND, kura --version)
 
@@ -34,6 +36,15 @@ client commands:
   images    list images in the local store
   rmi       remove an image from the local store
   unpack    unpack a stored image into an OCI runtime bundle (rootfs + config.json)
+
+container commands (runc, no daemon):
+  run       run a command in a new container (kura run --rm debian echo hello world)
+  ps        list containers (-a: exited ones too)
+  logs      a detached container's output (-f: follow)
+  stop      stop a container: SIGTERM, then SIGKILL after -t seconds
+  rm        remove a container and its writable layer
+  diff      what a container changed in its filesystem (A/C/D)
+  inspect   also shows a container (state, mounts, config) when given its name or id
 """
 
 
@@ -61,9 +72,10 @@ def typos(a: str, b: str) -> int:
 
 def suggestion(command: str) -> str | None:
     """The command `command` is a typo of: one edit away (two from six letters on). Further is
-    more likely another tool's command (docker's ps, logs) than a slip of ours."""
+    more likely another tool's command (docker's exec, build) than a slip of ours."""
     allowed = 1 if len(command) < 6 else 2
-    distance, best = min((typos(command, known), known) for known in SERVER_COMMANDS + CLIENT_COMMANDS)
+    distance, best = min((typos(command, known), known)
+                         for known in SERVER_COMMANDS + CLIENT_COMMANDS + CONTAINER_COMMANDS)
     return best if distance <= allowed else None
 
 
@@ -72,6 +84,11 @@ def _unknown(command: str) -> int:
     hint = f"; did you mean {guess!r}?" if guess else " (kura --help lists them)"
     print(f"kura: unknown command {command!r}{hint}", file=sys.stderr)
     return 2
+
+
+def _names_container(argv: list[str]) -> bool:
+    from containers.cli import find_container
+    return find_container(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in SERVER_COMMANDS:
         from registry.cli import main as server_main
         return server_main(argv)
+    if argv[0] in CONTAINER_COMMANDS or (argv[0] == "inspect" and _names_container(argv[1:])):
+        from containers.cli import main as container_main
+        return container_main(argv)
     if argv[0] in CLIENT_COMMANDS:
         from puller.cli import main as client_main
         return client_main(argv)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from ocispec import mediatypes as mt
@@ -62,6 +63,16 @@ def check_config(config: dict) -> None:
 
 def unpack_image(store: Store, manifest_digest: Digest, bundle: Path, *, allow_devices: bool = False,
                  max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> UnpackOptions:
+    rootfs = bundle / "rootfs"
+    config, options = unpack_layers(store, manifest_digest, rootfs, allow_devices=allow_devices,
+                                    max_layer_bytes=max_layer_bytes)
+    spec = runtime_config(config.get("config") or {}, rootfs)
+    _write(bundle / "config.json", json.dumps(spec, indent=2).encode())
+    return options
+
+
+def read_image_config(store: Store, manifest_digest: Digest) -> tuple[dict, dict]:
+    """A stored image's (verified) manifest and config, the config's fields type-checked."""
     verify_blob(store, manifest_digest)
     manifest = store.read_json(manifest_digest, MANIFEST_LIMIT, "manifest")
     if manifest.get("mediaType") in mt.INDEXES or "manifests" in manifest:
@@ -70,8 +81,15 @@ def unpack_image(store: Store, manifest_digest: Digest, bundle: Path, *, allow_d
     verify_blob(store, config_digest)
     config = store.read_json(config_digest, CONFIG_LIMIT, "image config")
     check_config(config)
+    return manifest, config
+
+
+def unpack_layers(store: Store, manifest_digest: Digest, rootfs: Path, *, allow_devices: bool = False,
+                  max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> tuple[dict, UnpackOptions]:
+    """Apply a stored image's layers, each verified, into `rootfs` (absent or empty); returns
+    the image config and the unpack options (with their notes)."""
+    manifest, config = read_image_config(store, manifest_digest)
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-    rootfs = bundle / "rootfs"
     if rootfs.exists() and any(rootfs.iterdir()):
         raise BundleError(f"{rootfs} already exists and is not empty")
     options = UnpackOptions(allow_devices=allow_devices)
@@ -90,9 +108,7 @@ def unpack_image(store: Store, manifest_digest: Digest, bundle: Path, *, allow_d
                 raise BundleError(f"layer {digest} does not match the diff_id {diff_ids[index]} in its config")
     finally:
         root.close()
-    spec = runtime_config(config.get("config") or {}, rootfs)
-    _write(bundle / "config.json", json.dumps(spec, indent=2).encode())
-    return options
+    return config, options
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -121,46 +137,93 @@ def _read_inside(rootfs: Path, relative: str) -> str:
         root.close()
 
 
-def _lookup(table: str, name: str) -> tuple[int, int] | None:
-    for line in table.splitlines():
-        fields = line.split(":")
-        if len(fields) >= 4 and fields[0] == name and fields[2].isdigit():
-            return int(fields[2]), int(fields[3]) if fields[3].isdigit() else 0
-    return None
+MAX_ID = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ExecUser:
+    """A user spec resolved as Docker (runc's libcontainer/user) resolves it."""
+    uid: int
+    gid: int
+    additional_gids: tuple[int, ...]  # the /etc/group entries listing the user, when no group was named
+    home: str
+
+
+class UnknownUser(BundleError):
+    def __init__(self, kind: str, name: str):
+        self.kind, self.name, self.file = kind, name, "passwd" if kind == "user" else "group"
+        super().__init__(f"unable to find {kind} {name}: no matching entries in the image's /etc/{self.file}")
+
+
+def _number(text: str) -> int | None:
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _table(text: str, fields: int) -> list[list[str]]:
+    """The lines of /etc/passwd (7 fields) or /etc/group (4) with at least the ids, numeric."""
+    rows = []
+    for line in text.splitlines():
+        parts = line.strip().split(":")
+        if len(parts) >= (4 if fields == 7 else 3) and _number(parts[2]) is not None:
+            rows.append(parts + [""] * (fields - len(parts)))
+    return rows
+
+
+def _checked(number: int, kind: str) -> int:
+    if number > MAX_ID:
+        raise BundleError(f"{kind} {number} is out of range")
+    return number
+
+
+def exec_user(spec: str, rootfs: Path) -> ExecUser:
+    """`name`, `uid`, `name:group`, `uid:gid` (or empty: root) through the image's /etc/passwd and
+    /etc/group: the first matching line wins; a number not in the files stands for itself; without
+    a group, the additional groups are those whose member list names the user."""
+    name, _, group = spec.partition(":")
+    uid_arg = _number(name) if name else 0
+    passwd = _table(_read_inside(rootfs, "etc/passwd"), 7)
+    entry = next((p for p in passwd if (int(p[2]) == uid_arg if uid_arg is not None else p[0] == name)), None)
+    if entry is not None:
+        username, uid, home = entry[0], int(entry[2]), entry[5] or "/"
+        gid = _number(entry[3]) or 0
+    elif uid_arg is None:
+        raise UnknownUser("user", name)
+    else:
+        username, uid, gid, home = None, _checked(uid_arg, "uid"), 0, "/"
+    additional: tuple[int, ...] = ()
+    if group or username is not None:
+        groups = _table(_read_inside(rootfs, "etc/group"), 4)
+        if group:
+            gid_arg = _number(group)
+            found = next((g for g in groups if (int(g[2]) == gid_arg if gid_arg is not None else g[0] == group)),
+                         None)
+            if found is not None:
+                gid = int(found[2])
+            elif gid_arg is not None:
+                gid = _checked(gid_arg, "gid")
+            else:
+                raise UnknownUser("group", group)
+        else:
+            additional = tuple(int(g[2]) for g in groups if username in g[3].split(","))
+    return ExecUser(uid, gid, additional, home)
 
 
 def resolve_user(user: str, rootfs: Path) -> tuple[int, int, list[int]]:
-    """`uid`, `name`, `uid:gid`, `name:group` -> (uid, gid, additional gids) via the image's files."""
+    """The image config's User -> (uid, gid, []) for `kura unpack`'s config.json, which names no
+    additional groups."""
     if not user:
         return 0, 0, []
-    name, _, group = user.partition(":")
-    passwd = _read_inside(rootfs, "etc/passwd")
-    if name.isdigit():
-        uid = int(name)
-        entry = next((e for e in (_lookup_by_uid(passwd, uid),) if e), None)
-        gid = entry if entry is not None else 0
-    else:
-        found = _lookup(passwd, name)
-        if found is None:
-            raise BundleError(f"user {name!r} of the image config is not in the image's /etc/passwd")
-        uid, gid = found
-    if group:
-        if group.isdigit():
-            gid = int(group)
-        else:
-            found = _lookup(_read_inside(rootfs, "etc/group"), group)
-            if found is None:
-                raise BundleError(f"group {group!r} of the image config is not in the image's /etc/group")
-            gid = found[0]
-    return uid, gid, []
+    try:
+        found = exec_user(user, rootfs)
+    except UnknownUser as exc:
+        raise BundleError(f"{exc.kind} {exc.name!r} of the image config is not in the image's /etc/{exc.file}") \
+            from None
+    return found.uid, found.gid, []
 
 
-def _lookup_by_uid(passwd: str, uid: int) -> int | None:
-    for line in passwd.splitlines():
-        fields = line.split(":")
-        if len(fields) >= 4 and fields[2] == str(uid) and fields[3].isdigit():
-            return int(fields[3])
-    return None
+CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+                "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+                "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")  # runc's (and Docker's) default set
 
 
 def runtime_config(image: dict, rootfs: Path) -> dict:
@@ -172,17 +235,21 @@ def runtime_config(image: dict, rootfs: Path) -> dict:
     if not any(e.startswith("PATH=") for e in env):
         env.insert(0, DEFAULT_PATH)
     uid, gid, extra = resolve_user(image.get("User") or "", rootfs)
-    capabilities = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-                    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-                    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
+    user = {"uid": uid, "gid": gid, **({"additionalGids": extra} if extra else {})}
+    return oci_config(args, env, image.get("WorkingDir") or "/", user, image.get("Labels") or {})
+
+
+def oci_config(args: list[str], env: list[str], cwd: str, user: dict, labels: dict) -> dict:
+    """The runtime config around a process: runc's default capabilities, mounts and namespaces."""
+    capabilities = list(CAPABILITIES)
     return {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": uid, "gid": gid, **({"additionalGids": extra} if extra else {})},
+            "user": user,
             "args": args,
             "env": env,
-            "cwd": image.get("WorkingDir") or "/",
+            "cwd": cwd,
             "capabilities": {k: capabilities for k in ("bounding", "effective", "permitted")},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": True,
@@ -207,5 +274,5 @@ def runtime_config(image: dict, rootfs: Path) -> dict:
                             "/proc/scsi"],
             "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
         },
-        "annotations": {k: v for k, v in (image.get("Labels") or {}).items()},
+        "annotations": dict(labels),
     }

@@ -10,6 +10,7 @@ normalised reference. Blobs are stored once, written to a temp file, verified, t
     .kura/uploads.json          upload sessions a push left unfinished, to continue them
     .kura/uploads/<hash>        flocked by the push that owns a blob's session (while it does)
     .kura/sources.json          where blobs were seen, for cross-repository mounts
+    .kura/holds/<id>            an image a container uses (`kura rmi` refuses to remove it)
 """
 
 from __future__ import annotations
@@ -188,6 +189,11 @@ class Store:
             kept = [m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) != reference]
             if len(kept) == len(index["manifests"]):
                 raise StoreError(f"no image {reference} in the store")
+            digests = {m["digest"] for m in index["manifests"]} - {m["digest"] for m in kept}
+            users = [label for digest in sorted(digests) for label in self.holders(digest)]
+            if users:
+                raise StoreError(f"image {reference} is used by container {', '.join(users)}; "
+                                 f"remove the container first (kura rm)")
             index["manifests"] = kept
             self._write_index(index)
             needed = set()
@@ -202,6 +208,36 @@ class Store:
                         path.unlink()
                         removed.append(digest)
             return removed
+
+    # -- images in use (by containers): `remove` refuses to drop the last reference to one ----
+    def hold(self, holder: str, digest: str, label: str) -> None:
+        """Record that `holder` (a container id) uses the stored image `digest`; `label` is how
+        a refusal names it. Refused when no reference names that image any more."""
+        if not holder.isalnum():
+            raise StoreError(f"invalid holder {holder!r}")
+        with self.locked():
+            if not any(m.get("digest") == digest for m in self._read_index()["manifests"]):
+                raise StoreError(f"image {digest} is no longer in the store")
+            holds = self.scratch / "holds"
+            holds.mkdir(exist_ok=True)
+            _write_atomic(holds / holder, json.dumps({"digest": digest, "label": label}).encode(), self.scratch)
+
+    def release(self, holder: str) -> None:
+        if holder.isalnum():
+            (self.scratch / "holds" / holder).unlink(missing_ok=True)
+
+    def holders(self, digest: str) -> list[str]:
+        """The labels of the holders of image `digest`."""
+        holds = self.scratch / "holds"
+        labels = []
+        for path in sorted(holds.iterdir()) if holds.is_dir() else []:
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("digest") == digest:
+                labels.append(str(record.get("label")))
+        return labels
 
     # -- where blobs were seen (for cross-repository mounts when pushing) ---------------
     SOURCES_PER_BLOB = 8

@@ -37,7 +37,7 @@ def test_mistyped_command_suggests_the_closest():
     assert result.returncode == 2
     assert result.stderr == "kura: unknown command 'pul'; did you mean 'pull'?\n"
     assert "did you mean 'serve'" in kura("sevre").stderr
-    for other_tools in ("ps", "logs"):  # docker's, not typos of push and login
+    for other_tools in ("exec", "build"):  # docker's, not typos of ours
         assert kura(other_tools).stderr == f"kura: unknown command {other_tools!r} (kura --help lists them)\n"
 
 
@@ -45,7 +45,7 @@ def test_mistyped_command_suggests_the_closest():
     ("pul", "pull"), ("sevre", "serve"), ("imgaes", "images"), ("inpsect", "inspect"), ("delte", "delete"),
     ("unpakc", "unpack"), ("loign", "login"),
     # other tools' commands are not typos of ours: one edit (two from six letters) at most
-    ("ps", None), ("logs", None), ("run", None), ("rm", "rmi"), ("build", None), ("exec", None),
+    ("dif", "diff"), ("stpo", "stop"), ("rmm", "rm"), ("build", None), ("exec", None), ("commit", None),
 ])
 def test_did_you_mean_only_for_a_close_typo(typed, suggested):
     from kura.__main__ import suggestion
@@ -264,3 +264,9 @@ def test_ctrl_c_during_fsck_is_one_line(tmp_path):
     code, output = terminal.wait()
     assert code == 130 and "Traceback" not in output, output
     assert output.endswith("kura: interrupted\r\n"), output
+
+
+def test_dispatcher_routes_every_container_command():
+    import containers.cli as containers
+    import kura.__main__ as dispatcher
+    assert set(dispatcher.CONTAINER_COMMANDS) | {"inspect"} == set(containers.HANDLERS)
