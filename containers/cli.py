@@ -377,6 +377,7 @@ def _rm(args) -> int:
 
 
 def _diff(args) -> int:
+    from puller.errors import printable
     from .diff import changes
     containers = _containers(args)
     record = containers.find(args.container)
@@ -385,7 +386,7 @@ def _diff(args) -> int:
                          f"there is no upper directory to compare")
     directory = containers.directory(record["id"])
     for kind, path in changes(directory / "upper", Path(record["lower"])):
-        print(f"{kind} {path}")
+        print(f"{kind} {printable(path)}")  # names the container chose: no terminal escapes
     return 0
 
 

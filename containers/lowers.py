@@ -14,7 +14,7 @@ from ocispec.digest import Digest
 from puller.bundle import unpack_layers
 from puller.store import Store
 
-from .state import alive, process_start
+from .state import alive, private_directory, process_start
 
 
 def lower_directory(lowers: Path, digest: Digest) -> Path:
@@ -25,7 +25,8 @@ def ensure_lower(store: Store, lowers: Path, digest: Digest) -> Path:
     target = lower_directory(lowers, digest)
     if target.is_dir():
         return target
-    lowers.mkdir(parents=True, exist_ok=True)
+    private_directory(lowers.parent)
+    private_directory(lowers)
     _remove_abandoned(lowers)
     me = os.getpid()
     tmp = lowers / f".tmp-{me}-{process_start(me)}-{uuid.uuid4().hex[:8]}"

@@ -32,6 +32,19 @@ class ContainerError(ValueError):
     pass
 
 
+def private_directory(path: Path) -> None:
+    """`path` made if missing, and reachable by root alone: the image files below it keep their
+    setuid bits, device nodes and modes, which must never be within reach of other host users."""
+    path.mkdir(parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o777 != 0o700:
+        os.chmod(path, 0o700)
+
+
+def _gone_is_fine(function, path, excinfo) -> None:
+    if not isinstance(excinfo[1], FileNotFoundError):
+        raise excinfo[1]
+
+
 class Containers:
     def __init__(self, store_root: Path):
         self.root = Path(store_root).resolve() / "containers"
@@ -46,7 +59,7 @@ class Containers:
     @contextlib.contextmanager
     def locked(self):
         """Exclusive while a name is claimed or a container removed."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_directory(self.root)
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -123,7 +136,8 @@ class Containers:
         rootfs = directory / "rootfs"
         if os.path.ismount(rootfs):
             raise ContainerError(f"{rootfs} is still mounted; not removing the container's files")
-        shutil.rmtree(directory, ignore_errors=False)
+        # Another remover (the supervisor of a --rm container, a second `kura rm`) may be at it too.
+        shutil.rmtree(directory, onerror=_gone_is_fine)
 
 
 def process_start(pid: int) -> str | None:

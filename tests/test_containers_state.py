@@ -29,6 +29,19 @@ def test_names_are_unique_and_ids_found_by_a_unique_prefix(tmp_path):
     assert record["name"] == "web"
 
 
+def test_the_containers_directory_is_root_s_alone_and_a_second_remove_is_quiet(tmp_path):
+    """Image files under it keep their setuid bits and device nodes: other users may not reach
+    them. Two removers of one container (a --rm supervisor and `kura rm -f`) both succeed."""
+    (tmp_path / "containers").mkdir(mode=0o755)
+    containers = Containers(tmp_path)
+    record = containers.create({"name": "web", "status": "created"})
+    assert (tmp_path / "containers").stat().st_mode & 0o777 == 0o700
+    (containers.directory(record["id"]) / "upper" / "etc").mkdir(parents=True)
+    containers.remove_directory(record["id"])
+    containers.remove_directory(record["id"])
+    assert not containers.directory(record["id"]).exists()
+
+
 def test_rmi_refuses_the_last_reference_to_a_held_image(tmp_path):
     store = Store(tmp_path)
     (tmp_path / "blobs" / "sha256").mkdir(parents=True)
