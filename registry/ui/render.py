@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ..store_commands import human
 from .summaries import platform_text
 
 DIRECTORY = Path(__file__).parent / "templates"
@@ -42,11 +43,4 @@ TEMPLATES = web.AppKey("ui_templates", LazyTemplates)
 
 def human_size(size: object) -> str:
     """Bytes as `kura du` prints them (binary units)."""
-    if not isinstance(size, int):
-        return "—"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    return human(size) if isinstance(size, int) else "—"
