@@ -342,38 +342,40 @@ def _logs(args) -> int:
             time.sleep(0.2)
 
 
-def _stop(args) -> int:
-    from .runtime import stop
-    containers = _containers(args)
+def _each(names: list[str], act) -> int:
+    """`act(name)` for each name, printing it when done; a failure is one line, the others
+    go on (as docker stop and docker rm do). The exit status: 1 if any failed."""
     failed = 0
-    for name in args.containers:
+    for name in names:
         try:
-            stop(containers, containers.find(name), args.time)
+            act(name)
             print(name)
         except ValueError as exc:
             print(f"kura: {exc}", file=sys.stderr)
             failed = 1
     return failed
+
+
+def _stop(args) -> int:
+    from .runtime import stop
+    containers = _containers(args)
+    return _each(args.containers, lambda name: stop(containers, containers.find(name), args.time))
 
 
 def _rm(args) -> int:
     from .runtime import current, remove, runc_kill, stop
     containers = _containers(args)
-    failed = 0
-    for name in args.containers:
-        try:
-            record = current(containers, containers.find(name))
-            if record["status"] == "running":
-                if not args.force:
-                    raise ValueError(f"container {name} is running: kura stop {name} first, or kura rm -f {name}")
-                runc_kill(containers, record["id"], "KILL")
-                stop(containers, record, 10)
-            remove(containers, containers.read(record["id"]))
-            print(name)
-        except ValueError as exc:
-            print(f"kura: {exc}", file=sys.stderr)
-            failed = 1
-    return failed
+
+    def rm(name: str) -> None:
+        record = current(containers, containers.find(name))
+        if record["status"] == "running":
+            if not args.force:
+                raise ValueError(f"container {name} is running: kura stop {name} first, or kura rm -f {name}")
+            runc_kill(containers, record["id"], "KILL")
+            stop(containers, record, 10)
+        remove(containers, containers.read(record["id"]))
+
+    return _each(args.containers, rm)
 
 
 def _diff(args) -> int:
