@@ -5,7 +5,6 @@ trees), the shared lower directory untouched, and each option's effect seen from
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from tests.support.cli import client_env
 from tests.support.paths import IMAGES, REPO, require_shared
+from tests.support.runc import skip_without_runc
 from tests.support.servers import start_kura, stop
 from tests.test_e2e_unpack import tree  # type, mode, owner, link target or content of each entry
 
@@ -22,12 +22,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def kura(tmp_path_factory):
-    pytest.importorskip("containers.cli", reason="kura run is not in this tree")
-    for reason in ("runc is not installed (make test installs it)" if shutil.which("runc") is None else None,
-                   "runc containers need root here" if os.geteuid() != 0 else None):
-        if reason:
-            print(f"skipping the container tests: {reason}")
-            pytest.skip(reason)
+    skip_without_runc()
     require_shared()
     work = tmp_path_factory.mktemp("diff")
     server = start_kura(work / "registry")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,25 +16,15 @@ import pytest
 
 from tests.support.cli import client_env
 from tests.support.paths import IMAGES, REPO, require_shared
+from tests.support.runc import skip_without_runc
 from tests.support.servers import free_port, start_kura, stop
 
 pytestmark = pytest.mark.e2e
 
 
-def runc_unusable() -> str | None:
-    if shutil.which("runc") is None:
-        return "runc is not installed (make test installs it)"
-    if os.geteuid() != 0:
-        return "runc containers need root here"
-    return None
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    reason = runc_unusable()
-    if reason:
-        print(f"skipping the container tests: {reason}")
-        pytest.skip(reason)
+    skip_without_runc()
     require_shared()
     work = tmp_path_factory.mktemp("run")
     server = start_kura(work / "registry")
